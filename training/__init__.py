@@ -1,0 +1,1 @@
+"""unirank.training"""
