@@ -1,0 +1,216 @@
+"""Jagged prefix-causal flash attention in Triton: forward, backward and the autograd wrapper.
+
+Layout: q, k, v, out are [T, H, D] with the tokens of sequence b at rows offsets[b]:offsets[b+1],
+so no FLOPs or bytes are spent on padding. One program owns one (sequence, head, block of rows).
+Mask: query i sees key j iff j < len and (j < num_prefix or j <= i), i.e. a bidirectional
+task/context prefix followed by causal history.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from unirank.kernels.dispatch import triton_interpreting
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _allowed(rows, cols, seq_len, prefix):
+    # rows: query positions [M, 1] (or [1, M]), cols: key positions broadcastable against them.
+    return (rows < seq_len) & (cols < seq_len) & ((cols < prefix) | (cols <= rows))
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, offsets, num_prefix, qk_scale, H, D,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                PRECISION: tl.constexpr):
+    bh, pid_m = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    start = tl.load(offsets + b)
+    seq_len = (tl.load(offsets + b + 1) - start).to(tl.int32)
+    m0 = pid_m * BLOCK_M
+    if m0 >= seq_len:  # the grid is sized for max_len; shorter sequences exit at once
+        return
+    prefix = tl.load(num_prefix + b).to(tl.int32)
+    row_stride = H * D
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q_ptrs = Q + (start + offs_m)[:, None] * row_stride + h * D + offs_d[None, :]
+    q_mask = (offs_m < seq_len)[:, None] & d_ok[None, :]
+    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # Keys beyond both the prefix and the last row of this block are masked for every row here,
+    # so the loop stops there: causal blocks do about half the work of a full row.
+    hi = tl.minimum(seq_len, tl.maximum(prefix, m0 + BLOCK_M))
+    for n0 in range(0, hi, BLOCK_N):
+        cols = n0 + offs_n
+        kv_mask = (cols < seq_len)[:, None] & d_ok[None, :]
+        kv_off = (start + cols)[:, None] * row_stride + h * D + offs_d[None, :]
+        k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.where(_allowed(offs_m[:, None], cols[None, :], seq_len, prefix), s, float("-inf"))
+        # Key 0 is visible to every real row and sits in the first tile, so m_new is finite for
+        # real rows from then on; rows past seq_len in the last tile see nothing and get 0 here
+        # instead of -inf so that exp2(-inf - -inf) never makes a NaN.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    tl.store(O + (start + offs_m)[:, None] * row_stride + h * D + offs_d[None, :],
+             (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=q_mask)
+    # The log-sum-exp (base 2) lets the backward pass rebuild P without a second softmax pass.
+    tl.store(LSE + (start + offs_m) * H + h, m_i + tl.log2(l_safe), mask=offs_m < seq_len)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, offsets, num_prefix, qk_scale, sm_scale, H, D,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    # One program per block of keys, looping over the queries that see them: dK and dV are
+    # written once, with no atomics.
+    bh, pid_n = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    start = tl.load(offsets + b)
+    seq_len = (tl.load(offsets + b + 1) - start).to(tl.int32)
+    n0 = pid_n * BLOCK_N
+    if n0 >= seq_len:
+        return
+    prefix = tl.load(num_prefix + b).to(tl.int32)
+    row_stride = H * D
+    offs_m = tl.arange(0, BLOCK_M)
+    cols = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    kv_mask = (cols < seq_len)[:, None] & d_ok[None, :]
+    kv_off = (start + cols)[:, None] * row_stride + h * D + offs_d[None, :]
+    k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+    v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    # Prefix keys are seen by every query; history keys only by queries at or after them.
+    lo = tl.where(n0 < prefix, 0, n0)
+    for m0 in range(lo, seq_len, BLOCK_M):
+        rows = m0 + offs_m
+        row_ok = rows < seq_len
+        q_off = (start + rows)[:, None] * row_stride + h * D + offs_d[None, :]
+        q_mask = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + q_off, mask=q_mask, other=0.0)
+        do = tl.load(DO + q_off, mask=q_mask, other=0.0)
+        lse = tl.load(LSE + (start + rows) * H + h, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + (start + rows) * H + h, mask=row_ok, other=0.0)
+        # Work on the transposed scores [keys, queries] so dK/dV come out of plain dots.
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+        ok = _allowed(rows[None, :], cols[:, None], seq_len, prefix)
+        p_t = tl.where(ok, tl.exp2(s_t - lse[None, :]), 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    tl.store(DK + kv_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, offsets, num_prefix, qk_scale, sm_scale, H, D,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    # One program per block of queries, same key range as the forward pass.
+    bh, pid_m = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    start = tl.load(offsets + b)
+    seq_len = (tl.load(offsets + b + 1) - start).to(tl.int32)
+    m0 = pid_m * BLOCK_M
+    if m0 >= seq_len:
+        return
+    prefix = tl.load(num_prefix + b).to(tl.int32)
+    row_stride = H * D
+    rows = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    row_ok = rows < seq_len
+    q_off = (start + rows)[:, None] * row_stride + h * D + offs_d[None, :]
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + q_off, mask=q_mask, other=0.0)
+    do = tl.load(DO + q_off, mask=q_mask, other=0.0)
+    lse = tl.load(LSE + (start + rows) * H + h, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + (start + rows) * H + h, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = tl.minimum(seq_len, tl.maximum(prefix, m0 + BLOCK_M))
+    for n0 in range(0, hi, BLOCK_N):
+        cols = n0 + offs_n
+        kv_mask = (cols < seq_len)[:, None] & d_ok[None, :]
+        kv_off = (start + cols)[:, None] * row_stride + h * D + offs_d[None, :]
+        k = tl.load(K + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(V + kv_off, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        ok = _allowed(rows[:, None], cols[None, :], seq_len, prefix)
+        p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+def _launch_config(head_dim: int, dtype: torch.dtype) -> dict:
+    # 64x64 tiles keep q, k, v and the fp32 accumulator of a D<=128 head in registers/SMEM on
+    # A100/H100; the interpreter gets 16x16 so short test sequences still span several tiles.
+    if triton_interpreting():
+        block_m = block_n = 16
+    else:
+        block_m, block_n = 64, (64 if head_dim <= 64 else 32)
+    # fp32 inputs keep full-precision dots; bf16/fp16 already use tensor cores.
+    precision = "ieee" if dtype == torch.float32 else "tf32"
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(head_dim),
+                PRECISION=precision)
+
+
+class JaggedPrefixCausalAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, offsets, num_prefix, max_len):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        total, heads, head_dim = q.shape
+        batch = offsets.shape[0] - 1
+        cfg = _launch_config(head_dim, q.dtype)
+        sm_scale = head_dim ** -0.5
+        out = torch.empty_like(q)
+        lse = torch.empty(total, heads, device=q.device, dtype=torch.float32)
+        grid = (batch * heads, triton.cdiv(max_len, cfg["BLOCK_M"]))
+        if total > 0:
+            _fwd_kernel[grid](q, k, v, out, lse, offsets, num_prefix, sm_scale * LOG2E,
+                              heads, head_dim, **cfg)
+        ctx.save_for_backward(q, k, v, out, lse, offsets, num_prefix)
+        ctx.max_len, ctx.sm_scale, ctx.cfg = max_len, sm_scale, cfg
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        q, k, v, out, lse, offsets, num_prefix = ctx.saved_tensors
+        d_out = d_out.contiguous()
+        total, heads, head_dim = q.shape
+        batch, cfg = offsets.shape[0] - 1, ctx.cfg
+        # delta_i = sum_j P_ij dP_ij = <dO_i, O_i>: the softmax-Jacobian term, one value per row.
+        delta = (out.float() * d_out.float()).sum(-1).contiguous()
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        if total > 0:
+            args = (offsets, num_prefix, ctx.sm_scale * LOG2E, ctx.sm_scale, heads, head_dim)
+            grid_n = (batch * heads, triton.cdiv(ctx.max_len, cfg["BLOCK_N"]))
+            _bwd_dkdv_kernel[grid_n](q, k, v, d_out, lse, delta, dk, dv, *args, **cfg)
+            grid_m = (batch * heads, triton.cdiv(ctx.max_len, cfg["BLOCK_M"]))
+            _bwd_dq_kernel[grid_m](q, k, v, d_out, lse, delta, dq, *args, **cfg)
+        return dq, dk, dv, None, None, None
+
+
+def triton_jagged_prefix_causal_attention(q, k, v, offsets, num_prefix, max_len):
+    """q, k, v: [T, H, D]; offsets: [B+1] int64; num_prefix: [B] int64; max_len >= every length."""
+    return JaggedPrefixCausalAttention.apply(q, k, v, offsets, num_prefix, max_len)
