@@ -1,0 +1,201 @@
+"""The unified ranker (UniCoRn-style): one transformer serves search, similar-item and pre-query.
+
+Token sequence per request:  [TASK] [CONTEXT] [h_1 ... h_n]
+  TASK     learned embedding of the surface (model.request.Task)
+  CONTEXT  search: pooled query-word bag; similar-item: the source item's vector;
+           pre-query: a learned "no context" vector
+  h_i      the user's history items through the item tower (empty for similar-item)
+TASK and CONTEXT form a bidirectional prefix, the history is causal. The output at the last valid
+position is the context vector; score(item) = <context, item tower(item)> (or cosine / temperature).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unirank.model.item_tower import ItemTower, PrecomputedItemTower
+from unirank.model.request import Task
+from unirank.model.tokenizer import OOV_TOKEN_ID
+
+NUM_PREFIX = 2  # TASK + CONTEXT
+NUM_TASKS = len(Task)
+
+
+@dataclass
+class RankerConfig:
+    num_items: int
+    num_attributes: int
+    num_words: int
+    dim: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    ffn_mult: int = 4
+    dropout: float = 0.2
+    max_history: int = 50
+    max_query_len: int = 16
+    use_attributes: bool = True
+    use_words: bool = True
+    similarity: str = "dot"  # "dot" or "cosine"
+    temperature: float = 1.0  # divides the scores (cosine needs << 1)
+    attention_impl: str = "reference"  # "reference" (plain torch) or "triton" (kernels/attention)
+
+    def __post_init__(self) -> None:
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim={self.dim} must be divisible by num_heads={self.num_heads}")
+        if self.similarity not in ("dot", "cosine"):
+            raise ValueError(f"similarity must be 'dot' or 'cosine', got {self.similarity!r}")
+        if self.attention_impl not in ("reference", "triton"):
+            raise ValueError(f"attention_impl must be 'reference' or 'triton', got {self.attention_impl!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def prefix_causal_mask(lengths: torch.Tensor, num_prefix: int, seq_len: int) -> torch.Tensor:
+    """[B, 1, T, T] bool: i attends j iff j < len and (j < num_prefix or j <= i). Padding rows
+    attend key 0 only, so no row is empty (an all-masked softmax row is NaN)."""
+    i = torch.arange(seq_len).view(1, seq_len, 1)
+    j = torch.arange(seq_len).view(1, 1, seq_len)
+    valid_key = j < lengths.view(-1, 1, 1)
+    allowed = valid_key & ((j < num_prefix) | (j <= i))
+    pad_row = i >= lengths.view(-1, 1, 1)
+    allowed = torch.where(pad_row, j == 0, allowed)
+    return allowed.unsqueeze(1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: RankerConfig):
+        super().__init__()
+        self.heads, self.dropout, self.impl = cfg.num_heads, cfg.dropout, cfg.attention_impl
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
+        self.out = nn.Linear(cfg.dim, cfg.dim)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        p = self.dropout if self.training else 0.0
+        if self.impl == "triton":
+            from unirank.kernels.attention import prefix_causal_attention
+
+            num_prefix = torch.full_like(lengths, NUM_PREFIX)
+            y = prefix_causal_attention(q, k, v, lengths, num_prefix, dropout_p=p)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=prefix_causal_mask(lengths, NUM_PREFIX, t),
+                                               dropout_p=p)
+        return self.out(y.transpose(1, 2).reshape(b, t, d))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block."""
+
+    def __init__(self, cfg: RankerConfig):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.dim), nn.LayerNorm(cfg.dim)
+        self.attn = SelfAttention(cfg)
+        self.mlp = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_mult * cfg.dim), nn.GELU(),
+                                 nn.Linear(cfg.ffn_mult * cfg.dim, cfg.dim))
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), lengths))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class UnifiedRanker(nn.Module):
+    def __init__(self, cfg: RankerConfig, item_attributes: list[list[int]], item_words: list[list[int]]):
+        super().__init__()
+        self.config, self.num_items = cfg, cfg.num_items
+        self.item_tower: ItemTower | PrecomputedItemTower = ItemTower(
+            cfg.num_items, item_attributes, cfg.num_attributes, item_words, cfg.num_words, cfg.dim,
+            use_attributes=cfg.use_attributes, use_words=cfg.use_words)
+        self.task_embedding = nn.Embedding(NUM_TASKS, cfg.dim)
+        self.no_context = nn.Parameter(torch.zeros(cfg.dim))
+        self.position = nn.Embedding(NUM_PREFIX + cfg.max_history, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.ln_f = nn.LayerNorm(cfg.dim)
+        self.drop = nn.Dropout(cfg.dropout)
+        for emb in (self.task_embedding, self.position):
+            nn.init.normal_(emb.weight, std=0.02)
+
+    def _last_items(self, history: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep each row's most recent max_history items, left-aligned."""
+        keep = self.config.max_history
+        lengths = lengths.clamp(0, history.shape[1])
+        if history.shape[1] <= keep:
+            return history, lengths
+        start = (lengths - keep).clamp(min=0).unsqueeze(1)
+        return history.gather(1, start + torch.arange(keep).unsqueeze(0)), lengths.clamp(max=keep)
+
+    def encode(self, task: torch.Tensor, history: torch.Tensor, history_lengths: torch.Tensor,
+               query: torch.Tensor, query_lengths: torch.Tensor, source_item: torch.Tensor,
+               extra_items: torch.Tensor | None = None):
+        """Hidden states [B, T, d] for every position, sequence lengths [B], and the tower vectors
+        of `extra_items` (training targets/negatives share the same lookup), or None."""
+        history, hist_len = self._last_items(history, history_lengths)
+        hist_len = torch.where(task == Task.SIMILAR, torch.zeros_like(hist_len), hist_len)
+        b, n_hist = history.shape
+        valid = torch.arange(n_hist).unsqueeze(0) < hist_len.unsqueeze(1)
+        history = torch.where(valid, history, torch.zeros_like(history))
+        query = query[:, : self.config.max_query_len]
+        query_lengths = query_lengths.clamp(0, query.shape[1])
+        query = torch.where((query >= 0) & (query < self.config.num_words), query, torch.full_like(query, OOV_TOKEN_ID))
+
+        ids = [history.reshape(-1), source_item.reshape(-1)]
+        if extra_items is not None:
+            ids.append(extra_items.reshape(-1))
+        vecs, query_vec = self.item_tower(torch.cat(ids), query, query_lengths)
+        hist_vec = vecs[: b * n_hist].view(b, n_hist, -1) * valid.unsqueeze(-1)
+        source_vec = vecs[b * n_hist: b * n_hist + b]
+        extra_vec = vecs[b * n_hist + b:].view(*extra_items.shape, -1) if extra_items is not None else None
+
+        task = task.clamp(0, NUM_TASKS - 1)
+        context = torch.where((task == Task.SEARCH).unsqueeze(1), query_vec,
+                              torch.where((task == Task.SIMILAR).unsqueeze(1), source_vec,
+                                          self.no_context.expand(b, -1)))
+        x = torch.cat([self.task_embedding(task).unsqueeze(1), context.unsqueeze(1), hist_vec], dim=1)
+        x = self.drop(x + self.position.weight[: x.shape[1]].unsqueeze(0))
+        lengths = hist_len + NUM_PREFIX
+        for block in self.blocks:
+            x = block(x, lengths)
+        return self.ln_f(x), lengths, extra_vec
+
+    def forward(self, task: torch.Tensor, history: torch.Tensor, history_lengths: torch.Tensor,
+                query: torch.Tensor, query_lengths: torch.Tensor, source_item: torch.Tensor) -> torch.Tensor:
+        """Context vector [B, d] (the output at each row's last valid position)."""
+        hidden, lengths, _ = self.encode(task, history, history_lengths, query, query_lengths, source_item)
+        return hidden[torch.arange(hidden.shape[0]), lengths - 1]
+
+    def similarity(self, context: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """context [..., d] x items [..., N, d] (or [N, d]) -> scores, with the configured metric."""
+        if self.config.similarity == "cosine":
+            context, items = F.normalize(context, dim=-1), F.normalize(items, dim=-1)
+        if items.dim() == 2:
+            scores = context @ items.T
+        else:
+            scores = torch.einsum("...d,...nd->...n", context, items)
+        return scores / self.config.temperature
+
+    def all_item_embeddings(self) -> torch.Tensor:
+        return self.item_tower.all_items()
+
+    def score(self, context: torch.Tensor, candidates: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, C] scores of candidate ids, or [B, num_items + 2] over the whole id space (columns 0
+        and num_items + 1 are padding / OOV: callers mask them)."""
+        if candidates is None:
+            return self.similarity(context, self.all_item_embeddings())
+        cand_vec, _ = self.item_tower(candidates)
+        return self.similarity(context, cand_vec)
+
+    def to_plain(self) -> "UnifiedRanker":
+        """An eval-mode copy for export: no TorchRec modules (the item tower is precomputed into
+        one table) and plain-torch attention."""
+        plain = copy.deepcopy(self).eval()
+        plain.item_tower = PrecomputedItemTower(plain.item_tower)
+        plain.config = replace(plain.config, attention_impl="reference")
+        for block in plain.blocks:
+            block.attn.impl = "reference"
+        return plain

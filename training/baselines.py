@@ -1,0 +1,80 @@
+"""Non-neural baselines shown beside the model: popularity (all tasks), item-to-item
+co-occurrence kNN (similar-item) and BM25 over item text + attribute names (search).
+
+Each is a scorer: `scores(task, request) -> [B, num_items + 2]` over the whole id space, the same
+interface the model's scorer has, so every method goes through one evaluation path."""
+from __future__ import annotations
+
+import bm25s
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from unirank.model.request import RankRequest, Task
+from unirank.model.tokenizer import WordTokenizer, split_words
+from unirank.training.datasets import InteractionData
+from unirank.training.examples import item_content_text
+
+
+def _padded_ids(num_items: int) -> int:
+    return num_items + 2
+
+
+class Popularity:
+    name = "popularity"
+    tasks = (Task.SEARCH, Task.SIMILAR, Task.PREQUERY)
+
+    def __init__(self, train: list[np.ndarray], num_items: int):
+        counts = np.bincount(np.concatenate(train) if train else np.zeros(0, dtype=np.int64),
+                             minlength=_padded_ids(num_items))[: _padded_ids(num_items)]
+        self.counts = torch.from_numpy(counts.astype(np.float32))
+
+    def scores(self, task: Task, request: RankRequest) -> torch.Tensor:
+        return self.counts.expand(request.batch_size, -1)
+
+
+class ItemKNN:
+    """Cosine similarity of items' user-occurrence vectors in the training data; ties broken by
+    popularity so a source item with no co-occurrences still gets a sensible list."""
+
+    name = "item-knn"
+    tasks = (Task.SIMILAR,)
+
+    def __init__(self, train: list[np.ndarray], num_items: int):
+        rows = np.concatenate([np.full(len(s), u) for u, s in enumerate(train)]) if train else np.zeros(0)
+        cols = np.concatenate(train) if train else np.zeros(0)
+        n = _padded_ids(num_items)
+        ui = sp.csr_matrix((np.ones(len(cols), dtype=np.float32), (rows, cols)), shape=(len(train), n))
+        ui.data[:] = 1.0  # binary: repeated interactions count once
+        norms = np.sqrt(np.asarray(ui.multiply(ui).sum(0)).ravel()) + 1e-9
+        self.item_user = ui.T.tocsr().multiply(1.0 / norms[:, None]).tocsr()
+        pop = np.asarray(ui.sum(0)).ravel()
+        self.tiebreak = torch.from_numpy((pop / (pop.max() + 1.0) * 1e-6).astype(np.float32))
+
+    def scores(self, task: Task, request: RankRequest) -> torch.Tensor:
+        src = request.source_item.numpy()
+        sims = (self.item_user[src] @ self.item_user.T).toarray().astype(np.float32)
+        return torch.from_numpy(sims) + self.tiebreak
+
+
+class BM25:
+    """BM25 (bm25s) with the query words against each item's title words + attribute names;
+    non-personalized. Queries are read back from token ids with the model's tokenizer."""
+
+    name = "bm25"
+    tasks = (Task.SEARCH,)
+
+    def __init__(self, data: InteractionData, tokenizer: WordTokenizer):
+        self.num_items, self.tokenizer = data.num_items, tokenizer
+        corpus = [split_words(item_content_text(data, i)) or ["_"] for i in range(1, data.num_items + 1)]
+        self.index = bm25s.BM25()
+        self.index.index(corpus, show_progress=False)
+
+    def scores(self, task: Task, request: RankRequest) -> torch.Tensor:
+        out = torch.zeros(request.batch_size, _padded_ids(self.num_items))
+        for b in range(request.batch_size):
+            ids = request.query[b, : int(request.query_lengths[b])].tolist()
+            words = [self.tokenizer.words[i - 2] for i in ids if i >= 2]
+            if words:
+                out[b, 1: self.num_items + 1] = torch.from_numpy(self.index.get_scores(words).astype(np.float32))
+        return out

@@ -1,0 +1,88 @@
+"""Single-file checkpoints: written atomically (temp file + rename, so a crash never leaves a
+half-written file under the real name), self-contained (config, tokenizer, item features), and
+checked on load against the config the caller expects."""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from unirank.model.ranker import RankerConfig, UnifiedRanker
+from unirank.model.tokenizer import WordTokenizer
+
+FORMAT = "unirank-checkpoint-v1"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+@dataclass
+class LoadedCheckpoint:
+    ranker: UnifiedRanker
+    tokenizer: WordTokenizer
+    config: str  # the run's full config, YAML
+    metadata: dict  # dataset name/fingerprint, epoch, validation metrics
+    optimizer_state: dict | None
+
+
+def save_checkpoint(path: str | Path, ranker: UnifiedRanker, tokenizer: WordTokenizer,
+                    item_attributes: list[list[int]], item_words: list[list[int]], config_yaml: str,
+                    metadata: dict, optimizer: torch.optim.Optimizer | None = None) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    bundle = {
+        "format": FORMAT,
+        "ranker_config": ranker.config.to_dict(),
+        "state_dict": ranker.state_dict(),
+        "tokenizer": tokenizer.to_dict(),
+        "item_features": {"attributes": item_attributes, "words": item_words},
+        "config": config_yaml,
+        "metadata": metadata,
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(bundle, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path, expect: RankerConfig | None = None) -> LoadedCheckpoint:
+    """Load a checkpoint; with `expect`, refuse one whose model config differs (naming the keys)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        bundle = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for truncated / foreign files
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from err
+    if not isinstance(bundle, dict) or bundle.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a unirank checkpoint (expected format {FORMAT})")
+    try:
+        cfg = RankerConfig(**bundle["ranker_config"])
+    except TypeError as err:
+        raise CheckpointError(f"{path}: model config does not match this version of unirank: {err}") from err
+    if expect is not None:
+        diff = {k: (v, getattr(expect, k)) for k, v in cfg.to_dict().items() if getattr(expect, k) != v}
+        diff.pop("attention_impl", None)  # an implementation switch, same weights
+        if diff:
+            detail = ", ".join(f"{k}: checkpoint={a!r} config={b!r}" for k, (a, b) in diff.items())
+            raise CheckpointError(f"{path}: checkpoint was trained with another model config ({detail})")
+    feats = bundle["item_features"]
+    ranker = UnifiedRanker(cfg, feats["attributes"], feats["words"])
+    try:
+        ranker.load_state_dict(bundle["state_dict"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not fit the model config: {err}") from err
+    return LoadedCheckpoint(ranker=ranker, tokenizer=WordTokenizer.from_dict(bundle["tokenizer"]),
+                            config=bundle["config"], metadata=bundle["metadata"],
+                            optimizer_state=bundle.get("optimizer"))

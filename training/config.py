@@ -1,0 +1,129 @@
+"""Typed run configuration: YAML files in configs/ + `key=value` command-line overrides, validated
+at load (unknown keys and wrong types are errors that name the key)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+TASK_CHOICES = ("search", "similar", "prequery")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class SyntheticConfig:
+    num_users: int = 600
+    num_items: int = 400
+    num_topics: int = 8
+    num_brands: int = 30
+    mean_length: float = 12.0
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    path: str = "synthetic"  # a dataset directory, or "synthetic"
+    format: str = "auto"  # auto | amazon | movielens | synthetic
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    ffn_mult: int = 4
+    dropout: float = 0.2
+    max_history: int = 50
+    max_query_len: int = 16
+    use_attributes: bool = True
+    use_words: bool = True
+    similarity: str = "dot"
+    temperature: float = 1.0
+    attention_impl: str = "reference"
+
+
+@dataclass
+class TrainConfig:
+    tasks: list[str] = field(default_factory=lambda: list(TASK_CHOICES))
+    task_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  # search, similar, prequery
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    max_epochs: int = 50
+    patience: int = 5  # validation rounds without improvement before stopping
+    eval_every: int = 1  # epochs between validation rounds
+    eval_users: Optional[int] = None  # validation on a fixed random subset of users; None = all
+    num_negatives: int = 0  # sampled softmax negatives; 0 = full softmax over the catalogue
+    max_minutes: Optional[float] = None  # wall-clock budget
+    seed: int = 42
+    threads: Optional[int] = None
+    out_dir: str = "runs/default"
+
+
+@dataclass
+class EvalConfig:
+    ks: list[int] = field(default_factory=lambda: [5, 10, 20])
+    num_bootstrap: int = 1000
+    baselines: bool = True
+    checkpoint: Optional[str] = None  # defaults to <out_dir>/best.pt
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def builtin_config(name: str) -> Path:
+    return Path(str(resources.files("unirank.configs") / f"{name}.yaml"))
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Schema <- YAML file (a path, or the name of a packaged config) <- `a.b=value` overrides."""
+    schema = OmegaConf.structured(Config)
+    try:
+        merged = schema
+        if path:
+            file = Path(path)
+            if not file.exists() and not path.endswith(".yaml"):
+                file = builtin_config(path)
+            if not file.exists():
+                raise ConfigError(f"config file not found: {path}")
+            merged = OmegaConf.merge(merged, OmegaConf.load(file))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"overrides must look like key=value, got {bad}")
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        cfg: Config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"invalid config{f' {path}' if path else ''}: {err}".replace("\n", " | ")) from err
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    unknown = [t for t in cfg.train.tasks if t not in TASK_CHOICES]
+    if unknown or not cfg.train.tasks:
+        raise ConfigError(f"train.tasks must be a non-empty subset of {TASK_CHOICES}, got {cfg.train.tasks}")
+    if len(cfg.train.task_weights) != len(TASK_CHOICES):
+        raise ConfigError(f"train.task_weights needs one weight per task {TASK_CHOICES}")
+    for key in ("batch_size", "max_epochs", "eval_every"):
+        if getattr(cfg.train, key) < 1:
+            raise ConfigError(f"train.{key} must be >= 1")
+    if cfg.train.num_negatives < 0:
+        raise ConfigError("train.num_negatives must be >= 0 (0 = full softmax)")
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,86 @@
+"""Per-task offline evaluation (../shared/docs/PROTOCOL.md): every catalogue item is scored, padding
+and OOV ids are never ranked, personalized tasks (search, pre-query) drop the user's history items,
+similar-item drops the source item."""
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from unirank.model.request import TASK_NAMES, RankRequest, Task
+from unirank.model.ranker import UnifiedRanker
+from unirank.training.examples import EvalCases, RequestBuilder
+from unirank.training.metrics import metrics_from_ranks, summarize, target_ranks
+
+DEFAULT_KS = (5, 10, 20)
+
+
+class Scorer(Protocol):
+    name: str
+    tasks: tuple
+
+    def scores(self, task: Task, request: RankRequest) -> torch.Tensor: ...
+
+
+class ModelScorer:
+    """The ranker as a scorer over the whole id space."""
+
+    tasks = (Task.SEARCH, Task.SIMILAR, Task.PREQUERY)
+
+    def __init__(self, ranker: UnifiedRanker, name: str = "unirank", tasks=None):
+        self.ranker, self.name = ranker, name
+        if tasks is not None:
+            self.tasks = tuple(tasks)
+
+    @torch.no_grad()
+    def scores(self, task: Task, request: RankRequest) -> torch.Tensor:
+        self.ranker.eval()
+        ctx = self.ranker(request.task, request.history, request.history_lengths, request.query,
+                          request.query_lengths, request.source_item)
+        return self.ranker.score(ctx)
+
+
+def filter_seen(scores: torch.Tensor, task: Task, request: RankRequest, histories: list[np.ndarray]) -> torch.Tensor:
+    """-inf for ids never ranked (padding 0, OOV) and for the items the protocol filters."""
+    scores = scores.clone()
+    scores[:, 0] = -torch.inf
+    scores[:, -1] = -torch.inf
+    if task == Task.SIMILAR:
+        scores[torch.arange(len(scores)), request.source_item] = -torch.inf
+    else:
+        rows = np.concatenate([np.full(len(h), i) for i, h in enumerate(histories)]).astype(np.int64)
+        cols = np.concatenate(histories).astype(np.int64) if histories else np.zeros(0, dtype=np.int64)
+        scores[torch.from_numpy(rows), torch.from_numpy(cols)] = -torch.inf
+    return scores
+
+
+def evaluate_task(scorer: Scorer, task: Task, cases: EvalCases, builder: RequestBuilder,
+                  ks=DEFAULT_KS, batch_size: int = 512, max_users: int | None = None,
+                  num_bootstrap: int = 1000, seed: int = 0) -> dict:
+    """Metrics (mean + 95% CI) of one scorer on one task; `max_users` evaluates a fixed random
+    subset (for quick validation during training), None = every user."""
+    idx = np.arange(len(cases))
+    if max_users is not None and max_users < len(idx):
+        idx = np.sort(np.random.default_rng(seed).choice(idx, max_users, replace=False))
+    ranks = []
+    for start in range(0, len(idx), batch_size):
+        b = idx[start: start + batch_size]
+        histories = [cases.histories[i] for i in b]
+        request = builder.build(task, cases.users[b], histories, cases.targets[b])
+        scores = filter_seen(scorer.scores(task, request), task, request, histories)
+        ranks.append(target_ranks(scores, torch.from_numpy(cases.targets[b])).numpy())
+    per_user = metrics_from_ranks(np.concatenate(ranks) if ranks else np.zeros(0), list(ks))
+    result = summarize(per_user, num_bootstrap=num_bootstrap, seed=seed)
+    result["num_users"] = int(len(idx))
+    return result
+
+
+def evaluate_all(scorers: list[Scorer], cases: EvalCases, builder: RequestBuilder, **kwargs) -> dict:
+    """{task name: {scorer name: metrics}} for every scorer on every task it supports."""
+    out: dict[str, dict] = {}
+    for task in Task:
+        for scorer in scorers:
+            if task in scorer.tasks:
+                out.setdefault(TASK_NAMES[task], {})[scorer.name] = evaluate_task(scorer, task, cases, builder, **kwargs)
+    return out

@@ -1,0 +1,165 @@
+"""From user sequences to model inputs: the leave-one-out split, the protocol's search queries,
+evaluation cases per task and the training batches of all three tasks."""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from unirank.model.request import RankRequest, Task
+from unirank.model.tokenizer import WordTokenizer, split_words
+from unirank.training.datasets import InteractionData
+
+
+@dataclass
+class EvalCases:
+    """One evaluation target per user: `histories[u]` are the items before `targets[u]`."""
+
+    users: np.ndarray
+    histories: list[np.ndarray]
+    targets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+@dataclass
+class Split:
+    train: list[np.ndarray]  # per user (same order as `users`): s_1 .. s_{n-2}
+    users: np.ndarray  # dataset user indices kept (>= 3 interactions)
+    valid: EvalCases  # target s_{n-1}
+    test: EvalCases  # target s_n
+
+
+def leave_one_out_split(sequences: list[np.ndarray], min_length: int = 3) -> Split:
+    """Chronological leave-one-out: test = last item, validation = second to last, training = the
+    rest. Users with fewer than `min_length` (>= 3) interactions cannot give all three and are dropped."""
+    if min_length < 3:
+        raise ValueError("leave-one-out needs min_length >= 3 (train, validation and test items)")
+    users = np.array([u for u, s in enumerate(sequences) if len(s) >= min_length], dtype=np.int64)
+    seqs = [np.asarray(sequences[u]) for u in users]
+    return Split(
+        train=[s[:-2] for s in seqs], users=users,
+        valid=EvalCases(users, [s[:-2] for s in seqs], np.array([s[-2] for s in seqs], dtype=np.int64)),
+        test=EvalCases(users, [s[:-1] for s in seqs], np.array([s[-1] for s in seqs], dtype=np.int64)),
+    )
+
+
+def build_search_query(data: InteractionData, user: int, item: int) -> str:
+    """The protocol's query for (user, target item): 1..3 of the target's attribute names picked by
+    an RNG seeded with (user id, item id), lowercased, split on non-letters, duplicate words dropped.
+    Never the title text (that would make search a lookup)."""
+    attrs = data.item_attributes[item]
+    if not attrs:
+        return ""
+    user_seed = zlib.crc32(data.user_keys[user].encode())
+    rng = np.random.default_rng([user_seed, int(item)])
+    k = int(rng.integers(1, min(3, len(attrs)) + 1))
+    picked = sorted(rng.choice(len(attrs), size=k, replace=False))
+    words = [w for a in picked for w in split_words(data.attribute_names[attrs[a]])]
+    return " ".join(dict.fromkeys(words))
+
+
+def item_content_text(data: InteractionData, item: int) -> str:
+    """Title words + attribute names: the text the item tower's word bag and BM25 see."""
+    return f"{data.item_text[item]} {data.item_attribute_text(item)}".strip()
+
+
+def fit_tokenizer(data: InteractionData) -> WordTokenizer:
+    return WordTokenizer.fit(item_content_text(data, i) for i in range(1, data.num_items + 1))
+
+
+def item_word_ids(data: InteractionData, tokenizer: WordTokenizer) -> list[list[int]]:
+    return [[]] + [tokenizer.encode(item_content_text(data, i), unique=True) for i in range(1, data.num_items + 1)]
+
+
+def pad(rows: list[np.ndarray], width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-aligned zero padding: ([B, W] int64, lengths [B]). Rows longer than W keep their tail."""
+    width = max([len(r) for r in rows] + [1]) if width is None else width
+    out = np.zeros((len(rows), max(width, 1)), dtype=np.int64)
+    lengths = np.zeros(len(rows), dtype=np.int64)
+    for i, r in enumerate(rows):
+        r = np.asarray(r)[-width:] if width else np.asarray(r)[:0]
+        out[i, : len(r)] = r
+        lengths[i] = len(r)
+    return torch.from_numpy(out), torch.from_numpy(lengths)
+
+
+class RequestBuilder:
+    """Turns (task, user, history, target) into the request schema with one tokenizer and limits."""
+
+    def __init__(self, data: InteractionData, tokenizer: WordTokenizer, max_history: int, max_query_len: int):
+        self.data, self.tokenizer = data, tokenizer
+        self.max_history, self.max_query_len = max_history, max_query_len
+
+    def query_ids(self, user: int, item: int) -> np.ndarray:
+        text = build_search_query(self.data, user, item)
+        return np.array(self.tokenizer.encode(text, max_length=self.max_query_len), dtype=np.int64)
+
+    def build(self, task: Task, users: np.ndarray, histories: list[np.ndarray], targets: np.ndarray) -> RankRequest:
+        b = len(users)
+        empty = np.zeros(0, dtype=np.int64)
+        if task == Task.SIMILAR:
+            source = torch.tensor([int(h[-1]) if len(h) else 0 for h in histories], dtype=torch.int64)
+            histories = [empty] * b
+        else:
+            source = torch.zeros(b, dtype=torch.int64)
+        queries = [self.query_ids(u, t) for u, t in zip(users, targets)] if task == Task.SEARCH else [empty] * b
+        history, history_lengths = pad(histories, self.max_history)
+        query, query_lengths = pad(queries, self.max_query_len)
+        return RankRequest(task=torch.full((b,), int(task), dtype=torch.int64), history=history,
+                           history_lengths=history_lengths, query=query, query_lengths=query_lengths,
+                           source_item=source)
+
+
+@dataclass
+class TrainBatch:
+    """A request plus its targets. Pre-query batches predict every next item (targets [B, 1 + L],
+    0 = no target at that position); search / similar-item batches predict one target per row
+    (targets [B, 1], read at the last position)."""
+
+    task: Task
+    request: RankRequest
+    targets: torch.Tensor
+    all_positions: bool
+
+
+class TrainingExamples:
+    """Per-epoch training batches for each task, from the training part of the split only."""
+
+    def __init__(self, split: Split, builder: RequestBuilder, batch_size: int, seed: int):
+        self.builder, self.batch_size = builder, batch_size
+        self.rng = np.random.default_rng(seed)
+        self.users = split.users
+        self.seqs = split.train
+        self.nonempty = np.array([i for i, s in enumerate(self.seqs) if len(s) >= 1])
+        self.pairs = np.array([(i, p) for i, s in enumerate(self.seqs) for p in range(1, len(s))], dtype=np.int64)
+
+    def steps_per_epoch(self) -> int:
+        return max(1, int(np.ceil(len(self.nonempty) / self.batch_size)))
+
+    def prequery(self) -> Iterator[TrainBatch]:
+        order = self.rng.permutation(self.nonempty)
+        width = self.builder.max_history
+        for start in range(0, len(order), self.batch_size):
+            rows = [self.seqs[i][-(width + 1):] for i in order[start: start + self.batch_size]]
+            req = self.builder.build(Task.PREQUERY, self.users[order[start:start + len(rows)]],
+                                     [r[:-1] for r in rows], np.zeros(len(rows), dtype=np.int64))
+            targets, _ = pad(rows, width + 1)
+            yield TrainBatch(Task.PREQUERY, req, targets, all_positions=True)
+
+    def sample(self, task: Task) -> TrainBatch:
+        """One batch of single-target examples for search (any position) or similar-item (pairs)."""
+        if task == Task.SIMILAR:
+            idx = self.pairs[self.rng.integers(0, len(self.pairs), self.batch_size)]
+            rows, pos = idx[:, 0], idx[:, 1]
+        else:
+            rows = self.rng.choice(self.nonempty, self.batch_size)
+            pos = np.array([self.rng.integers(0, len(self.seqs[r])) for r in rows])
+        histories = [self.seqs[r][:p] for r, p in zip(rows, pos)]
+        targets = np.array([self.seqs[r][p] for r, p in zip(rows, pos)], dtype=np.int64)
+        req = self.builder.build(task, self.users[rows], histories, targets)
+        return TrainBatch(task, req, torch.from_numpy(targets).unsqueeze(1), all_positions=False)

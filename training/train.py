@@ -1,0 +1,147 @@
+"""Single-process training of the unified ranker: all configured tasks mixed in every step
+(one batch per task, task-weighted sum of losses), validation-based early stopping, atomic
+checkpoints, TensorBoard scalars. Run: `unirank train [--config FILE] [key=value ...]`."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from unirank.model.ranker import RankerConfig, UnifiedRanker
+from unirank.model.request import TASK_NAMES, Task
+from unirank.model.tokenizer import WordTokenizer
+from unirank.training.checkpoint import save_checkpoint
+from unirank.training.config import Config, to_yaml
+from unirank.training.datasets import InteractionData, load_dataset
+from unirank.training.evaluate import ModelScorer, evaluate_task
+from unirank.training.examples import (RequestBuilder, Split, TrainingExamples, fit_tokenizer,
+                                       item_word_ids, leave_one_out_split)
+from unirank.training.loss import item_frequencies, softmax_loss
+
+TASK_BY_NAME = {name: task for task, name in TASK_NAMES.items()}
+
+
+@dataclass
+class Prepared:
+    """Everything derived from the data that training, evaluation and export share."""
+
+    data: InteractionData
+    split: Split
+    tokenizer: WordTokenizer
+    item_words: list[list[int]]
+    builder: RequestBuilder
+
+
+def prepare(cfg: Config) -> Prepared:
+    data = load_dataset(cfg.data.path, cfg.data.format, **asdict(cfg.data.synthetic))
+    split = leave_one_out_split(data.sequences)
+    if len(split.users) == 0:
+        raise ValueError(f"{cfg.data.path}: no user has the 3 interactions leave-one-out needs")
+    tokenizer = fit_tokenizer(data)
+    builder = RequestBuilder(data, tokenizer, cfg.model.max_history, cfg.model.max_query_len)
+    return Prepared(data, split, tokenizer, item_word_ids(data, tokenizer), builder)
+
+
+def ranker_config(cfg: Config, prep: Prepared) -> RankerConfig:
+    return RankerConfig(num_items=prep.data.num_items, num_attributes=prep.data.num_attributes,
+                        num_words=prep.tokenizer.vocab_size, **asdict(cfg.model))
+
+
+def build_ranker(cfg: Config, prep: Prepared) -> UnifiedRanker:
+    return UnifiedRanker(ranker_config(cfg, prep), prep.data.item_attributes, prep.item_words)
+
+
+def validate(ranker: UnifiedRanker, prep: Prepared, tasks: list[Task], cfg: Config) -> dict[str, dict]:
+    scorer = ModelScorer(ranker)
+    return {TASK_NAMES[t]: evaluate_task(scorer, t, prep.split.valid, prep.builder, ks=cfg.eval.ks,
+                                         max_users=cfg.train.eval_users, num_bootstrap=0, seed=cfg.train.seed)
+            for t in tasks}
+
+
+def selection_score(metrics: dict[str, dict]) -> float:
+    """Model selection: mean validation NDCG@10 over the trained tasks."""
+    return float(np.mean([m["ndcg@10"]["mean"] for m in metrics.values()]))
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    best_epoch: int
+    best_validation: dict
+    history: list[dict]
+    seconds: float
+
+
+def train(cfg: Config, prep: Prepared | None = None, quiet: bool = False) -> TrainResult:
+    t0 = time.time()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.train.seed)
+    prep = prep or prepare(cfg)
+    tasks = [TASK_BY_NAME[t] for t in cfg.train.tasks]
+    weights = {task: cfg.train.task_weights[int(task)] for task in tasks}
+    ranker = build_ranker(cfg, prep)
+    examples = TrainingExamples(prep.split, prep.builder, cfg.train.batch_size, cfg.train.seed)
+    if Task.SIMILAR in tasks and len(examples.pairs) == 0:
+        raise ValueError("similar-item training needs users with >= 2 training items")
+    item_freq = item_frequencies(prep.split.train, prep.data.num_items)
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    optimizer = torch.optim.AdamW(ranker.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+    out = Path(cfg.train.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    writer = SummaryWriter(str(out / "tensorboard"))
+    ckpt = out / "best.pt"
+    best, best_epoch, bad_rounds, history, step = -1.0, 0, 0, [], 0
+    metadata = {"dataset": prep.data.name, "fingerprint": prep.data.fingerprint(), "tasks": cfg.train.tasks}
+
+    for epoch in range(1, cfg.train.max_epochs + 1):
+        ranker.train()
+        prequery = examples.prequery()
+        bar = tqdm(range(examples.steps_per_epoch()), desc=f"epoch {epoch}", disable=quiet, leave=False)
+        for _ in bar:
+            losses = {}
+            for task in tasks:
+                batch = next(prequery, None) if task == Task.PREQUERY else examples.sample(task)
+                if batch is not None:
+                    losses[task] = softmax_loss(ranker, batch, cfg.train.num_negatives, item_freq, generator)
+            loss = sum(weights[t] * l for t, l in losses.items())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            for task, value in losses.items():
+                writer.add_scalar(f"loss/{TASK_NAMES[task]}", value.item(), step)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        over_budget = cfg.train.max_minutes is not None and time.time() - t0 > 60 * cfg.train.max_minutes
+        if epoch % cfg.train.eval_every and not over_budget and epoch != cfg.train.max_epochs:
+            continue
+        metrics = validate(ranker, prep, tasks, cfg)
+        score = selection_score(metrics)
+        row = {"epoch": epoch, "step": step, "seconds": round(time.time() - t0, 1), "score": score,
+               **{f"{t}/{k}": m[k]["mean"] for t, m in metrics.items() for k in ("recall@10", "ndcg@10")}}
+        history.append(row)
+        for key, value in row.items():
+            if "/" in key:
+                writer.add_scalar(f"valid/{key}", value, step)
+        if not quiet:
+            print(json.dumps(row))
+        if score > best:
+            best, best_epoch, bad_rounds = score, epoch, 0
+            save_checkpoint(ckpt, ranker, prep.tokenizer, prep.data.item_attributes, prep.item_words,
+                            to_yaml(cfg), {**metadata, "epoch": epoch, "validation": metrics}, optimizer)
+        else:
+            bad_rounds += 1
+        if bad_rounds >= cfg.train.patience or over_budget:
+            break
+    writer.close()
+    (out / "train_history.json").write_text(json.dumps(history, indent=1))
+    return TrainResult(ckpt, best_epoch, history[[h["epoch"] for h in history].index(best_epoch)] if history else {},
+                       history, time.time() - t0)
