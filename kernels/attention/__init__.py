@@ -13,29 +13,21 @@ from unirank.kernels.attention.reference import (
 from unirank.kernels.dispatch import choose_impl
 
 
-def _resolve(impl: str, dropout_p: float, q: torch.Tensor) -> str:
-    impl = choose_impl(impl, q)
-    if dropout_p > 0.0 and impl == "triton":
-        raise NotImplementedError("attention dropout exists only in the reference; use impl='auto'")
-    return impl
-
-
 def prefix_causal_attention(q, k, v, lengths, num_prefix, dropout_p=0.0, impl="auto"):
     """q, k, v: [B, H, L, D]; lengths, num_prefix: [B] int64. Returns [B, H, L, D], padding zeroed.
 
     Query i of sequence b sees key j iff j < lengths[b] and (j < num_prefix[b] or j <= i).
-    Scale is 1/sqrt(D). With dropout_p > 0, "auto" uses the reference (no dropout kernel yet).
+    Scale is 1/sqrt(D). dropout_p applies attention dropout (pass 0.0 at eval); the Triton and
+    reference paths draw different masks from torch's RNG, so only their distributions agree.
     """
-    if dropout_p > 0.0 and impl == "auto":
-        impl = "reference"
-    if _resolve(impl, dropout_p, q) == "reference":
+    if choose_impl(impl, q) == "reference":
         return reference_prefix_causal_attention(q, k, v, lengths, num_prefix, dropout_p)
     from unirank.kernels.attention.triton import triton_jagged_prefix_causal_attention
 
     max_len = q.shape[2]
     offsets = torch.nn.functional.pad(torch.cumsum(lengths, 0), (1, 0))
     jagged = [padded_to_jagged(x, lengths) for x in (q, k, v)]
-    out = triton_jagged_prefix_causal_attention(*jagged, offsets, num_prefix, max_len)
+    out = triton_jagged_prefix_causal_attention(*jagged, offsets, num_prefix, max_len, dropout_p)
     return jagged_to_padded(out, lengths, max_len)
 
 
@@ -44,13 +36,11 @@ def jagged_prefix_causal_attention(q, k, v, offsets, num_prefix, max_len, dropou
 
     max_len must be >= every sequence length (it sizes the grid; no device sync is made for it).
     """
-    if dropout_p > 0.0 and impl == "auto":
-        impl = "reference"
-    if _resolve(impl, dropout_p, q) == "reference":
+    if choose_impl(impl, q) == "reference":
         lengths = offsets.diff()
         padded = [jagged_to_padded(x, lengths, max_len) for x in (q, k, v)]
         out = reference_prefix_causal_attention(*padded, lengths, num_prefix, dropout_p)
         return padded_to_jagged(out, lengths)
     from unirank.kernels.attention.triton import triton_jagged_prefix_causal_attention
 
-    return triton_jagged_prefix_causal_attention(q, k, v, offsets, num_prefix, max_len)
+    return triton_jagged_prefix_causal_attention(q, k, v, offsets, num_prefix, max_len, dropout_p)

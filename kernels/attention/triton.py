@@ -3,7 +3,8 @@
 Layout: q, k, v, out are [T, H, D] with the tokens of sequence b at rows offsets[b]:offsets[b+1],
 so no FLOPs or bytes are spent on padding. One program owns one (sequence, head, block of rows).
 Mask: query i sees key j iff j < len and (j < num_prefix or j <= i), i.e. a bidirectional
-task/context prefix followed by causal history.
+task/context prefix followed by causal history. Attention dropout draws one Philox number per
+(token, head, key position) from a per-call seed, so the backward pass regenerates the same mask.
 """
 import torch
 import triton
@@ -21,7 +22,14 @@ def _allowed(rows, cols, seq_len, prefix):
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, offsets, num_prefix, qk_scale, H, D,
+def _keep(seed, token, h, H, key_pos, max_len, dropout_p):
+    # token is the global row (start + i): offsets are unique across sequences, heads and keys.
+    return tl.rand(seed, (token * H + h) * max_len + key_pos) >= dropout_p
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, offsets, num_prefix, qk_scale, H, D, max_len, dropout_p, seed,
+                DROPOUT: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 PRECISION: tl.constexpr):
     bh, pid_m = tl.program_id(0), tl.program_id(1)
@@ -62,7 +70,10 @@ def _fwd_kernel(Q, K, V, O, LSE, offsets, num_prefix, qk_scale, H, D,
         m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser uses the undropped probabilities
+        if DROPOUT:
+            keep = _keep(seed, start + offs_m[:, None], h, H, cols[None, :], max_len, dropout_p)
+            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -74,6 +85,7 @@ def _fwd_kernel(Q, K, V, O, LSE, offsets, num_prefix, qk_scale, H, D,
 
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, offsets, num_prefix, qk_scale, sm_scale, H, D,
+                     max_len, dropout_p, seed, DROPOUT: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      PRECISION: tl.constexpr):
     # One program per block of keys, looping over the queries that see them: dK and dV are
@@ -112,8 +124,15 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, offsets, num_prefix, qk_sc
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
         ok = _allowed(rows[None, :], cols[:, None], seq_len, prefix)
         p_t = tl.where(ok, tl.exp2(s_t - lse[None, :]), 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        p_used_t = p_t
+        if DROPOUT:
+            # With O = (P * Z) V, dV uses the dropped P and dP is masked the same way; delta is
+            # still rowsum(dO * O), so the softmax Jacobian step below is unchanged.
+            keep = _keep(seed, start + rows[None, :], h, H, cols[:, None], max_len, dropout_p)
+            p_used_t = tl.where(keep, p_t / (1.0 - dropout_p), 0.0)
+            dp_t = tl.where(keep, dp_t / (1.0 - dropout_p), 0.0)
+        dv += tl.dot(p_used_t.to(do.dtype), do, input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
     tl.store(DK + kv_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
@@ -122,6 +141,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, offsets, num_prefix, qk_sc
 
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, offsets, num_prefix, qk_scale, sm_scale, H, D,
+                   max_len, dropout_p, seed, DROPOUT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    PRECISION: tl.constexpr):
     # One program per block of queries, same key range as the forward pass.
@@ -157,6 +177,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, offsets, num_prefix, qk_scale, s
         ok = _allowed(rows[:, None], cols[None, :], seq_len, prefix)
         p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if DROPOUT:
+            keep = _keep(seed, start + rows[:, None], h, H, cols[None, :], max_len, dropout_p)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
@@ -177,7 +200,7 @@ def _launch_config(head_dim: int, dtype: torch.dtype) -> dict:
 
 class JaggedPrefixCausalAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, offsets, num_prefix, max_len):
+    def forward(ctx, q, k, v, offsets, num_prefix, max_len, dropout_p):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         total, heads, head_dim = q.shape
         batch = offsets.shape[0] - 1
@@ -185,10 +208,13 @@ class JaggedPrefixCausalAttention(torch.autograd.Function):
         sm_scale = head_dim ** -0.5
         out = torch.empty_like(q)
         lse = torch.empty(total, heads, device=q.device, dtype=torch.float32)
+        # Drawn from torch's CPU generator: torch.manual_seed reproduces it and no GPU sync occurs.
+        seed = int(torch.randint(0, 2**31 - 1, ())) if dropout_p > 0.0 else 0
+        ctx.dropout = (max_len, float(dropout_p), seed, dropout_p > 0.0)
         grid = (batch * heads, triton.cdiv(max_len, cfg["BLOCK_M"]))
         if total > 0:
             _fwd_kernel[grid](q, k, v, out, lse, offsets, num_prefix, sm_scale * LOG2E,
-                              heads, head_dim, **cfg)
+                              heads, head_dim, *ctx.dropout, **cfg)
         ctx.save_for_backward(q, k, v, out, lse, offsets, num_prefix)
         ctx.max_len, ctx.sm_scale, ctx.cfg = max_len, sm_scale, cfg
         return out
@@ -203,14 +229,14 @@ class JaggedPrefixCausalAttention(torch.autograd.Function):
         delta = (out.float() * d_out.float()).sum(-1).contiguous()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         if total > 0:
-            args = (offsets, num_prefix, ctx.sm_scale * LOG2E, ctx.sm_scale, heads, head_dim)
+            args = (offsets, num_prefix, ctx.sm_scale * LOG2E, ctx.sm_scale, heads, head_dim, *ctx.dropout)
             grid_n = (batch * heads, triton.cdiv(ctx.max_len, cfg["BLOCK_N"]))
             _bwd_dkdv_kernel[grid_n](q, k, v, d_out, lse, delta, dk, dv, *args, **cfg)
             grid_m = (batch * heads, triton.cdiv(ctx.max_len, cfg["BLOCK_M"]))
             _bwd_dq_kernel[grid_m](q, k, v, d_out, lse, delta, dq, *args, **cfg)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
-def triton_jagged_prefix_causal_attention(q, k, v, offsets, num_prefix, max_len):
+def triton_jagged_prefix_causal_attention(q, k, v, offsets, num_prefix, max_len, dropout_p=0.0):
     """q, k, v: [T, H, D]; offsets: [B+1] int64; num_prefix: [B] int64; max_len >= every length."""
-    return JaggedPrefixCausalAttention.apply(q, k, v, offsets, num_prefix, max_len)
+    return JaggedPrefixCausalAttention.apply(q, k, v, offsets, num_prefix, max_len, dropout_p)

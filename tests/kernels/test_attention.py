@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from unirank.kernels.attention import jagged_prefix_causal_attention, prefix_causal_attention
-from unirank.kernels.attention.reference import padded_to_jagged
+from unirank.kernels.attention.reference import padded_to_jagged, prefix_causal_mask, valid_positions
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16/fp16 kernels need CUDA")
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
@@ -104,10 +104,47 @@ def test_jagged_entry_point_matches_padded(device):
     torch.testing.assert_close(jagged, padded_to_jagged(padded, lengths), atol=2e-5, rtol=2e-5)
 
 
-def test_dropout_is_reference_only(device):
+def triton_dropout_keep_mask(lengths, num_prefix, heads, max_len, head_dim, dropout_p, seed, device):
+    # q = 0 gives uniform attention over the allowed keys and v = identity exposes each weight,
+    # so out[b, h, i, j] * |allowed(i)| * (1 - p) is the kernel's keep bit for key j.
+    q = torch.zeros(len(lengths), heads, max_len, head_dim, device=device)
+    v = torch.eye(max_len, head_dim, device=device).expand_as(q)
+    torch.manual_seed(seed)
+    out = prefix_causal_attention(q, q, v, lengths, num_prefix, dropout_p, impl="triton")[..., :max_len]
+    query_valid = valid_positions(lengths, max_len)[:, None, :, None]
+    allowed = prefix_causal_mask(lengths, num_prefix, max_len)[:, None] & query_valid
+    return (out * allowed.sum(-1, keepdim=True) * (1 - dropout_p)).round().bool() & allowed, allowed
+
+
+def test_triton_dropout_matches_reference_with_the_same_mask(device):
+    lengths, num_prefix = torch.tensor([24, 13], device=device), torch.tensor([3, 0], device=device)
+    heads, max_len, head_dim, p = 2, 24, 32, 0.3
+    keep, allowed = triton_dropout_keep_mask(lengths, num_prefix, heads, max_len, head_dim, p, 7, device)
+    assert abs(1 - keep.sum() / allowed.expand_as(keep).sum() - p) < 0.06  # drop rate ~ p
+
+    q, k, v = random_qkv(2, heads, max_len, head_dim, torch.float32, device)
+    grad_out = torch.randn_like(q)
+    torch.manual_seed(7)
+    out = prefix_causal_attention(q, k, v, lengths, num_prefix, p, impl="triton")
+    out.backward(grad_out)
+    got = [out] + [x.grad.clone() for x in (q, k, v)]
+    for x in (q, k, v):
+        x.grad = None
+    query_valid = valid_positions(lengths, max_len)[:, None, :, None]
+    seen = allowed | ~query_valid  # padded rows see everything (then get zeroed) to stay finite
+    scores = (q @ k.transpose(-1, -2) / head_dim ** 0.5).masked_fill(~seen, float("-inf"))
+    probs = scores.softmax(-1) * keep / (1 - p)
+    want = (probs @ v) * query_valid
+    want.backward(grad_out)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, [want] + [x.grad for x in (q, k, v)]):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5, msg=lambda m: f"{name}: {m}")
+
+    torch.manual_seed(8)
+    assert not torch.equal(prefix_causal_attention(q, k, v, lengths, num_prefix, p, impl="triton"), out)
+
+
+def test_reference_dropout_changes_the_output(device):
     q, k, v = random_qkv(1, 1, 4, 32, torch.float32, device)
     lengths, num_prefix = torch.tensor([4], device=device), torch.tensor([1], device=device)
-    with pytest.raises(NotImplementedError, match="dropout"):
-        prefix_causal_attention(q, k, v, lengths, num_prefix, dropout_p=0.1, impl="triton")
-    dropped = prefix_causal_attention(q, k, v, lengths, num_prefix, dropout_p=0.5)
-    assert not torch.allclose(dropped, prefix_causal_attention(q, k, v, lengths, num_prefix))
+    dropped = prefix_causal_attention(q, k, v, lengths, num_prefix, dropout_p=0.5, impl="reference")
+    assert not torch.allclose(dropped, prefix_causal_attention(q, k, v, lengths, num_prefix, impl="reference"))
