@@ -17,7 +17,7 @@ from unirank.kernels.dispatch import triton_interpreting
 def _fwd_kernel(weight_ptrs, dims, bag_table, offsets, indices, psw, OUT, out_stride,
                 HAS_PSW: tl.constexpr, MEAN: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    bag = tl.program_id(0)
+    bag = tl.program_id(0).to(tl.int64)  # bag * stride can pass 2**31 on big batches
     table = tl.load(bag_table + bag)
     weight = tl.load(weight_ptrs + table).to(tl.pointer_type(OUT.dtype.element_ty))
     dim = tl.load(dims + table)
@@ -44,7 +44,7 @@ def _bwd_kernel(weight_ptrs, grad_ptrs, dims, bag_table, offsets, indices, psw, 
                 GRAD_OUT, grad_out_stride,
                 HAS_PSW: tl.constexpr, MEAN: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    bag = tl.program_id(0)
+    bag = tl.program_id(0).to(tl.int64)  # bag * stride can pass 2**31 on big batches
     table = tl.load(bag_table + bag)
     grad_w = tl.load(grad_ptrs + table).to(tl.pointer_type(tl.float32))
     dim = tl.load(dims + table)
@@ -104,7 +104,8 @@ class MultiEmbeddingBag(torch.autograd.Function):
         flat_offsets = torch.cat([o[:-1] + base for o, base in zip(offsets, bases)]
                                  + [offsets[-1][-1:] + bases[-1]])
         flat_indices = torch.cat(indices)
-        flat_psw = torch.cat([p.float() for p in psws]) if psws else flat_indices.new_empty(0).float()
+        # Without weights the kernel never reads psw; a 1-element buffer avoids a null pointer.
+        flat_psw = torch.cat([p.float() for p in psws]) if psws else torch.zeros(1, device=device)
         bag_table = torch.repeat_interleave(torch.arange(n, device=device), torch.tensor(bags, device=device),
                                             output_size=sum(bags)).to(torch.int32)
         dims_t = torch.tensor(dims, dtype=torch.int64, device=device)
