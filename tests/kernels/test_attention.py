@@ -148,3 +148,25 @@ def test_reference_dropout_changes_the_output(device):
     lengths, num_prefix = torch.tensor([4], device=device), torch.tensor([1], device=device)
     dropped = prefix_causal_attention(q, k, v, lengths, num_prefix, dropout_p=0.5, impl="reference")
     assert not torch.allclose(dropped, prefix_causal_attention(q, k, v, lengths, num_prefix, impl="reference"))
+
+
+def test_reference_exports_to_onnx_with_dynamic_batch_and_length(tmp_path):
+    # The reference is what runs inside the exported ranker; an empty sequence must not give NaN.
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+
+    class Attention(torch.nn.Module):
+        def forward(self, q, k, v, lengths, num_prefix):
+            return prefix_causal_attention(q, k, v, lengths, num_prefix, impl="reference")
+
+    batch, length = torch.export.Dim("batch"), torch.export.Dim("length", max=4096)
+    qkv_dims = {0: batch, 2: length}
+    q, k, v = (torch.randn(3, 2, 7, 32) for _ in range(3))
+    torch.onnx.export(Attention(), (q, k, v, torch.tensor([0, 3, 7]), torch.tensor([1, 2, 0])),
+                      str(tmp_path / "attention.onnx"), dynamo=True,
+                      dynamic_shapes=(qkv_dims, qkv_dims, qkv_dims, {0: batch}, {0: batch}))
+    session = ort.InferenceSession(str(tmp_path / "attention.onnx"))
+    inputs = (torch.randn(2, 2, 11, 32), torch.randn(2, 2, 11, 32), torch.randn(2, 2, 11, 32),
+              torch.tensor([11, 0]), torch.tensor([3, 0]))
+    got = session.run(None, {arg.name: x.numpy() for arg, x in zip(session.get_inputs(), inputs)})[0]
+    torch.testing.assert_close(torch.from_numpy(got), Attention()(*inputs), atol=1e-5, rtol=1e-5)
