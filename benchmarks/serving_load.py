@@ -1,0 +1,194 @@
+"""Serving load benchmark: latency percentiles and throughput at several concurrencies.
+
+Same single-row requests (mixed tasks, built by the typed client) through
+  torch      PyTorch eager, in process (the export wrapper on the plain model)
+  ort        ONNX Runtime, in process (the exported model.onnx)
+  triton     the bundled tritonserver over gRPC, dynamic batching on
+  triton-nb  the same without dynamic batching (one execution per request)
+Each in-process runtime and the server model use one intra-op thread; the load generator runs on
+the same machine. Every cell is bounded by --requests and --seconds.
+
+    python benchmarks/serving_load.py                       # random-init model of realistic size
+    python benchmarks/serving_load.py --checkpoint runs/x/best.pt --out docs/bench/serving_load.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from unirank.model.request import INPUT_NAMES
+from unirank.model.tokenizer import WordTokenizer
+from unirank.serving.client import RankerClient, RequestBuilder
+from unirank.serving.export import OUTPUT_NAMES, ExportMetadata, TopKRanker, export_onnx, onnx_session
+from unirank.serving.model_repository import build_model_repository
+from unirank.serving.server import Server, free_port
+from unirank.serving.synthetic_requests import random_request
+
+
+def random_ranker(num_items: int, dim: int, max_history: int, num_words: int = 2000):
+    """A randomly initialised UnifiedRanker of the given size (latency does not depend on training)."""
+    from unirank.model.ranker import RankerConfig, UnifiedRanker
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    attributes = [[]] + [rng.integers(0, 200, size=3).tolist() for _ in range(num_items)]
+    words = [[]] + [rng.integers(2, num_words, size=8).tolist() for _ in range(num_items)]
+    config = RankerConfig(num_items=num_items, num_attributes=200, num_words=num_words, dim=dim,
+                          max_history=max_history, max_query_len=16)
+    tokenizer = WordTokenizer([f"w{i}" for i in range(num_words - 2)])
+    return UnifiedRanker(config, attributes, words).eval(), tokenizer
+
+
+def build_requests(builder: RequestBuilder, count: int, vocab: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Mixed tasks, as the typed client would send them (bucketed lengths)."""
+    rng = np.random.default_rng(seed)
+    md = builder.metadata
+    requests = []
+    for i in range(count):
+        row = random_request(rng, i % 3, md.num_items, vocab, md.max_history, md.max_query_len)
+        query_text = " ".join(builder.tokenizer.words[t - 2] for t in row["query"][0])
+        requests.append(builder.build(i % 3, row["history"][0].tolist(), query_text, int(row["source_item"][0]),
+                                      row["candidates"][0].tolist() or None))
+    return requests
+
+
+def run_load(call, requests, concurrency: int, max_requests: int, max_seconds: float) -> dict:
+    """`concurrency` threads call `call(worker, request)` until max_requests or max_seconds."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    counter = iter(range(max_requests))
+    deadline = time.perf_counter() + max_seconds
+
+    def worker(index: int):
+        while time.perf_counter() < deadline:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return
+            start = time.perf_counter()
+            call(index, requests[i % len(requests)])
+            elapsed = time.perf_counter() - start
+            with lock:
+                latencies.append(elapsed)
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(concurrency)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    ms = np.array(latencies) * 1e3
+    return {"requests": len(ms), "seconds": round(wall, 3), "throughput_rps": round(len(ms) / wall, 1),
+            **{f"p{q}_ms": round(float(np.percentile(ms, q)), 3) for q in (50, 90, 99)}}
+
+
+def in_process_calls(plain, session):
+    def torch_call(_, request):
+        with torch.no_grad():
+            plain(*(torch.from_numpy(request[n]) for n in INPUT_NAMES))
+
+    def ort_call(_, request):
+        session.run(OUTPUT_NAMES, request)
+
+    return {"torch": torch_call, "ort": ort_call}
+
+
+def server_call(url: str, tokenizer, metadata, concurrency: int):
+    clients = [RankerClient(url, tokenizer, metadata, timeout_s=30) for _ in range(concurrency)]
+    return (lambda worker, request: clients[worker].rank(request)), clients
+
+
+def machine() -> dict:
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                if l.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "onnxruntime": __import__("onnxruntime").__version__, "platform": platform.platform()}
+
+
+def commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "serving", "benchmarks"], capture_output=True, text=True).stdout
+        return head + ("+dirty" if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def markdown(results: list[dict], concurrencies: list[int]) -> str:
+    lines = ["| setup | " + " | ".join(f"c={c}" for c in concurrencies) + " |",
+             "| --- | " + " | ".join("---" for _ in concurrencies) + " |"]
+    for setup in dict.fromkeys(r["setup"] for r in results):
+        cells = []
+        for c in concurrencies:
+            r = next(r for r in results if r["setup"] == setup and r["concurrency"] == c)
+            cells.append(f"{r['throughput_rps']:.0f} req/s, p50 {r['p50_ms']:.2f} / p90 {r['p90_ms']:.2f} / p99 {r['p99_ms']:.2f} ms")
+        lines.append(f"| {setup} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", help="trained checkpoint (default: random-init model of --num-items)")
+    parser.add_argument("--num-items", type=int, default=12_000)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--max-history", type=int, default=50)
+    parser.add_argument("--top-k", type=int, default=100)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--requests", type=int, default=1500, help="max requests per cell")
+    parser.add_argument("--seconds", type=float, default=5.0, help="max seconds per cell")
+    parser.add_argument("--out", default="docs/bench/serving_load.json")
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    if args.checkpoint:
+        from unirank.training.checkpoint import load_checkpoint
+
+        loaded = load_checkpoint(args.checkpoint)
+        ranker, tokenizer, model = loaded.ranker, loaded.tokenizer, args.checkpoint
+    else:
+        ranker, tokenizer = random_ranker(args.num_items, args.dim, args.max_history)
+        model = f"random-init UnifiedRanker num_items={args.num_items} dim={args.dim} max_history={args.max_history}"
+    plain = TopKRanker(ranker.to_plain(), args.top_k).eval()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="unirank-bench-") as tmp:
+        export_dir = Path(tmp) / "export"
+        metadata: ExportMetadata = export_onnx(plain.ranker, export_dir, top_k=args.top_k, tokenizer=tokenizer)
+        builder = RequestBuilder(tokenizer, metadata)
+        requests = build_requests(builder, 512, tokenizer.vocab_size)
+        calls = in_process_calls(plain, onnx_session(export_dir / "model.onnx", threads=1))
+        for setup, call in calls.items():
+            for c in args.concurrency:
+                results.append({"setup": setup, "concurrency": c, **run_load(call, requests, c, args.requests, args.seconds)})
+                print(results[-1], flush=True)
+        for setup, batching in (("triton", True), ("triton-nb", False)):
+            repo = build_model_repository(export_dir, Path(tmp) / setup, dynamic_batching=batching, flavours=("python",))
+            with Server(repo["python"], free_port(), free_port(), free_port()) as server:
+                for c in args.concurrency:
+                    call, clients = server_call(server.grpc_url, tokenizer, metadata, c)
+                    call(0, requests[0])  # warm-up
+                    results.append({"setup": setup, "concurrency": c, **run_load(call, requests, c, args.requests, args.seconds)})
+                    for client in clients:
+                        client.close()
+                    print(results[-1], flush=True)
+    table = markdown(results, args.concurrency)
+    print(table)
+    report = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "commit": commit(), "machine": machine(),
+              "model": model, "top_k": args.top_k, "results": results, "markdown": table}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""Typed gRPC client for the unirank Triton endpoint: search, similar-item and recommendations.
+
+Query text is tokenized here with the model's own tokenizer (tokenizer.json from the model
+repository). Requests follow the model's rules before they leave: the most recent `max_history`
+items, the first `max_query_len` query tokens; lengths are padded to a few buckets so the
+onnxruntime backend's batcher (equal shapes only) can merge requests. Calls time out after
+`timeout_s`; only UNAVAILABLE (server restarting, connection refused) is retried.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as aioclient
+from tritonclient.utils import InferenceServerException
+
+from unirank.model.request import Task
+from unirank.model.tokenizer import WordTokenizer
+from unirank.serving.export import METADATA_FILE, OUTPUT_NAMES, TOKENIZER_FILE, ExportMetadata
+from unirank.serving.request_arrays import FIELDS, ROW_FIELDS, RequestLimits, check_request
+
+RETRYABLE = "StatusCode.UNAVAILABLE"
+
+
+@dataclass
+class Ranking:
+    """Best first; only filled slots (an empty catalogue slot has id 0 and is dropped)."""
+
+    item_ids: np.ndarray  # [k] int64
+    scores: np.ndarray  # [k] float32
+
+
+def bucket(length: int, limit: int) -> int:
+    """Smallest power of two >= length (at least 1), capped at `limit` when a limit applies."""
+    size = 1 << max(0, int(length) - 1).bit_length()
+    return min(size, limit) if limit else size
+
+
+def _padded(values: Sequence[int], width: int) -> np.ndarray:
+    row = np.zeros((1, width), dtype=np.int64)
+    row[0, : len(values)] = values
+    return row
+
+
+class RequestBuilder:
+    """Typed arguments -> request arrays ([1, ...] int64 per field), with the model's rules applied."""
+
+    def __init__(self, tokenizer: WordTokenizer, metadata: ExportMetadata):
+        self.tokenizer, self.metadata = tokenizer, metadata
+        self.limits = RequestLimits(metadata.num_items, metadata.max_history, metadata.max_query_len)
+
+    def build(self, task: Task, history: Sequence[int] = (), query_text: str = "", source_item: int = 0,
+              candidates: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+        md = self.metadata
+        history = list(history)[-md.max_history:] if md.max_history else []
+        query = self.tokenizer.encode(query_text, max_length=md.max_query_len) if query_text else []
+        candidates = list(candidates or [])
+        arrays = {
+            "task": np.array([int(task)], dtype=np.int64),
+            "history": _padded(history, bucket(len(history), md.max_history)),
+            "history_lengths": np.array([len(history)], dtype=np.int64),
+            "query": _padded(query, bucket(len(query), md.max_query_len)),
+            "query_lengths": np.array([len(query)], dtype=np.int64),
+            "source_item": np.array([int(source_item)], dtype=np.int64),
+            "candidates": _padded(candidates, bucket(len(candidates), 0)),
+        }
+        check_request(arrays, self.limits)  # fail fast, with the server's message, before the network
+        return arrays
+
+
+def infer_inputs(arrays: dict[str, np.ndarray]) -> list[grpcclient.InferInput]:
+    """Row fields travel as [B, 1] (the config reshapes them to [B])."""
+    inputs = []
+    for name in FIELDS:
+        value = np.ascontiguousarray(arrays[name], dtype=np.int64)
+        if name in ROW_FIELDS and value.ndim == 1:
+            value = value[:, None]
+        tensor = grpcclient.InferInput(name, list(value.shape), "INT64")
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    return inputs
+
+
+def rankings(result, k: int | None = None) -> list[Ranking]:
+    """Per-row Rankings from an InferResult, truncated to k and to the filled slots."""
+    ids, scores = result.as_numpy("item_ids"), result.as_numpy("scores")
+    out = []
+    for row_ids, row_scores in zip(ids, scores):
+        filled = row_ids != 0
+        out.append(Ranking(row_ids[filled][:k], row_scores[filled][:k]))
+    return out
+
+
+def _load_model_files(model_dir: str | Path) -> tuple[WordTokenizer, ExportMetadata]:
+    model_dir = Path(model_dir)
+    return WordTokenizer.load(model_dir / TOKENIZER_FILE), ExportMetadata.load(model_dir / METADATA_FILE)
+
+
+class _TypedCalls:
+    """Construction and the per-task surface, shared by the sync and async clients (`_call` differs)."""
+
+    def __init__(self, url: str, tokenizer: WordTokenizer, metadata: ExportMetadata, model_name: str = "unirank",
+                 timeout_s: float = 2.0, retries: int = 3, retry_backoff_s: float = 0.1):
+        self.url, self.model_name = url, model_name
+        self.builder = RequestBuilder(tokenizer, metadata)
+        self.timeout_s, self.retries, self.retry_backoff_s = timeout_s, retries, retry_backoff_s
+        self._client = self._connect(url)
+
+    @classmethod
+    def from_model_dir(cls, url: str, model_dir: str | Path, **kwargs):
+        """Tokenizer and limits from a model directory of the repository (e.g. repo/python/unirank)."""
+        return cls(url, *_load_model_files(model_dir), model_name=Path(model_dir).name, **kwargs)
+
+    def _check_k(self, k: int) -> int:
+        if not 1 <= k <= self.builder.metadata.top_k:
+            raise ValueError(f"k: {k} outside [1, {self.builder.metadata.top_k}] (the exported top_k)")
+        return k
+
+    def search(self, user_history: Sequence[int], query_text: str, candidates: Sequence[int] | None = None, k: int = 10):
+        """Personalized search; the user's history items are never returned."""
+        return self._one(self.builder.build(Task.SEARCH, user_history, query_text, 0, candidates), k)
+
+    def similar(self, item: int, candidates: Sequence[int] | None = None, k: int = 10):
+        """More like `item` (an anonymous item page); `item` itself is never returned."""
+        return self._one(self.builder.build(Task.SIMILAR, (), "", item, candidates), k)
+
+    def recommend(self, user_history: Sequence[int], candidates: Sequence[int] | None = None, k: int = 10):
+        """Pre-query recommendations (home page); an empty history is a new user."""
+        return self._one(self.builder.build(Task.PREQUERY, user_history, "", 0, candidates), k)
+
+    def rank(self, arrays: dict[str, np.ndarray], k: int | None = None):
+        """A prepared (batched) request, e.g. from request_arrays.pad_and_stack; one Ranking per row."""
+        return self._call(arrays, k)
+
+
+class RankerClient(_TypedCalls):
+    """Synchronous client: `RankerClient.from_model_dir("127.0.0.1:8001", "repo/python/unirank")`."""
+
+    @staticmethod
+    def _connect(url: str):
+        return grpcclient.InferenceServerClient(url)
+
+    def _one(self, arrays, k):
+        return self._call(arrays, self._check_k(k))[0]
+
+    def _call(self, arrays, k):
+        for attempt in range(self.retries + 1):
+            try:
+                result = self._client.infer(self.model_name, infer_inputs(arrays), outputs=[
+                    grpcclient.InferRequestedOutput(n) for n in OUTPUT_NAMES], client_timeout=self.timeout_s)
+                return rankings(result, k)
+            except InferenceServerException as err:
+                if err.status() != RETRYABLE or attempt == self.retries:
+                    raise
+                time.sleep(self.retry_backoff_s * 2**attempt)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> "RankerClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncRankerClient(_TypedCalls):
+    """asyncio client over tritonclient.grpc.aio; the typed calls are coroutines."""
+
+    @staticmethod
+    def _connect(url: str):
+        return aioclient.InferenceServerClient(url)
+
+    async def _one(self, arrays, k):
+        return (await self._call(arrays, self._check_k(k)))[0]
+
+    async def _call(self, arrays, k):
+        for attempt in range(self.retries + 1):
+            try:
+                result = await self._client.infer(self.model_name, infer_inputs(arrays), outputs=[
+                    grpcclient.InferRequestedOutput(n) for n in OUTPUT_NAMES], client_timeout=self.timeout_s)
+                return rankings(result, k)
+            except InferenceServerException as err:
+                if err.status() != RETRYABLE or attempt == self.retries:
+                    raise
+                await asyncio.sleep(self.retry_backoff_s * 2**attempt)
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def __aenter__(self) -> "AsyncRankerClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

@@ -1,0 +1,261 @@
+"""Export the trained ranker as ONE ONNX graph that answers all three tasks with top-k item ids.
+
+Graph contract (also what Triton serves):
+  inputs   the request schema, all int64: task [B], history [B, L], history_lengths [B],
+           query [B, Q], query_lengths [B], source_item [B], candidates [B, C]; L, Q, C >= 1
+           (send one padding column for "none": ONNX Runtime rejects zero-width inputs here).
+  outputs  item_ids [B, K] int64 and scores [B, K] float32, best first, K = min(top_k, num_items)
+           fixed at export time (a fixed output shape lets Triton batch any mix of requests).
+Rules baked into the graph:
+  - a row whose candidates are all padding ranks the whole catalogue (ids 1..num_items);
+    otherwise it ranks exactly its non-zero candidates;
+  - search and pre-query rows never return items of the user's history; similar-item rows never
+    return the source item;
+  - slots that cannot be filled (fewer candidates than K) have item_id 0 and score -inf;
+  - unknown item ids (outside 1..num_items) are embedded with the model's OOV row, never crash.
+Lengths beyond the model's limits are rejected before the graph (see request_checks.py).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from unirank.model.request import INPUT_NAMES, Task
+
+log = logging.getLogger(__name__)
+
+OUTPUT_NAMES = ["item_ids", "scores"]
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+METADATA_FILE = "export.json"
+# Inputs that are one value per row; the rest are [B, length] sequences.
+ROW_INPUTS = ("task", "history_lengths", "query_lengths", "source_item")
+
+
+class TopKRanker(nn.Module):
+    """Request schema in, top-k (item_ids, scores) out; wraps a plain (TorchRec-free) ranker."""
+
+    def __init__(self, ranker: nn.Module, top_k: int):
+        super().__init__()
+        self.ranker = ranker
+        self.num_items = int(ranker.num_items)
+        self.top_k = min(int(top_k), self.num_items)
+
+    def forward(self, task, history, history_lengths, query, query_lengths, source_item, candidates):
+        context = self.ranker(task, history, history_lengths, query, query_lengths, source_item)
+        batch = task.shape[0]
+        # One zero column keeps the candidate branch well-formed when C == 0.
+        cands = torch.cat([candidates, torch.zeros_like(candidates[:, :1])], dim=1)
+        cand_scores = self.ranker.score(context, cands)
+        catalogue_scores = self.ranker.score(context)[:, 1 : self.num_items + 1]
+        catalogue_ids = torch.arange(1, self.num_items + 1, device=task.device).expand(batch, -1)
+
+        use_catalogue = (candidates == 0).all(dim=1, keepdim=True)
+        cand_scores = cand_scores.masked_fill((cands == 0) | use_catalogue, float("-inf"))
+        catalogue_scores = catalogue_scores.masked_fill(~use_catalogue, float("-inf"))
+        ids = torch.cat([cands, catalogue_ids], dim=1)
+        scores = torch.cat([cand_scores, catalogue_scores], dim=1)
+        scores = scores.masked_fill(self._already_seen(ids, task, history, history_lengths, source_item), float("-inf"))
+
+        top_scores, top_index = scores.topk(self.top_k, dim=1)
+        top_ids = ids.gather(1, top_index).masked_fill(top_scores == float("-inf"), 0)
+        return top_ids, top_scores
+
+    def _known(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids inside the catalogue, others (padding, unknown) mapped to 0."""
+        return torch.where((ids >= 1) & (ids <= self.num_items), ids, torch.zeros_like(ids))
+
+    def _already_seen(self, ids, task, history, history_lengths, source_item) -> torch.Tensor:
+        """[B, n] True where ids[b, i] must not be shown: history items (search, pre-query) or the
+        source item (similar-item). A per-row table over the catalogue keeps this O(B * num_items)."""
+        positions = torch.arange(history.shape[1], device=history.device)
+        in_history = positions[None, :] < history_lengths[:, None]
+        personalized = (task != int(Task.SIMILAR))[:, None]
+        hidden_history = torch.where(in_history & personalized, self._known(history), torch.zeros_like(history))
+        hidden_source = torch.where(~personalized, self._known(source_item[:, None]), torch.zeros_like(source_item[:, None]))
+        hidden = torch.cat([hidden_history, hidden_source], dim=1)
+        table = torch.zeros(task.shape[0], self.num_items + 1, device=task.device)
+        table = table.scatter(1, hidden, torch.ones_like(hidden, dtype=table.dtype))
+        table = table * (torch.arange(self.num_items + 1, device=task.device) > 0).to(table.dtype)
+        return table.gather(1, self._known(ids)) > 0
+
+
+@dataclass
+class ExportMetadata:
+    """What the server, client and model repository need to know about an exported graph."""
+
+    num_items: int
+    max_history: int
+    max_query_len: int
+    top_k: int
+    input_names: list[str]
+    output_names: list[str]
+    onnx_opset: int
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ExportMetadata":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+@dataclass
+class ExportReport:
+    out_dir: Path
+    metadata: ExportMetadata
+    parity_max_abs_diff: float | None
+    parity_requests: int
+    seconds: float
+
+
+def example_inputs(max_history: int, max_query_len: int, batch: int = 3, candidates: int = 6) -> tuple[torch.Tensor, ...]:
+    """Tracing inputs; every dynamic dimension is >= 2 so that torch.export does not specialize it."""
+    history, query = min(5, max_history), min(4, max_query_len)
+    ones = torch.ones(batch, dtype=torch.long)
+    return (
+        torch.arange(batch) % 3,
+        torch.ones(batch, history, dtype=torch.long),
+        ones * history,
+        torch.ones(batch, query, dtype=torch.long),
+        ones * query,
+        ones,
+        torch.ones(batch, candidates, dtype=torch.long),
+    )
+
+
+def _dynamic_shapes(max_history: int, max_query_len: int) -> dict:
+    """Dynamic batch and lengths; history and query are bounded by the model's limits (positions
+    beyond the table do not exist; longer requests are rejected before the graph)."""
+    if min(max_history, max_query_len) < 2:
+        raise ValueError("export needs max_history and max_query_len >= 2 (dynamic dimensions)")
+    batch = torch.export.Dim("batch", min=1, max=65_536)
+    length = {
+        "history": torch.export.Dim("history_len", min=1, max=max_history),
+        "query": torch.export.Dim("query_len", min=1, max=max_query_len),
+        "candidates": torch.export.Dim("candidates_len", min=1, max=1_000_000),
+    }
+    return {name: ({0: batch} if name in ROW_INPUTS else {0: batch, 1: length[name]}) for name in INPUT_NAMES}
+
+
+def export_onnx(ranker: nn.Module, out_dir: str | Path, top_k: int = 100, tokenizer=None) -> ExportMetadata:
+    """Write model.onnx (+ tokenizer.json, export.json) for a plain ranker into out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    module = TopKRanker(ranker, top_k).eval()
+    limits = (int(ranker.config.max_history), int(ranker.config.max_query_len))
+    with torch.no_grad():
+        program = torch.onnx.export(
+            module,
+            example_inputs(*limits),
+            dynamo=True,
+            input_names=list(INPUT_NAMES),
+            output_names=OUTPUT_NAMES,
+            dynamic_shapes=_dynamic_shapes(*limits),
+            optimize=True,
+        )
+    program.save(str(out_dir / MODEL_FILE))
+    _rewrite_bool_where(out_dir / MODEL_FILE)
+    metadata = ExportMetadata(
+        num_items=module.num_items,
+        max_history=limits[0],
+        max_query_len=limits[1],
+        top_k=module.top_k,
+        input_names=list(INPUT_NAMES),
+        output_names=list(OUTPUT_NAMES),
+        onnx_opset=int(program.model.opset_imports.get("", 0)),
+    )
+    metadata.save(out_dir / METADATA_FILE)
+    if tokenizer is not None:
+        tokenizer.save(out_dir / TOKENIZER_FILE)
+    return metadata
+
+
+def _rewrite_bool_where(path: Path) -> int:
+    """ONNX Runtime's CPU Where has no bool kernel ("Could not find an implementation for Where(16)");
+    torch.where on bool masks (the ranker's attention mask) exports to exactly that. Rewrites each
+    such node as (c AND x) OR (NOT c AND y). Returns the number of rewritten nodes."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(path))
+    inferred = onnx.shape_inference.infer_shapes(model)
+    graph = inferred.graph
+    elem_type = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    nodes, rewritten = [], 0
+    for node in model.graph.node:
+        if node.op_type != "Where" or elem_type.get(node.output[0]) != TensorProto.BOOL:
+            nodes.append(node)
+            continue
+        cond, x, y = node.input
+        tmp = [f"{node.output[0]}__bool_where_{i}" for i in range(3)]
+        nodes += [
+            helper.make_node("And", [cond, x], [tmp[0]]),
+            helper.make_node("Not", [cond], [tmp[1]]),
+            helper.make_node("And", [tmp[1], y], [tmp[2]]),
+            helper.make_node("Or", [tmp[0], tmp[2]], [node.output[0]], name=node.name),
+        ]
+        rewritten += 1
+    if rewritten:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        onnx.checker.check_model(model)
+        onnx.save(model, str(path))
+    return rewritten
+
+
+def onnx_session(path: str | Path, threads: int = 1):
+    """An ONNX Runtime CPU session with a fixed thread count (the machine is shared)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def parity_max_abs_diff(module: TopKRanker, session, batches: list[dict[str, np.ndarray]]) -> float:
+    """Max |score_ort - score_torch| over the returned top-k of every batch.
+
+    Compares scores of the ids ORT returned against PyTorch's full score vector for those ids, so
+    ties that order differently do not count as a mismatch; also checks that the two top-k score
+    lists agree (same ranking up to ties)."""
+    worst = 0.0
+    with torch.no_grad():
+        for feed in batches:
+            ort_ids, ort_scores = session.run(OUTPUT_NAMES, feed)
+            torch_ids, torch_scores = (t.numpy() for t in module(*(torch.from_numpy(feed[n]) for n in INPUT_NAMES)))
+            finite = np.isfinite(torch_scores)
+            if not np.array_equal(finite, np.isfinite(ort_scores)) or not np.array_equal(ort_ids == 0, torch_ids == 0):
+                raise AssertionError("ONNX Runtime and PyTorch disagree on which top-k slots are filled")
+            worst = max(worst, float(np.abs(ort_scores[finite] - torch_scores[finite]).max(initial=0.0)))
+    return worst
+
+
+def export_model(checkpoint_path: str | Path, out_dir: str | Path, top_k: int = 100,
+                 parity_requests: int = 256, parity_tolerance: float = 1e-4, seed: int = 0) -> ExportReport:
+    """Checkpoint -> out_dir/{model.onnx, tokenizer.json, export.json}, then a parity check of ONNX
+    Runtime against PyTorch on `parity_requests` random requests of every task (0 skips it).
+    Raises AssertionError when the max abs score difference exceeds `parity_tolerance`."""
+    from unirank.serving.synthetic_requests import random_batches
+    from unirank.training.checkpoint import load_checkpoint
+
+    started = time.perf_counter()
+    loaded = load_checkpoint(checkpoint_path)
+    plain = loaded.ranker.to_plain().eval()
+    metadata = export_onnx(plain, out_dir, top_k=top_k, tokenizer=loaded.tokenizer)
+    diff = None
+    if parity_requests:
+        batches = random_batches(metadata, vocab_size=loaded.tokenizer.vocab_size, requests=parity_requests, seed=seed)
+        diff = parity_max_abs_diff(TopKRanker(plain, top_k).eval(), onnx_session(Path(out_dir) / MODEL_FILE), batches)
+        if diff > parity_tolerance:
+            raise AssertionError(f"ONNX parity failed: max abs score diff {diff:.3g} > {parity_tolerance:g}")
+        log.info("ONNX parity over %d requests: max abs diff %.3g", parity_requests, diff)
+    return ExportReport(Path(out_dir), metadata, diff, parity_requests, time.perf_counter() - started)

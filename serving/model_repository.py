@@ -1,0 +1,196 @@
+"""Triton model repositories generated from one description: the endpoint contract is data here.
+
+`build_model_repository` writes two standard repositories from the same `EndpointSpec`:
+  <out>/python/<name>/       backend "python": model.py (ONNX Runtime, pads ragged batches itself)
+                             for the bundled CPU tritonserver (no onnxruntime backend there);
+  <out>/onnxruntime/<name>/  platform "onnxruntime_onnx" for the official Triton container.
+Both hold 1/model.onnx, tokenizer.json and export.json, with identical input/output names and dtypes.
+Configs are built as `ModelConfig` protobuf messages, and `validate_model_repository` parses them back
+and cross-checks them against the ONNX graph.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as pb
+
+from unirank.serving.export import METADATA_FILE, MODEL_FILE, ROW_INPUTS, TOKENIZER_FILE, ExportMetadata
+
+FLAVOURS = ("python", "onnxruntime")
+SEQUENCE_INPUTS = ("history", "query", "candidates")
+_HERE = Path(__file__).parent
+_ONNX_TO_TRITON = {7: "TYPE_INT64", 1: "TYPE_FP32", 6: "TYPE_INT32", 10: "TYPE_FP16"}
+
+
+class InvalidModelRepository(ValueError):
+    """A model repository Triton would reject or serve wrongly; the message lists every problem."""
+
+
+@dataclass
+class EndpointSpec:
+    """Everything both configs are generated from."""
+
+    metadata: ExportMetadata
+    name: str = "unirank"
+    max_batch_size: int = 64
+    dynamic_batching: bool = True  # False: one execution per request (for comparisons)
+    max_queue_delay_us: int = 0  # 0: batch only what is already queued (best at low load on CPU)
+    instance_count: int = 1
+    device: str = "cpu"  # "cpu" or "gpu" (onnxruntime flavour only; the python model is CPU)
+    ort_threads: int = 1
+    preferred_batch_sizes: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.device not in ("cpu", "gpu"):
+            raise ValueError(f"device must be 'cpu' or 'gpu', got {self.device!r}")
+        if self.max_batch_size < 1 or self.instance_count < 1 or self.ort_threads < 1:
+            raise ValueError("max_batch_size, instance_count and ort_threads must be >= 1")
+
+
+def model_config(spec: EndpointSpec, flavour: str) -> pb.ModelConfig:
+    """The config.pbtxt message for one flavour."""
+    if flavour not in FLAVOURS:
+        raise ValueError(f"flavour must be one of {FLAVOURS}, got {flavour!r}")
+    config = pb.ModelConfig(name=spec.name, max_batch_size=spec.max_batch_size)
+    python = flavour == "python"
+    if python:
+        config.backend = "python"
+    else:
+        config.platform = "onnxruntime_onnx"
+    for name in spec.metadata.input_names:
+        tensor = config.input.add(name=name, data_type=pb.TYPE_INT64)
+        if name in ROW_INPUTS:
+            # One value per row: clients send [B, 1], the model sees [B].
+            tensor.dims.append(1)
+            tensor.reshape.SetInParent()
+        else:
+            tensor.dims.append(-1)
+            # The ONNX Runtime backend cannot pad: its batcher only merges equal shapes.
+            tensor.allow_ragged_batch = python
+    k = spec.metadata.top_k
+    config.output.add(name="item_ids", data_type=pb.TYPE_INT64, dims=[k])
+    config.output.add(name="scores", data_type=pb.TYPE_FP32, dims=[k])
+    if spec.dynamic_batching:
+        config.dynamic_batching.max_queue_delay_microseconds = spec.max_queue_delay_us
+        config.dynamic_batching.preferred_batch_size.extend(spec.preferred_batch_sizes)
+    gpu = spec.device == "gpu" and not python
+    config.instance_group.add(count=spec.instance_count, kind=pb.ModelInstanceGroup.KIND_GPU if gpu else pb.ModelInstanceGroup.KIND_CPU)
+    threads = str(spec.ort_threads)
+    config.parameters["intra_op_thread_count"].string_value = threads
+    config.parameters["inter_op_thread_count"].string_value = "1"
+    return config
+
+
+def build_model_repository(export_dir: str | Path, out_dir: str | Path, name: str = "unirank",
+                           max_batch_size: int = 64, dynamic_batching: bool = True, max_queue_delay_us: int = 0,
+                           instance_count: int = 1, device: str = "cpu", ort_threads: int = 1,
+                           flavours: tuple[str, ...] = FLAVOURS) -> dict[str, Path]:
+    """Export dir (model.onnx, tokenizer.json, export.json) -> {flavour: repository root}; validated."""
+    export_dir, out_dir = Path(export_dir), Path(out_dir)
+    spec = EndpointSpec(ExportMetadata.load(export_dir / METADATA_FILE), name, max_batch_size, dynamic_batching,
+                        max_queue_delay_us, instance_count, device, ort_threads)
+    repositories = {}
+    for flavour in flavours:
+        root = out_dir / flavour
+        model_dir = root / name
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        version_dir = model_dir / "1"
+        version_dir.mkdir(parents=True)
+        shutil.copy2(export_dir / MODEL_FILE, version_dir / MODEL_FILE)
+        for extra in (TOKENIZER_FILE, METADATA_FILE):
+            if (export_dir / extra).exists():
+                shutil.copy2(export_dir / extra, model_dir / extra)
+        if flavour == "python":
+            shutil.copy2(_HERE / "model.py.tmpl", version_dir / "model.py")
+            shutil.copy2(_HERE / "request_arrays.py", version_dir / "request_arrays.py")
+        (model_dir / "config.pbtxt").write_text(text_format.MessageToString(model_config(spec, flavour)))
+        validate_model_repository(root)
+        repositories[flavour] = root
+    return repositories
+
+
+def read_model_config(path: str | Path) -> pb.ModelConfig:
+    """Parses a config.pbtxt against Triton's schema (unknown fields, bad enums and types fail)."""
+    try:
+        return text_format.Parse(Path(path).read_text(), pb.ModelConfig())
+    except text_format.ParseError as err:
+        raise InvalidModelRepository(f"{path}: {err}") from err
+
+
+def validate_model_repository(root: str | Path) -> dict[str, pb.ModelConfig]:
+    """Offline checks of every model in a repository: schema, layout, and names/dtypes/ranks against
+    the ONNX graph. Returns {model name: config}; raises InvalidModelRepository listing all problems."""
+    root = Path(root)
+    model_dirs = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if not model_dirs:
+        raise InvalidModelRepository(f"{root}: no model directories")
+    configs, problems = {}, []
+    for model_dir in model_dirs:
+        config_path = model_dir / "config.pbtxt"
+        if not config_path.exists():
+            problems.append(f"{model_dir.name}: missing config.pbtxt")
+            continue
+        try:
+            config = read_model_config(config_path)
+        except InvalidModelRepository as err:
+            problems.append(str(err))
+            continue
+        problems += [f"{model_dir.name}: {p}" for p in _config_problems(config, model_dir)]
+        configs[model_dir.name] = config
+    if problems:
+        raise InvalidModelRepository("invalid model repository:\n  " + "\n  ".join(problems))
+    return configs
+
+
+def _config_problems(config: pb.ModelConfig, model_dir: Path) -> list[str]:
+    problems = []
+    if config.name and config.name != model_dir.name:
+        problems.append(f"config name {config.name!r} != directory name")
+    if config.backend == "python":
+        required = ["model.py", "request_arrays.py", MODEL_FILE]
+    elif config.platform == "onnxruntime_onnx":
+        required = [MODEL_FILE]
+    else:
+        return problems + [f"unsupported platform {config.platform!r} / backend {config.backend!r}"]
+    versions = [p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+    if not versions:
+        return problems + ["no numeric version directory"]
+    for version in versions:
+        problems += [f"{version.name}/{f} missing" for f in required if not (version / f).exists()]
+        if (version / MODEL_FILE).exists():
+            problems += _graph_problems(config, version / MODEL_FILE)
+    return problems
+
+
+def _graph_problems(config: pb.ModelConfig, onnx_path: Path) -> list[str]:
+    """Config tensors vs ONNX graph: same names (both ways), dtypes and ranks (batch dim included)."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    problems = []
+    for kind, declared, actual in (("input", config.input, graph.input), ("output", config.output, graph.output)):
+        onnx_tensors = {t.name: t.type.tensor_type for t in actual}
+        names = [t.name for t in declared]
+        if sorted(names) != sorted(onnx_tensors):
+            problems.append(f"{kind} names {sorted(names)} != ONNX {sorted(onnx_tensors)}")
+        for tensor in declared:
+            if tensor.name not in onnx_tensors:
+                continue
+            onnx_type = onnx_tensors[tensor.name]
+            dtype = pb.DataType.Name(tensor.data_type)
+            if _ONNX_TO_TRITON.get(onnx_type.elem_type) != dtype:
+                problems.append(f"{kind} {tensor.name}: {dtype} but ONNX elem_type {onnx_type.elem_type}")
+            shape = list(tensor.reshape.shape) if tensor.HasField("reshape") else list(tensor.dims)
+            rank = len(shape) + (1 if config.max_batch_size > 0 else 0)
+            if rank != len(onnx_type.shape.dim):
+                problems.append(f"{kind} {tensor.name}: rank {rank} but ONNX rank {len(onnx_type.shape.dim)}")
+            onnx_dims = [d.dim_value if d.HasField("dim_value") else -1 for d in onnx_type.shape.dim][-len(shape):] if shape else []
+            for declared_dim, onnx_dim in zip(shape, onnx_dims):
+                if declared_dim != -1 and onnx_dim != -1 and declared_dim != onnx_dim:
+                    problems.append(f"{kind} {tensor.name}: dims {shape} but ONNX dims {onnx_dims}")
+                    break
+    return problems

@@ -1,0 +1,228 @@
+"""Run the tritonserver bundled with nvidia-pytriton directly on a standard model repository.
+
+Loopback only; gRPC, HTTP (health, metadata, statistics) and Prometheus metrics ports; waits until
+the models are ready; stops with SIGTERM. The python backend's stub lives in an unusual place in
+the wheel, so each server gets its own backend directory in a run folder (see SERVING-NOTES).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from unirank.serving.model_repository import validate_model_repository
+
+log = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "triton_python_backend_shm_region_"
+
+
+class ServerError(RuntimeError):
+    """tritonserver could not be started (or stopped) as asked."""
+
+
+def triton_home() -> Path:
+    """The tritonserver tree inside the nvidia-pytriton wheel."""
+    import pytriton
+
+    return Path(pytriton.__file__).parent / "tritonserver"
+
+
+def port_in_use(port: int, host: str = HOST) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def free_port() -> int:
+    """A port the OS considers free right now (for tests and benchmarks)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def _backend_directory(run_dir: Path, home: Path) -> Path:
+    """<run_dir>/backends/python/ with the backend library, its utils and the Python 3.11 stub."""
+    python_dir = run_dir / "backends" / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+        shutil.copy2(home / "backends" / "python" / name, python_dir / name)
+    stub = home / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}" / "triton_python_backend_stub"
+    if not stub.exists():
+        raise ServerError(f"no python backend stub for Python {sys.version_info[:2]} at {stub}")
+    shutil.copy2(stub, python_dir / stub.name)
+    return run_dir / "backends"
+
+
+def _server_environment(home: Path) -> dict[str, str]:
+    """PATH: the venv's bin first (the stub finds site-packages through it); LD_LIBRARY_PATH: the
+    wheel's bundled libraries (the copied stub lost its RPATH) and this interpreter's libpython."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.prefix) / "bin"), env.get("PATH", "")])
+    libs = [str(home.parent.parent / "nvidia_pytriton.libs"), sysconfig.get_config_var("LIBDIR") or ""]
+    env["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, env.get("LD_LIBRARY_PATH", "")])
+    return env
+
+
+class Server:
+    """A tritonserver process on `repository`; use as a context manager or start()/stop().
+
+    >>> with Server("runs/repo/python", grpc_port=8001) as server:
+    ...     client = RankerClient(server.grpc_url, tokenizer)
+    """
+
+    def __init__(self, repository: str | Path, grpc_port: int = 8001, http_port: int = 8000,
+                 metrics_port: int = 8002, startup_timeout_s: float = 120.0, log_verbose: int = 0,
+                 run_dir: str | Path | None = None):
+        self.repository = Path(repository).resolve()
+        self.ports = {"grpc": grpc_port, "http": http_port, "metrics": metrics_port}
+        self.startup_timeout_s = startup_timeout_s
+        self.log_verbose = log_verbose
+        self._own_run_dir = run_dir is None
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.process: subprocess.Popen | None = None
+        self._shm_prefix = f"{SHM_PREFIX}unirank_{uuid.uuid4().hex[:8]}_"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{HOST}:{self.ports['grpc']}"
+
+    @property
+    def http_url(self) -> str:
+        return f"{HOST}:{self.ports['http']}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{HOST}:{self.ports['metrics']}/metrics"
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / "tritonserver.log"
+
+    def command(self, backend_dir: Path) -> list[str]:
+        home = triton_home()
+        return [
+            str(home / "bin" / "tritonserver"),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={backend_dir}",
+            f"--cache-directory={home / 'caches'}",
+            f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
+            f"--grpc-address={HOST}", f"--grpc-port={self.ports['grpc']}",
+            f"--http-address={HOST}", f"--http-port={self.ports['http']}",
+            f"--metrics-address={HOST}", f"--metrics-port={self.ports['metrics']}",
+            "--allow-gpu-metrics=false",
+            "--exit-on-error=true",
+            "--exit-timeout-secs=10",
+            f"--log-verbose={self.log_verbose}",
+        ]
+
+    def start(self) -> "Server":
+        """Validates the repository, checks the ports, launches, and waits for readiness."""
+        validate_model_repository(self.repository)
+        taken = [f"{kind} port {port}" for kind, port in self.ports.items() if port_in_use(port)]
+        if taken:
+            raise ServerError(f"{', '.join(taken)} already in use on {HOST}; choose other ports "
+                              f"(e.g. --grpc-port/--http-port/--metrics-port) or stop the other server")
+        if self.run_dir is None:
+            self.run_dir = Path(tempfile.mkdtemp(prefix="unirank-triton-"))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        home = triton_home()
+        command = self.command(_backend_directory(self.run_dir, home))
+        log.info("starting %s", " ".join(command))
+        with open(self.log_path, "wb") as log_file:
+            self.process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
+                                            env=_server_environment(home), start_new_session=True)
+        try:
+            self._wait_until_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_until_ready(self) -> None:
+        import tritonclient.grpc as grpcclient
+
+        deadline = time.monotonic() + self.startup_timeout_s
+        with grpcclient.InferenceServerClient(self.grpc_url) as client:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise ServerError(f"tritonserver exited with code {self.process.returncode} while starting "
+                                      f"on {self.repository}:\n{self.log_excerpt()}")
+                try:
+                    if client.is_server_ready(client_timeout=2):
+                        return
+                except Exception:  # not listening yet
+                    pass
+                time.sleep(0.2)
+        raise ServerError(f"tritonserver not ready after {self.startup_timeout_s:.0f} s:\n{self.log_excerpt()}")
+
+    def log_excerpt(self, lines: int = 25) -> str:
+        """Error lines of the server log (or its tail), for error messages."""
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        # CUDA/NVML/DCGM complaints are expected on CPU machines and hide the real error.
+        noise = ("CUDA", "cuda", "NVML", "nvml", "DCGM", "GPU metrics", "Pinned memory")
+        relevant = [l for l in text if l[:1] == "E" and not any(n in l for n in noise)]
+        return "\n".join((relevant or text)[-lines:])
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """SIGTERM, wait, SIGKILL if needed; removes this server's shared-memory files and run dir."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("tritonserver ignored SIGTERM for %.0f s; killing it", timeout_s)
+                self.process.kill()
+                self.process.wait()
+        for leftover in SHM_DIR.glob(f"{self._shm_prefix}*"):
+            leftover.unlink(missing_ok=True)
+        if self._own_run_dir and self.run_dir is not None and self.process is not None:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            self.run_dir = None
+
+    def __enter__(self) -> "Server":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def serve(repository: str | Path, grpc_port: int = 8001, http_port: int = 8000, metrics_port: int = 8002,
+          startup_timeout_s: float = 120.0, log_verbose: int = 0) -> int:
+    """Blocking: start tritonserver, print the endpoints, run until Ctrl-C / SIGTERM, stop cleanly.
+    Returns the server's exit code (0 after a requested shutdown)."""
+    server = Server(repository, grpc_port, http_port, metrics_port, startup_timeout_s, log_verbose)
+
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        with server:
+            print(f"tritonserver ready: gRPC {server.grpc_url}, HTTP {server.http_url}, metrics {server.metrics_url}",
+                  flush=True)
+            code = server.process.wait()
+            print(f"tritonserver exited with code {code}:\n{server.log_excerpt()}", file=sys.stderr)
+            return code
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM, also while starting: `with` has stopped the server
+        print("tritonserver stopped", flush=True)
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)

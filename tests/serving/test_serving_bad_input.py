@@ -1,0 +1,122 @@
+"""Bad input through the real server: each case is an INVALID_ARGUMENT naming the field, or follows a
+documented rule (unknown ids -> OOV, empty history -> valid); the server stays up and the next valid
+request still returns exactly PyTorch's answer."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+from conftest import NUM_ITEMS, NUM_WORDS, torch_topk
+from unirank.serving.request_arrays import ROW_FIELDS, pad_and_stack
+from unirank.serving.synthetic_requests import random_request
+
+MAX_BATCH, MAX_HISTORY, MAX_QUERY = 32, 12, 6
+
+
+@pytest.fixture(scope="module")
+def grpc(server):
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        yield client
+
+
+def send(grpc, arrays):
+    """Raw inputs, any dtype/shape; 1-D row fields go as [B, 1] like the typed client sends them."""
+    inputs = []
+    for name, value in arrays.items():
+        value = np.ascontiguousarray(value)
+        if name in ROW_FIELDS and value.ndim == 1:
+            value = value[:, None]
+        tensor = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    result = grpc.infer("unirank", inputs, client_timeout=10)
+    return result.as_numpy("item_ids"), result.as_numpy("scores")
+
+
+def valid(seed: int = 0, task: int = 2) -> dict[str, np.ndarray]:
+    return pad_and_stack([random_request(np.random.default_rng(seed), task, NUM_ITEMS, NUM_WORDS, MAX_HISTORY, MAX_QUERY)])
+
+
+def assert_exact(grpc, plain_topk, arrays):
+    ids, scores = send(grpc, arrays)
+    expected_ids, expected_scores = torch_topk(plain_topk, arrays)
+    assert np.array_equal(np.isfinite(scores), np.isfinite(expected_scores))
+    finite = np.isfinite(scores)
+    np.testing.assert_allclose(scores[finite], expected_scores[finite], atol=1e-5)
+    assert (ids[finite] == expected_ids[finite]).mean() > 0.95  # ties may swap neighbours
+
+
+def _with(**changes):
+    def mutate(arrays):
+        arrays = dict(arrays)
+        for name, value in changes.items():
+            if value is None:
+                del arrays[name]
+            else:
+                arrays[name] = value(arrays) if callable(value) else np.asarray(value)
+        return arrays
+    return mutate
+
+
+# (mutation, field named in the error; None = served by a documented rule and checked against PyTorch)
+CASES = {
+    "history int32": (_with(history=lambda a: a["history"].astype(np.int32)), "history"),
+    "task float": (_with(task=lambda a: a["task"].astype(np.float32)), "task"),
+    "history rank 1": (_with(history=lambda a: a["history"][0]), "history"),
+    "source_item two columns": (_with(source_item=[[3, 4]]), "source_item"),
+    "missing query_lengths": (_with(query_lengths=None), "query_lengths"),
+    "unknown task": (_with(task=[5]), "task"),
+    "negative task": (_with(task=[-1]), "task"),
+    "negative history id": (_with(history=[[3, -4]], history_lengths=[2]), "history"),
+    "negative candidate": (_with(candidates=[[-1]]), "candidates"),
+    "history too long": (_with(history=np.ones((1, MAX_HISTORY + 3), np.int64), history_lengths=[MAX_HISTORY + 3]), "history"),
+    "query too long": (_with(task=[0], query=np.full((1, MAX_QUERY + 1), 3), query_lengths=[MAX_QUERY + 1]), "query"),
+    "length beyond padding": (_with(history=[[3, 4]], history_lengths=[5]), "history_lengths"),
+    "similar without source": (_with(task=[1], source_item=[0]), "source_item"),
+    "batch above max_batch_size": (lambda a: {k: np.repeat(v, MAX_BATCH + 1, axis=0) for k, v in a.items()}, "batch"),
+    "ids beyond the catalogue -> OOV": (_with(history=[[NUM_ITEMS + 7, 2, 10**12]], history_lengths=[3],
+                                              candidates=[[NUM_ITEMS + 1, 5, 6]]), None),
+    "empty history pre-query": (_with(task=[2], history=[[0]], history_lengths=[0]), None),
+    "long padding, short history": (_with(history=lambda a: np.pad(a["history"], ((0, 0), (0, 40)))), None),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_named_and_server_recovers(case, grpc, plain_topk):
+    mutate, field = CASES[case]
+    arrays = mutate(valid(seed=len(case)))
+    if field is None:
+        assert_exact(grpc, plain_topk, arrays)
+    else:
+        with pytest.raises(InferenceServerException) as err:
+            send(grpc, arrays)
+        assert err.value.status() == "StatusCode.INVALID_ARGUMENT", err.value.message()
+        assert field in err.value.message()
+    assert grpc.is_server_live()
+    assert_exact(grpc, plain_topk, valid(seed=1, task=len(case) % 3))
+
+
+def test_random_bad_input_battery(grpc, plain_topk):
+    """300 requests: random valid rows of every task, each corrupted by a random case (or not)."""
+    rng = np.random.default_rng(0)
+    names = list(CASES)
+    outcomes = {"rejected": 0, "served": 0}
+    for i in range(300):
+        arrays = valid(seed=1000 + i, task=i % 3)
+        if rng.random() < 0.8:
+            mutate, field = CASES[names[rng.integers(len(names))]]
+            arrays = mutate(arrays)
+        else:
+            field = None
+        if field is None:
+            assert_exact(grpc, plain_topk, arrays)
+            outcomes["served"] += 1
+        else:
+            with pytest.raises(InferenceServerException, match=field) as err:
+                send(grpc, arrays)
+            assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
+            outcomes["rejected"] += 1
+    assert min(outcomes.values()) > 30
+    assert grpc.is_server_live() and grpc.is_model_ready("unirank")

@@ -1,0 +1,89 @@
+"""Generated Triton configs: parse against Triton's protobuf schema, agree with the ONNX graph,
+and broken repositories are rejected with a message naming the problem."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as pb
+
+from unirank.model.tokenizer import WordTokenizer
+from unirank.serving.model_repository import InvalidModelRepository, read_model_config, validate_model_repository
+
+ROW_INPUTS = {"task", "history_lengths", "query_lengths", "source_item"}
+
+
+def _io(config: pb.ModelConfig):
+    return ([(t.name, t.data_type, list(t.dims)) for t in config.input],
+            [(t.name, t.data_type, list(t.dims)) for t in config.output])
+
+
+def test_both_flavours_share_the_endpoint_contract(repositories):
+    python = read_model_config(repositories["python"] / "unirank" / "config.pbtxt")
+    onnxruntime = read_model_config(repositories["onnxruntime"] / "unirank" / "config.pbtxt")
+    assert python.backend == "python" and not python.platform
+    assert onnxruntime.platform == "onnxruntime_onnx" and not onnxruntime.backend
+    assert _io(python) == _io(onnxruntime)
+    inputs, outputs = _io(python)
+    assert [n for n, _, _ in inputs] == ["task", "history", "history_lengths", "query", "query_lengths", "source_item", "candidates"]
+    assert {d for _, d, _ in inputs} == {pb.TYPE_INT64}
+    assert outputs == [("item_ids", pb.TYPE_INT64, [20]), ("scores", pb.TYPE_FP32, [20])]
+    for config in (python, onnxruntime):
+        assert config.max_batch_size == 32 and config.HasField("dynamic_batching")
+        for tensor in config.input:
+            assert tensor.HasField("reshape") == (tensor.name in ROW_INPUTS)
+    # Only the python model pads ragged batches itself.
+    assert {t.name for t in python.input if t.allow_ragged_batch} == {"history", "query", "candidates"}
+    assert not any(t.allow_ragged_batch for t in onnxruntime.input)
+
+
+def test_repository_ships_model_tokenizer_and_backend_files(repositories, tokenizer):
+    for flavour, root in repositories.items():
+        model_dir = root / "unirank"
+        assert (model_dir / "1" / "model.onnx").exists()
+        assert WordTokenizer.load(model_dir / "tokenizer.json").words == tokenizer.words
+        assert (model_dir / "1" / "model.py").exists() == (flavour == "python")
+    assert set(validate_model_repository(repositories["python"])) == {"unirank"}
+
+
+@pytest.fixture
+def broken_copy(tmp_path, repositories):
+    root = tmp_path / "repo"
+    shutil.copytree(repositories["python"], root)
+    return root
+
+
+def _edit_config(root, edit):
+    path = root / "unirank" / "config.pbtxt"
+    config = read_model_config(path)
+    edit(config)
+    path.write_text(text_format.MessageToString(config))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.input[0].__setattr__("data_type", pb.TYPE_INT32), "input task: TYPE_INT32"),
+    (lambda c: c.input[1].__setattr__("name", "histories"), "input names"),
+    (lambda c: c.input[0].ClearField("reshape"), "input task: rank 2 but ONNX rank 1"),
+    (lambda c: c.output[1].dims.__setitem__(0, 7), "output scores: dims [7]"),
+    (lambda c: c.__setattr__("name", "other"), "config name 'other'"),
+])
+def test_inconsistent_configs_are_rejected(broken_copy, edit, message):
+    _edit_config(broken_copy, edit)
+    with pytest.raises(InvalidModelRepository, match=message.replace("[", r"\[").replace("]", r"\]")):
+        validate_model_repository(broken_copy)
+
+
+def test_schema_errors_and_missing_files_are_rejected(broken_copy):
+    config = broken_copy / "unirank" / "config.pbtxt"
+    config.write_text(config.read_text().replace("KIND_CPU", "KIND_TPU"))
+    with pytest.raises(InvalidModelRepository, match="KIND_TPU"):
+        validate_model_repository(broken_copy)
+    config.write_text(config.read_text().replace("KIND_TPU", "KIND_CPU") + "\nmax_batch: 3\n")
+    with pytest.raises(InvalidModelRepository, match="max_batch"):
+        validate_model_repository(broken_copy)
+    config.write_text(config.read_text().replace("\nmax_batch: 3\n", ""))
+    validate_model_repository(broken_copy)  # repaired
+    (broken_copy / "unirank" / "1" / "model.onnx").unlink()
+    with pytest.raises(InvalidModelRepository, match="model.onnx missing"):
+        validate_model_repository(broken_copy)

@@ -1,0 +1,157 @@
+"""The real bundled tritonserver on a tiny model: per-task gRPC round trips equal PyTorch's answers,
+observability endpoints, and clear errors for a taken port or a repository that cannot load."""
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import urllib.request
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from conftest import TOP_K, torch_topk
+from unirank.serving import client as client_module
+from unirank.serving.client import AsyncRankerClient, RankerClient
+from unirank.serving.model_repository import InvalidModelRepository
+from unirank.serving.server import Server, ServerError, free_port
+
+
+@pytest.fixture(scope="module")
+def client(server, repositories):
+    with RankerClient.from_model_dir(server.grpc_url, repositories["python"] / "unirank", timeout_s=10) as c:
+        yield c
+
+
+def assert_same_as_pytorch(ranking, arrays, plain_topk, k):
+    ids, scores = torch_topk(plain_topk, arrays)
+    filled = ids[0] != 0
+    expected_ids, expected_scores = ids[0][filled][:k], scores[0][filled][:k]
+    np.testing.assert_allclose(ranking.scores, expected_scores, atol=1e-5)
+    assert ranking.item_ids.tolist() == expected_ids.tolist()
+
+
+CALLS = {
+    "search": lambda c: ("search", dict(user_history=[4, 8, 15], query_text="waa wab unknownword", k=10)),
+    "search_candidates": lambda c: ("search", dict(user_history=[4], query_text="wac", candidates=[3, 4, 5, 99], k=10)),
+    "similar": lambda c: ("similar", dict(item=42, k=TOP_K)),
+    "similar_candidates": lambda c: ("similar", dict(item=42, candidates=[42, 41, 40], k=5)),
+    "recommend": lambda c: ("recommend", dict(user_history=list(range(1, 30)), k=10)),  # longer than max_history
+    "recommend_new_user": lambda c: ("recommend", dict(user_history=[], k=3)),
+}
+
+
+@pytest.mark.parametrize("case", CALLS)
+def test_round_trip_matches_pytorch(case, client, plain_topk):
+    method, kwargs = CALLS[case](client)
+    ranking = getattr(client, method)(**kwargs)
+    task = {"search": 0, "similar": 1, "recommend": 2}[method]
+    arrays = client.builder.build(task, kwargs.get("user_history", ()), kwargs.get("query_text", ""),
+                                  kwargs.get("item", 0), kwargs.get("candidates"))
+    assert_same_as_pytorch(ranking, arrays, plain_topk, kwargs["k"])
+    if case == "similar_candidates":
+        assert sorted(ranking.item_ids.tolist()) == [40, 41]  # the source item itself is filtered
+    elif "candidates" not in case:
+        assert len(ranking.item_ids) == kwargs["k"]
+    if method != "similar":
+        assert not set(kwargs["user_history"][-12:]) & set(ranking.item_ids.tolist())
+
+
+def test_async_client_concurrent_calls(server, repositories, client, plain_topk):
+    async def run():
+        async with AsyncRankerClient.from_model_dir(server.grpc_url, repositories["python"] / "unirank") as c:
+            return await asyncio.gather(c.recommend([1, 2, 3], k=5), c.search([7], "wad", k=5), c.similar(9, k=5))
+
+    recommended, searched, similar = asyncio.run(run())
+    assert recommended.item_ids.tolist() == client.recommend([1, 2, 3], k=5).item_ids.tolist()
+    assert searched.item_ids.tolist() == client.search([7], "wad", k=5).item_ids.tolist()
+    np.testing.assert_allclose(similar.scores, client.similar(9, k=5).scores, atol=1e-6)
+
+
+def test_client_rejects_bad_arguments_before_sending(client):
+    with pytest.raises(ValueError, match="k: 21 outside"):
+        client.recommend([1], k=TOP_K + 1)
+    with pytest.raises(ValueError, match="source_item"):
+        client.similar(0)
+
+
+def test_health_metadata_statistics_and_metrics(server, client):
+    grpc = grpcclient.InferenceServerClient(server.grpc_url)
+    assert grpc.is_server_live() and grpc.is_model_ready("unirank")
+    metadata = grpc.get_model_metadata("unirank", as_json=True)
+    assert [i["name"] for i in metadata["inputs"]][:2] == ["task", "history"]
+    client.recommend([5], k=3)
+    stats = grpc.get_inference_statistics("unirank", as_json=True)["model_stats"][0]
+    assert int(stats["inference_count"]) >= 1
+    metrics = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+    assert 'nv_inference_request_success{model="unirank"' in metrics
+    with urllib.request.urlopen(f"http://{server.http_url}/v2/health/ready", timeout=5) as response:
+        assert response.status == 200
+
+
+def test_only_unavailable_is_retried(monkeypatch, client, repositories):
+    sleeps = []
+    monkeypatch.setattr(client_module.time, "sleep", sleeps.append)
+    nobody = RankerClient.from_model_dir(f"127.0.0.1:{free_port()}", repositories["python"] / "unirank",
+                                         retries=2, retry_backoff_s=0.01, timeout_s=2)
+    with pytest.raises(InferenceServerException) as err:
+        nobody.recommend([1])
+    assert err.value.status() == "StatusCode.UNAVAILABLE" and sleeps == [0.01, 0.02]
+    sleeps.clear()
+    arrays = client.builder.build(2, [1])
+    arrays["task"] = np.array([9])  # server-side INVALID_ARGUMENT: not retried
+    with pytest.raises(InferenceServerException, match="task: unknown task id 9") as err:
+        client.rank(arrays)
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and sleeps == []
+
+
+def test_port_taken_is_reported_before_launch(repositories):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = Server(repositories["python"], grpc_port=free_port(), http_port=port, metrics_port=free_port())
+        with pytest.raises(ServerError, match=f"http port {port} already in use"):
+            server.start()
+        assert server.process is None
+
+
+def test_invalid_repository_is_rejected(tmp_path, repositories):
+    shutil.copytree(repositories["python"], tmp_path / "offline")
+    (tmp_path / "offline" / "unirank" / "1" / "model.onnx").unlink()
+    with pytest.raises(InvalidModelRepository, match="model.onnx missing"):
+        Server(tmp_path / "offline", free_port(), free_port(), free_port()).start()
+    # Passes offline checks but fails to load: the error carries the server log's reason.
+    shutil.copytree(repositories["python"], tmp_path / "load")
+    model_py = tmp_path / "load" / "unirank" / "1" / "model.py"
+    model_py.write_text(model_py.read_text().replace("        model_dir = args", "        raise RuntimeError('boom in initialize')\n        model_dir = args", 1))
+    with pytest.raises(ServerError, match="boom in initialize"):
+        Server(tmp_path / "load", free_port(), free_port(), free_port(), startup_timeout_s=60).start()
+
+
+def test_serve_blocks_until_sigterm_and_cleans_up(repositories):
+    """`serve()` (behind `unirank serve`): prints the endpoints, exits 0 on SIGTERM, leaves no shm files."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ports = [free_port() for _ in range(3)]
+    code = (f"import sys; from unirank.serving.server import serve; "
+            f"sys.exit(serve({str(repositories['python'])!r}, {ports[0]}, {ports[1]}, {ports[2]}))")
+    before = set(Path("/dev/shm").glob("triton_python_backend_shm_region_*"))
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = process.stdout.readline()
+        assert f"gRPC 127.0.0.1:{ports[0]}" in line, line
+        assert grpcclient.InferenceServerClient(f"127.0.0.1:{ports[0]}").is_model_ready("unirank")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert not (set(Path("/dev/shm").glob("triton_python_backend_shm_region_unirank_*")) - before)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", ports[0]))  # the port is free again
