@@ -110,6 +110,15 @@ def server_call(url: str, tokenizer, metadata, concurrency: int):
     return (lambda worker, request: clients[worker].rank(request)), clients
 
 
+def execution_counts(url: str) -> tuple[int, int]:
+    """(inference_count, execution_count) of the model: their ratio is the mean executed batch size."""
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(url) as client:
+        stats = client.get_inference_statistics("unirank", as_json=True)["model_stats"][0]
+    return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
+
+
 def machine() -> dict:
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                 if l.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
@@ -133,7 +142,8 @@ def markdown(results: list[dict], concurrencies: list[int]) -> str:
         cells = []
         for c in concurrencies:
             r = next(r for r in results if r["setup"] == setup and r["concurrency"] == c)
-            cells.append(f"{r['throughput_rps']:.0f} req/s, p50 {r['p50_ms']:.2f} / p90 {r['p90_ms']:.2f} / p99 {r['p99_ms']:.2f} ms")
+            batch = f", batch {r['mean_batch_size']:.1f}" if "mean_batch_size" in r else ""
+            cells.append(f"{r['throughput_rps']:.0f} req/s, p50 {r['p50_ms']:.2f} / p90 {r['p90_ms']:.2f} / p99 {r['p99_ms']:.2f} ms{batch}")
         lines.append(f"| {setup} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -178,7 +188,10 @@ def main() -> None:
                 for c in args.concurrency:
                     call, clients = server_call(server.grpc_url, tokenizer, metadata, c)
                     call(0, requests[0])  # warm-up
-                    results.append({"setup": setup, "concurrency": c, **run_load(call, requests, c, args.requests, args.seconds)})
+                    before = execution_counts(server.grpc_url)
+                    row = {"setup": setup, "concurrency": c, **run_load(call, requests, c, args.requests, args.seconds)}
+                    inferences, executions = (a - b for a, b in zip(execution_counts(server.grpc_url), before))
+                    results.append({**row, "mean_batch_size": round(inferences / max(executions, 1), 2)})
                     for client in clients:
                         client.close()
                     print(results[-1], flush=True)
