@@ -111,7 +111,7 @@ class ExportMetadata:
 class ExportReport:
     out_dir: Path
     metadata: ExportMetadata
-    parity_max_abs_diff: float | None
+    max_abs_diff: float | None  # ONNX Runtime vs PyTorch parity, None when skipped
     parity_requests: int
     seconds: float
 

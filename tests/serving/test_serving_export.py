@@ -100,5 +100,5 @@ def test_export_model_from_checkpoint(tmp_path, ranker, tokenizer):
     path = tmp_path / "ckpt.pt"
     save_checkpoint(path, ranker, tokenizer, *item_features(0), config_yaml="", metadata={})
     report = export_model(path, tmp_path / "export", top_k=TOP_K, parity_requests=48)
-    assert report.parity_max_abs_diff is not None and report.parity_max_abs_diff <= PARITY_TOLERANCE
+    assert report.max_abs_diff is not None and report.max_abs_diff <= PARITY_TOLERANCE
     assert (tmp_path / "export" / "tokenizer.json").exists()
