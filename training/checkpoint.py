@@ -39,7 +39,9 @@ def save_checkpoint(path: str | Path, ranker: UnifiedRanker, tokenizer: WordToke
         "ranker_config": ranker.config.to_dict(),
         "state_dict": ranker.state_dict(),
         "tokenizer": tokenizer.to_dict(),
-        "item_features": {"attributes": item_attributes, "words": item_words},
+        # plain ints: weights_only loading refuses numpy scalars
+        "item_features": {"attributes": [[int(a) for a in row] for row in item_attributes],
+                          "words": [[int(w) for w in row] for row in item_words]},
         "config": config_yaml,
         "metadata": metadata,
         "optimizer": optimizer.state_dict() if optimizer is not None else None,

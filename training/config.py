@@ -3,7 +3,6 @@ at load (unknown keys and wrong types are errors that name the key)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Optional
 
@@ -85,7 +84,8 @@ class Config:
 
 
 def builtin_config(name: str) -> Path:
-    return Path(str(resources.files("unirank.configs") / f"{name}.yaml"))
+    # configs/ sits beside training/ both in the source tree and when installed (unirank/configs).
+    return Path(__file__).resolve().parent.parent / "configs" / f"{name}.yaml"
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:

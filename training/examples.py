@@ -99,7 +99,9 @@ class RequestBuilder:
         text = build_search_query(self.data, user, item)
         return np.array(self.tokenizer.encode(text, max_length=self.max_query_len), dtype=np.int64)
 
-    def build(self, task: Task, users: np.ndarray, histories: list[np.ndarray], targets: np.ndarray) -> RankRequest:
+    def build(self, task: Task, users: np.ndarray, histories: list[np.ndarray], targets: np.ndarray,
+              width: int | None = None) -> RankRequest:
+        """Padded request; history width = `width` (default max_history), keeping the newest items."""
         b = len(users)
         empty = np.zeros(0, dtype=np.int64)
         if task == Task.SIMILAR:
@@ -108,7 +110,7 @@ class RequestBuilder:
         else:
             source = torch.zeros(b, dtype=torch.int64)
         queries = [self.query_ids(u, t) for u, t in zip(users, targets)] if task == Task.SEARCH else [empty] * b
-        history, history_lengths = pad(histories, self.max_history)
+        history, history_lengths = pad(histories, self.max_history if width is None else width)
         query, query_lengths = pad(queries, self.max_query_len)
         return RankRequest(task=torch.full((b,), int(task), dtype=torch.int64), history=history,
                            history_lengths=history_lengths, query=query, query_lengths=query_lengths,
@@ -117,49 +119,74 @@ class RequestBuilder:
 
 @dataclass
 class TrainBatch:
-    """A request plus its targets. Pre-query batches predict every next item (targets [B, 1 + L],
-    0 = no target at that position); search / similar-item batches predict one target per row
-    (targets [B, 1], read at the last position)."""
+    """One training step: rows of every trained task in ONE request (the task is an input, so the
+    unified model takes mixed batches). `targets` [B, 1 + W] is aligned with the model's outputs
+    after the TASK token: pre-query rows predict every next item, search / similar-item rows only at
+    their last position; 0 = no target."""
 
-    task: Task
     request: RankRequest
     targets: torch.Tensor
-    all_positions: bool
 
 
 class TrainingExamples:
-    """Per-epoch training batches for each task, from the training part of the split only."""
+    """Per-epoch training batches from the training part of the split only. An epoch visits every
+    user once; each step takes a group of users of similar sequence length (little padding) and
+    gives each trained task one row per user: pre-query predicts every next item of the user's
+    window, search one random position (with the protocol's query), similar-item one random
+    consecutive pair."""
 
-    def __init__(self, split: Split, builder: RequestBuilder, batch_size: int, seed: int):
-        self.builder, self.batch_size = builder, batch_size
+    def __init__(self, split: Split, builder: RequestBuilder, batch_size: int, seed: int,
+                 tasks: tuple[Task, ...] = tuple(Task)):
+        self.builder, self.batch_size, self.tasks = builder, batch_size, tasks
         self.rng = np.random.default_rng(seed)
         self.users = split.users
         self.seqs = split.train
-        self.nonempty = np.array([i for i, s in enumerate(self.seqs) if len(s) >= 1])
-        self.pairs = np.array([(i, p) for i, s in enumerate(self.seqs) for p in range(1, len(s))], dtype=np.int64)
+        self.lengths = np.array([len(s) for s in self.seqs], dtype=np.int64)
+        self.nonempty = np.flatnonzero(self.lengths >= 1)
 
     def steps_per_epoch(self) -> int:
         return max(1, int(np.ceil(len(self.nonempty) / self.batch_size)))
 
-    def prequery(self) -> Iterator[TrainBatch]:
-        order = self.rng.permutation(self.nonempty)
-        width = self.builder.max_history
-        for start in range(0, len(order), self.batch_size):
-            rows = [self.seqs[i][-(width + 1):] for i in order[start: start + self.batch_size]]
-            req = self.builder.build(Task.PREQUERY, self.users[order[start:start + len(rows)]],
-                                     [r[:-1] for r in rows], np.zeros(len(rows), dtype=np.int64))
-            targets, _ = pad(rows, width + 1)
-            yield TrainBatch(Task.PREQUERY, req, targets, all_positions=True)
+    def epoch(self) -> Iterator[TrainBatch]:
+        # Sort by length (random among equals), cut into batches, shuffle the batch order.
+        order = self.nonempty[np.lexsort((self.rng.random(len(self.nonempty)), self.lengths[self.nonempty]))]
+        groups = [order[i: i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        for g in self.rng.permutation(len(groups)):
+            parts = [self._rows(task, groups[g]) for task in self.tasks]
+            parts = [p for p in parts if p is not None]
+            if parts:
+                yield self._concat(parts)
 
-    def sample(self, task: Task) -> TrainBatch:
-        """One batch of single-target examples for search (any position) or similar-item (pairs)."""
+    def _rows(self, task: Task, rows: np.ndarray):
+        width = min(self.builder.max_history, int(self.lengths[rows].max()))
+        if task == Task.PREQUERY:
+            windows = [self.seqs[i][-(width + 1):] for i in rows]
+            req = self.builder.build(Task.PREQUERY, self.users[rows], [w[:-1] for w in windows],
+                                     np.zeros(len(rows), dtype=np.int64), width=width)
+            return req, pad(windows, width + 1)[0]
         if task == Task.SIMILAR:
-            idx = self.pairs[self.rng.integers(0, len(self.pairs), self.batch_size)]
-            rows, pos = idx[:, 0], idx[:, 1]
+            rows = rows[self.lengths[rows] >= 2]
+            if len(rows) == 0:
+                return None
+            pos = 1 + (self.rng.random(len(rows)) * (self.lengths[rows] - 1)).astype(np.int64)
         else:
-            rows = self.rng.choice(self.nonempty, self.batch_size)
-            pos = np.array([self.rng.integers(0, len(self.seqs[r])) for r in rows])
+            pos = (self.rng.random(len(rows)) * self.lengths[rows]).astype(np.int64)
         histories = [self.seqs[r][:p] for r, p in zip(rows, pos)]
         targets = np.array([self.seqs[r][p] for r, p in zip(rows, pos)], dtype=np.int64)
-        req = self.builder.build(task, self.users[rows], histories, targets)
-        return TrainBatch(task, req, torch.from_numpy(targets).unsqueeze(1), all_positions=False)
+        req = self.builder.build(task, self.users[rows], histories, targets, width=width)
+        # The target sits at the row's last position: index = number of history tokens.
+        aligned = torch.zeros(len(rows), width + 1, dtype=torch.int64)
+        aligned[torch.arange(len(rows)), req.history_lengths] = torch.from_numpy(targets)
+        return req, aligned
+
+    @staticmethod
+    def _concat(parts) -> TrainBatch:
+        reqs, targets = zip(*parts)
+        width = max(r.history.shape[1] for r in reqs)
+        grow = lambda t, w: torch.nn.functional.pad(t, (0, w - t.shape[1]))  # noqa: E731
+        request = RankRequest(
+            task=torch.cat([r.task for r in reqs]), history=torch.cat([grow(r.history, width) for r in reqs]),
+            history_lengths=torch.cat([r.history_lengths for r in reqs]),
+            query=torch.cat([r.query for r in reqs]), query_lengths=torch.cat([r.query_lengths for r in reqs]),
+            source_item=torch.cat([r.source_item for r in reqs]))
+        return TrainBatch(request, torch.cat([grow(t, width + 1) for t in targets]))

@@ -87,8 +87,8 @@ def train(cfg: Config, prep: Prepared | None = None, quiet: bool = False) -> Tra
     tasks = [TASK_BY_NAME[t] for t in cfg.train.tasks]
     weights = {task: cfg.train.task_weights[int(task)] for task in tasks}
     ranker = build_ranker(cfg, prep)
-    examples = TrainingExamples(prep.split, prep.builder, cfg.train.batch_size, cfg.train.seed)
-    if Task.SIMILAR in tasks and len(examples.pairs) == 0:
+    examples = TrainingExamples(prep.split, prep.builder, cfg.train.batch_size, cfg.train.seed, tuple(tasks))
+    if Task.SIMILAR in tasks and not (examples.lengths >= 2).any():
         raise ValueError("similar-item training needs users with >= 2 training items")
     item_freq = item_frequencies(prep.split.train, prep.data.num_items)
     generator = torch.Generator().manual_seed(cfg.train.seed)
@@ -104,15 +104,10 @@ def train(cfg: Config, prep: Prepared | None = None, quiet: bool = False) -> Tra
 
     for epoch in range(1, cfg.train.max_epochs + 1):
         ranker.train()
-        prequery = examples.prequery()
-        bar = tqdm(range(examples.steps_per_epoch()), desc=f"epoch {epoch}", disable=quiet, leave=False)
-        for _ in bar:
-            losses = {}
-            for task in tasks:
-                batch = next(prequery, None) if task == Task.PREQUERY else examples.sample(task)
-                if batch is not None:
-                    losses[task] = softmax_loss(ranker, batch, cfg.train.num_negatives, item_freq, generator)
-            loss = sum(weights[t] * l for t, l in losses.items())
+        bar = tqdm(examples.epoch(), total=examples.steps_per_epoch(), desc=f"epoch {epoch}", disable=quiet,
+                   leave=False)
+        for batch in bar:
+            loss, losses = softmax_loss(ranker, batch, cfg.train.num_negatives, item_freq, generator, weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -1,0 +1,47 @@
+"""Alignment tax / transfer gain: the unified model against the same architecture trained on ONE
+task only, each evaluated on its own task's test split (negative delta = tax, positive = transfer)."""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from unirank.training.config import Config
+from unirank.training.report import evaluate_checkpoint
+from unirank.training.train import prepare, train
+
+METRICS = ("recall@10", "ndcg@10")
+
+
+def _with(cfg: Config, tasks: list[str], out_dir: Path) -> Config:
+    return replace(cfg, train=replace(cfg.train, tasks=tasks, out_dir=str(out_dir)))
+
+
+def alignment_tax(cfg: Config, quiet: bool = True) -> dict:
+    prep = prepare(cfg)
+    root = Path(cfg.train.out_dir)
+    unified_cfg = _with(cfg, list(cfg.train.tasks), root / "unified")
+    unified = train(unified_cfg, prep, quiet=quiet)
+    unified_eval = evaluate_checkpoint(unified_cfg, unified.checkpoint, prep, baselines=False)["results"]
+    rows = {}
+    for task in cfg.train.tasks:
+        single_cfg = _with(cfg, [task], root / f"single-{task}")
+        single = train(single_cfg, prep, quiet=quiet)
+        single_eval = evaluate_checkpoint(single_cfg, single.checkpoint, prep, baselines=False)["results"]
+        u, s = unified_eval[task]["unirank"], single_eval[task]["unirank"]
+        rows[task] = {
+            "unified": {k: u[k] for k in METRICS}, "single_task": {k: s[k] for k in METRICS},
+            "delta": {k: u[k]["mean"] - s[k]["mean"] for k in METRICS},
+            "train_seconds": {"unified": round(unified.seconds, 1), "single_task": round(single.seconds, 1)},
+        }
+    return {"dataset": prep.data.name, "rows": rows}
+
+
+def markdown(report: dict) -> str:
+    lines = ["| task | unified R@10 | single R@10 | delta R@10 | unified N@10 | single N@10 | delta N@10 |",
+             "|---|---|---|---|---|---|---|"]
+    for task, r in report["rows"].items():
+        cells = []
+        for k in METRICS:
+            cells += [f"{r['unified'][k]['mean']:.4f}", f"{r['single_task'][k]['mean']:.4f}", f"{r['delta'][k]:+.4f}"]
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,127 @@
+"""`unirank` command line: train, evaluate, alignment-tax, export, serve, quickstart.
+
+Configs: `--config FILE|NAME` (a YAML file or a packaged config: quickstart, default) plus
+`key=value` overrides, e.g. `unirank train --config default data.path=/data/Sports train.lr=0.002`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+ERRORS = (ValueError, FileNotFoundError, RuntimeError)  # our errors subclass these; the message names the culprit
+
+
+def _config(args):
+    from unirank.training.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_train(args) -> int:
+    from unirank.training.train import train
+
+    result = train(_config(args), quiet=args.quiet)
+    print(json.dumps({"checkpoint": str(result.checkpoint), "best_epoch": result.best_epoch,
+                      "validation": result.best_validation, "seconds": round(result.seconds, 1)}))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from unirank.training.report import evaluate_checkpoint, markdown_table, run_metadata, write_report
+
+    cfg = _config(args)
+    checkpoint = cfg.eval.checkpoint or str(Path(cfg.train.out_dir) / "best.pt")
+    report = evaluate_checkpoint(cfg, checkpoint, baselines=cfg.eval.baselines, split=args.split)
+    report["run"] = run_metadata(" ".join(["unirank"] + sys.argv[1:]))
+    paths = write_report(report, args.out or cfg.train.out_dir, name=f"eval_{args.split}")
+    print(markdown_table(report["results"]))
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def cmd_alignment_tax(args) -> int:
+    from unirank.training.alignment import alignment_tax, markdown
+    from unirank.training.report import run_metadata
+
+    cfg = _config(args)
+    report = alignment_tax(cfg, quiet=args.quiet)
+    report["run"] = run_metadata(" ".join(["unirank"] + sys.argv[1:]))
+    out = Path(cfg.train.out_dir)
+    (out / "alignment_tax.json").write_text(json.dumps(report, indent=1))
+    (out / "alignment_tax.md").write_text(markdown(report) + "\n")
+    print(markdown(report))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from unirank.serving.export import export_model
+    from unirank.serving.model_repository import build_model_repository
+
+    report = export_model(args.checkpoint, args.out, top_k=args.top_k)
+    repos = build_model_repository(args.out, Path(args.out) / "repository")
+    print(json.dumps({"onnx": str(Path(args.out) / "model.onnx"), "parity_max_abs_diff": report.max_abs_diff,
+                      "repositories": {k: str(v) for k, v in repos.items()}}))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from unirank.serving.server import serve
+
+    return serve(args.repository, grpc_port=args.grpc_port, http_port=args.http_port, metrics_port=args.metrics_port)
+
+
+def cmd_quickstart(args) -> int:
+    from unirank.training.quickstart import quickstart
+
+    return quickstart(args.config or "quickstart", args.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unirank", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p, default=None):
+        p.add_argument("--config", default=default, help="YAML file or packaged config name")
+        p.add_argument("overrides", nargs="*", help="key=value config overrides")
+        p.add_argument("--quiet", action="store_true")
+        return p
+
+    with_config(sub.add_parser("train", help="train the unified ranker")).set_defaults(func=cmd_train)
+    p = with_config(sub.add_parser("evaluate", help="per-task test metrics beside the baselines"))
+    p.add_argument("--split", choices=("test", "valid"), default="test")
+    p.add_argument("--out", default=None, help="report directory (default: train.out_dir)")
+    p.set_defaults(func=cmd_evaluate)
+    with_config(sub.add_parser("alignment-tax", help="unified vs one model per task")).set_defaults(func=cmd_alignment_tax)
+    p = sub.add_parser("export", help="checkpoint -> ONNX + Triton model repositories")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--top-k", type=int, default=100)
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser("serve", help="run tritonserver on a model repository")
+    p.add_argument("--repository", required=True)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.set_defaults(func=cmd_serve)
+    with_config(sub.add_parser("quickstart", help="train -> eval -> export -> serve -> gRPC queries")).set_defaults(
+        func=cmd_quickstart)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("unirank").setLevel(logging.INFO)
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ERRORS as err:
+        print(f"unirank {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

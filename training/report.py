@@ -1,0 +1,96 @@
+"""Per-task test evaluation of a checkpoint beside the baselines, written as JSON, a Markdown table
+and a PNG bar chart."""
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from unirank.training.baselines import BM25, ItemKNN, Popularity  # noqa: E402
+from unirank.training.checkpoint import load_checkpoint  # noqa: E402
+from unirank.training.config import Config, to_yaml  # noqa: E402
+from unirank.training.evaluate import ModelScorer, evaluate_all  # noqa: E402
+from unirank.training.train import Prepared, prepare, ranker_config  # noqa: E402
+
+HEADLINE = ("recall@10", "ndcg@10")
+
+
+def run_metadata(command: str) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=False).stdout.strip()
+    except OSError:
+        commit = ""
+    return {"command": command, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "python": platform.python_version(), "commit": commit or "unknown",
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def baseline_scorers(prep: Prepared) -> list:
+    return [Popularity(prep.split.train, prep.data.num_items), ItemKNN(prep.split.train, prep.data.num_items),
+            BM25(prep.data, prep.tokenizer)]
+
+
+def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, prep: Prepared | None = None,
+                        baselines: bool = True, split: str = "test") -> dict:
+    """Test metrics of the checkpoint (and the baselines) for every task, plus run metadata."""
+    prep = prep or prepare(cfg)
+    loaded = load_checkpoint(checkpoint, expect=ranker_config(cfg, prep))
+    if loaded.metadata.get("fingerprint") not in (None, prep.data.fingerprint()):
+        raise ValueError(f"{checkpoint} was trained on other data than {cfg.data.path} "
+                         f"(dataset fingerprint {loaded.metadata['fingerprint']} != {prep.data.fingerprint()})")
+    scorers = [ModelScorer(loaded.ranker)] + (baseline_scorers(prep) if baselines else [])
+    cases = prep.split.test if split == "test" else prep.split.valid
+    results = evaluate_all(scorers, cases, prep.builder, ks=cfg.eval.ks, num_bootstrap=cfg.eval.num_bootstrap)
+    return {"dataset": prep.data.name, "split": split, "checkpoint": str(checkpoint),
+            "trained_epoch": loaded.metadata.get("epoch"), "results": results, "config": to_yaml(cfg)}
+
+
+def _fmt(m: dict) -> str:
+    lo, hi = m["ci95"]
+    return f"{m['mean']:.4f} [{lo:.4f}, {hi:.4f}]"
+
+
+def markdown_table(results: dict[str, dict[str, dict]], metrics=("recall@10", "ndcg@10", "recall@20", "mrr")) -> str:
+    lines = ["| task | method | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    for task, by_method in results.items():
+        for method, m in by_method.items():
+            lines.append(f"| {task} | {method} | " + " | ".join(_fmt(m[k]) for k in metrics if k in m) + " |")
+    return "\n".join(lines)
+
+
+def bar_chart(results: dict[str, dict[str, dict]], path: Path, metric: str = "ndcg@10") -> None:
+    tasks = list(results)
+    methods = sorted({m for r in results.values() for m in r}, key=lambda m: (m != "unirank", m))
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.8 / max(len(methods), 1)
+    for i, method in enumerate(methods):
+        xs = [t + i * width for t in range(len(tasks)) if method in results[tasks[t]]]
+        ys = [results[t][method][metric]["mean"] for t in tasks if method in results[t]]
+        errs = [[results[t][method][metric]["mean"] - results[t][method][metric]["ci95"][0] for t in tasks if method in results[t]],
+                [results[t][method][metric]["ci95"][1] - results[t][method][metric]["mean"] for t in tasks if method in results[t]]]
+        ax.bar(xs, ys, width, yerr=errs, label=method, capsize=2)
+    ax.set_xticks([t + width * (len(methods) - 1) / 2 for t in range(len(tasks))], tasks)
+    ax.set_ylabel(f"test {metric} (95% CI)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(report: dict, out_dir: str | Path, name: str = "eval") -> dict[str, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / f"{name}.json", "markdown": out / f"{name}.md", "png": out / f"{name}.png"}
+    paths["json"].write_text(json.dumps(report, indent=1))
+    paths["markdown"].write_text(f"# {report.get('dataset', '')} ({report.get('split', 'test')})\n\n"
+                                 + markdown_table(report["results"]) + "\n")
+    bar_chart(report["results"], paths["png"])
+    return paths
