@@ -42,7 +42,7 @@ def bucket(length: int, limit: int) -> int:
 
 
 def _padded(values: Sequence[int], width: int) -> np.ndarray:
-    row = np.zeros((1, width), dtype=np.int64)
+    row = np.zeros((1, max(width, len(values))), dtype=np.int64)
     row[0, : len(values)] = values
     return row
 
@@ -67,7 +67,7 @@ class RequestBuilder:
             "query": _padded(query, bucket(len(query), md.max_query_len)),
             "query_lengths": np.array([len(query)], dtype=np.int64),
             "source_item": np.array([int(source_item)], dtype=np.int64),
-            "candidates": _padded(candidates, bucket(len(candidates), 0)),
+            "candidates": _padded(candidates, bucket(len(candidates), self.limits.max_candidates)),
         }
         check_request(arrays, self.limits)  # fail fast, with the server's message, before the network
         return arrays

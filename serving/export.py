@@ -13,7 +13,7 @@ Rules baked into the graph:
     return the source item;
   - slots that cannot be filled (fewer candidates than K) have item_id 0 and score -inf;
   - unknown item ids (outside 1..num_items) are embedded with the model's OOV row, never crash.
-Lengths beyond the model's limits are rejected before the graph (see request_checks.py).
+Lengths beyond the model's limits are rejected before the graph (see request_arrays.py).
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from unirank.model.request import INPUT_NAMES, Task
+from unirank.serving.request_arrays import ROW_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,6 @@ OUTPUT_NAMES = ["item_ids", "scores"]
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 METADATA_FILE = "export.json"
-# Inputs that are one value per row; the rest are [B, length] sequences.
-ROW_INPUTS = ("task", "history_lengths", "query_lengths", "source_item")
 
 
 class TopKRanker(nn.Module):
@@ -51,16 +50,14 @@ class TopKRanker(nn.Module):
     def forward(self, task, history, history_lengths, query, query_lengths, source_item, candidates):
         context = self.ranker(task, history, history_lengths, query, query_lengths, source_item)
         batch = task.shape[0]
-        # One zero column keeps the candidate branch well-formed when C == 0.
-        cands = torch.cat([candidates, torch.zeros_like(candidates[:, :1])], dim=1)
-        cand_scores = self.ranker.score(context, cands)
+        cand_scores = self.ranker.score(context, candidates)
         catalogue_scores = self.ranker.score(context)[:, 1 : self.num_items + 1]
         catalogue_ids = torch.arange(1, self.num_items + 1, device=task.device).expand(batch, -1)
 
         use_catalogue = (candidates == 0).all(dim=1, keepdim=True)
-        cand_scores = cand_scores.masked_fill((cands == 0) | use_catalogue, float("-inf"))
+        cand_scores = cand_scores.masked_fill((candidates == 0) | use_catalogue, float("-inf"))
         catalogue_scores = catalogue_scores.masked_fill(~use_catalogue, float("-inf"))
-        ids = torch.cat([cands, catalogue_ids], dim=1)
+        ids = torch.cat([candidates, catalogue_ids], dim=1)
         scores = torch.cat([cand_scores, catalogue_scores], dim=1)
         scores = scores.masked_fill(self._already_seen(ids, task, history, history_lengths, source_item), float("-inf"))
 
@@ -83,6 +80,7 @@ class TopKRanker(nn.Module):
         hidden = torch.cat([hidden_history, hidden_source], dim=1)
         table = torch.zeros(task.shape[0], self.num_items + 1, device=task.device)
         table = table.scatter(1, hidden, torch.ones_like(hidden, dtype=table.dtype))
+        # Column 0 collected padding and unknown ids: it never marks anything as seen.
         table = table * (torch.arange(self.num_items + 1, device=task.device) > 0).to(table.dtype)
         return table.gather(1, self._known(ids)) > 0
 
@@ -142,7 +140,7 @@ def _dynamic_shapes(max_history: int, max_query_len: int) -> dict:
         "query": torch.export.Dim("query_len", min=1, max=max_query_len),
         "candidates": torch.export.Dim("candidates_len", min=1, max=1_000_000),
     }
-    return {name: ({0: batch} if name in ROW_INPUTS else {0: batch, 1: length[name]}) for name in INPUT_NAMES}
+    return {name: ({0: batch} if name in ROW_FIELDS else {0: batch, 1: length[name]}) for name in INPUT_NAMES}
 
 
 def export_onnx(ranker: nn.Module, out_dir: str | Path, top_k: int = 100, tokenizer=None) -> ExportMetadata:
@@ -224,9 +222,9 @@ def onnx_session(path: str | Path, threads: int = 1):
 def parity_max_abs_diff(module: TopKRanker, session, batches: list[dict[str, np.ndarray]]) -> float:
     """Max |score_ort - score_torch| over the returned top-k of every batch.
 
-    Compares scores of the ids ORT returned against PyTorch's full score vector for those ids, so
-    ties that order differently do not count as a mismatch; also checks that the two top-k score
-    lists agree (same ranking up to ties)."""
+    The two best-first score lists are compared position by position: equal scores whose ids come
+    in another order (ties) do not count, any other difference in scores or ranking does. Raises
+    when the two disagree on which slots are filled (candidate / catalogue / filtering rules)."""
     worst = 0.0
     with torch.no_grad():
         for feed in batches:

@@ -17,10 +17,10 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
-from unirank.serving.export import METADATA_FILE, MODEL_FILE, ROW_INPUTS, TOKENIZER_FILE, ExportMetadata
+from unirank.serving.export import METADATA_FILE, MODEL_FILE, TOKENIZER_FILE, ExportMetadata
+from unirank.serving.request_arrays import ROW_FIELDS
 
 FLAVOURS = ("python", "onnxruntime")
-SEQUENCE_INPUTS = ("history", "query", "candidates")
 _HERE = Path(__file__).parent
 _ONNX_TO_TRITON = {7: "TYPE_INT64", 1: "TYPE_FP32", 6: "TYPE_INT32", 10: "TYPE_FP16"}
 
@@ -62,7 +62,7 @@ def model_config(spec: EndpointSpec, flavour: str) -> pb.ModelConfig:
         config.platform = "onnxruntime_onnx"
     for name in spec.metadata.input_names:
         tensor = config.input.add(name=name, data_type=pb.TYPE_INT64)
-        if name in ROW_INPUTS:
+        if name in ROW_FIELDS:
             # One value per row: clients send [B, 1], the model sees [B].
             tensor.dims.append(1)
             tensor.reshape.SetInParent()

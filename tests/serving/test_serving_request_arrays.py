@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from unirank.serving.request_arrays import RequestError, RequestLimits, check_request, pad_and_stack
+from unirank.model.request import INPUT_NAMES
+from unirank.serving.request_arrays import FIELDS, RequestError, RequestLimits, check_request, pad_and_stack
 
 LIMITS = RequestLimits(num_items=100, max_history=4, max_query_len=3)
 
@@ -60,3 +61,8 @@ def test_valid_requests_are_trimmed_and_padded_into_one_batch():
     assert pad_and_stack([first])["query"].shape == (1, 1)
     # Ids above the catalogue are allowed (scored as OOV); empty pre-query history too.
     check_request(request(history=[[0]], history_lengths=[0], candidates=[[1000]]), LIMITS)
+
+
+def test_fields_mirror_the_request_schema():
+    """request_arrays.py is copied into the model repository, so it cannot import the schema."""
+    assert list(FIELDS) == INPUT_NAMES

@@ -107,6 +107,22 @@ def test_only_unavailable_is_retried(monkeypatch, client, repositories):
     assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and sleeps == []
 
 
+def test_deadline_is_not_retried(monkeypatch, server, repositories):
+    sleeps = []
+    monkeypatch.setattr(client_module.time, "sleep", sleeps.append)
+    with RankerClient.from_model_dir(server.grpc_url, repositories["python"] / "unirank", timeout_s=1e-6) as hasty:
+        with pytest.raises(InferenceServerException) as err:
+            hasty.recommend([1, 2])
+    assert err.value.status() == "StatusCode.DEADLINE_EXCEEDED" and sleeps == []
+
+
+def test_candidate_buckets_stay_within_the_server_limit(client):
+    arrays = client.builder.build(2, [1], candidates=list(range(1, 10_001)))
+    assert arrays["candidates"].shape == (1, 10_000)
+    with pytest.raises(ValueError, match="candidates: 10001 candidates exceed the limit 10000"):
+        client.builder.build(2, [1], candidates=list(range(1, 10_002)))
+
+
 def test_port_taken_is_reported_before_launch(repositories):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
