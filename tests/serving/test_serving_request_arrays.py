@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from unirank.model.request import INPUT_NAMES
-from unirank.serving.request_arrays import FIELDS, RequestError, RequestLimits, check_request, pad_and_stack
+from unirank.model.request import INPUT_NAMES, TASK_NAMES, Task
+from unirank.serving.request_arrays import FIELDS, SIMILAR, TASK_IDS, RequestError, RequestLimits, check_request, pad_and_stack
 
 LIMITS = RequestLimits(num_items=100, max_history=4, max_query_len=3)
 
@@ -66,3 +66,4 @@ def test_valid_requests_are_trimmed_and_padded_into_one_batch():
 def test_fields_mirror_the_request_schema():
     """request_arrays.py is copied into the model repository, so it cannot import the schema."""
     assert list(FIELDS) == INPUT_NAMES
+    assert TASK_IDS == {int(t): name for t, name in TASK_NAMES.items()} and SIMILAR == Task.SIMILAR
