@@ -40,9 +40,9 @@ class ItemTower(nn.Module):
 
     def __init__(self, num_items: int, item_attributes: list[list[int]], num_attributes: int,
                  item_words: list[list[int]], num_words: int, dim: int,
-                 use_attributes: bool = True, use_words: bool = True):
+                 use_attributes: bool = True, use_words: bool = True, bag_impl: str = "torchrec"):
         super().__init__()
-        self.num_items, self.dim = num_items, dim
+        self.num_items, self.dim, self.bag_impl = num_items, dim, bag_impl
         rows = num_items + 2
         attrs = [list(a) for a in item_attributes] + [[]] * (rows - len(item_attributes))
         words = [list(w) for w in item_words] + [[]] * (rows - len(item_words))
@@ -92,9 +92,23 @@ class ItemTower(nn.Module):
         values = torch.cat([item_ids[id_len.bool()], attr_val, word_val, q_val])
         kjt = KeyedJaggedTensor.from_lengths_sync(keys=[*ITEM_FEATURES, "query_words"],
                                                   values=values, lengths=lengths)
-        pooled = self.ebc(kjt)
+        pooled = self.ebc(kjt) if self.bag_impl == "torchrec" else self._kernel_bags(kjt)
         vec = sum(pooled[f][:n_items] for f in ITEM_FEATURES)
         return vec, (pooled["query_words"][:n_query] if query is not None else None)
+
+    def _kernel_bags(self, kjt: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
+        """The EBC's lookup through kernels/embedding_bag (one launch for all features) on the
+        EBC's own weights: same parameters, same pooling (MEAN == SUM for the one-id item bag)."""
+        from unirank.kernels.embedding_bag import multi_embedding_bag
+
+        table_of = {f: name for name, cfg in zip(self.ebc.embedding_bags, self.ebc.embedding_bag_configs())
+                    for f in cfg.feature_names}
+        feats = kjt.to_dict()
+        keys = list(feats)
+        pooled = multi_embedding_bag(
+            [self.ebc.embedding_bags[table_of[k]].weight for k in keys], [feats[k].values() for k in keys],
+            [feats[k].offsets() for k in keys], mode="mean", impl="triton")
+        return dict(zip(keys, pooled))
 
     def forward(self, item_ids: torch.Tensor, query: torch.Tensor | None = None,
                 query_lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:

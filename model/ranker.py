@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unirank.kernels.attention import prefix_causal_attention
 from unirank.model.item_tower import ItemTower, PrecomputedItemTower
 from unirank.model.request import Task
 from unirank.model.tokenizer import OOV_TOKEN_ID
@@ -41,7 +42,8 @@ class RankerConfig:
     use_words: bool = True
     similarity: str = "dot"  # "dot" or "cosine"
     temperature: float = 1.0  # divides the scores (cosine needs << 1)
-    attention_impl: str = "reference"  # "reference" (plain torch) or "triton" (kernels/attention)
+    attention_impl: str = "reference"  # "reference" (plain torch SDPA) or "triton" (kernels/attention)
+    embedding_bag_impl: str = "torchrec"  # "torchrec" (EBC) or "triton" (kernels/embedding_bag, unsharded)
 
     def __post_init__(self) -> None:
         if self.dim % self.num_heads:
@@ -50,21 +52,11 @@ class RankerConfig:
             raise ValueError(f"similarity must be 'dot' or 'cosine', got {self.similarity!r}")
         if self.attention_impl not in ("reference", "triton"):
             raise ValueError(f"attention_impl must be 'reference' or 'triton', got {self.attention_impl!r}")
+        if self.embedding_bag_impl not in ("torchrec", "triton"):
+            raise ValueError(f"embedding_bag_impl must be 'torchrec' or 'triton', got {self.embedding_bag_impl!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def prefix_causal_mask(lengths: torch.Tensor, num_prefix: int, seq_len: int) -> torch.Tensor:
-    """[B, 1, T, T] bool: i attends j iff j < len and (j < num_prefix or j <= i). Padding rows
-    attend key 0 only, so no row is empty (an all-masked softmax row is NaN)."""
-    i = torch.arange(seq_len).view(1, seq_len, 1)
-    j = torch.arange(seq_len).view(1, 1, seq_len)
-    valid_key = j < lengths.view(-1, 1, 1)
-    allowed = valid_key & ((j < num_prefix) | (j <= i))
-    pad_row = i >= lengths.view(-1, 1, 1)
-    allowed = torch.where(pad_row, j == 0, allowed)
-    return allowed.unsqueeze(1)
 
 
 class SelfAttention(nn.Module):
@@ -78,14 +70,8 @@ class SelfAttention(nn.Module):
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         p = self.dropout if self.training else 0.0
-        if self.impl == "triton":
-            from unirank.kernels.attention import prefix_causal_attention
-
-            num_prefix = torch.full_like(lengths, NUM_PREFIX)
-            y = prefix_causal_attention(q, k, v, lengths, num_prefix, dropout_p=p)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=prefix_causal_mask(lengths, NUM_PREFIX, t),
-                                               dropout_p=p)
+        y = prefix_causal_attention(q, k, v, lengths, torch.full_like(lengths, NUM_PREFIX), dropout_p=p,
+                                    impl=self.impl)
         return self.out(y.transpose(1, 2).reshape(b, t, d))
 
 
@@ -111,7 +97,7 @@ class UnifiedRanker(nn.Module):
         self.config, self.num_items = cfg, cfg.num_items
         self.item_tower: ItemTower | PrecomputedItemTower = ItemTower(
             cfg.num_items, item_attributes, cfg.num_attributes, item_words, cfg.num_words, cfg.dim,
-            use_attributes=cfg.use_attributes, use_words=cfg.use_words)
+            use_attributes=cfg.use_attributes, use_words=cfg.use_words, bag_impl=cfg.embedding_bag_impl)
         self.task_embedding = nn.Embedding(NUM_TASKS, cfg.dim)
         self.no_context = nn.Parameter(torch.zeros(cfg.dim))
         self.position = nn.Embedding(NUM_PREFIX + cfg.max_history, cfg.dim)

@@ -75,7 +75,8 @@ def load_checkpoint(path: str | Path, expect: RankerConfig | None = None) -> Loa
         raise CheckpointError(f"{path}: model config does not match this version of unirank: {err}") from err
     if expect is not None:
         diff = {k: (v, getattr(expect, k)) for k, v in cfg.to_dict().items() if getattr(expect, k) != v}
-        diff.pop("attention_impl", None)  # an implementation switch, same weights
+        for switch in ("attention_impl", "embedding_bag_impl"):  # implementation switches, same weights
+            diff.pop(switch, None)
         if diff:
             detail = ", ".join(f"{k}: checkpoint={a!r} config={b!r}" for k, (a, b) in diff.items())
             raise CheckpointError(f"{path}: checkpoint was trained with another model config ({detail})")

@@ -47,6 +47,7 @@ class ModelConfig:
     similarity: str = "dot"
     temperature: float = 1.0
     attention_impl: str = "reference"
+    embedding_bag_impl: str = "torchrec"
 
 
 @dataclass
