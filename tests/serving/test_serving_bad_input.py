@@ -21,8 +21,8 @@ def grpc(server):
         yield client
 
 
-def send(grpc, arrays):
-    """Raw inputs, any dtype/shape; 1-D row fields go as [B, 1] like the typed client sends them."""
+def raw_inputs(arrays):
+    """Any dtype/shape, as given; 1-D row fields go as [B, 1] like the typed client sends them."""
     inputs = []
     for name, value in arrays.items():
         value = np.ascontiguousarray(value)
@@ -31,7 +31,11 @@ def send(grpc, arrays):
         tensor = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
         tensor.set_data_from_numpy(value)
         inputs.append(tensor)
-    result = grpc.infer("unirank", inputs, client_timeout=10)
+    return inputs
+
+
+def send(grpc, arrays):
+    result = grpc.infer("unirank", raw_inputs(arrays), client_timeout=10)
     return result.as_numpy("item_ids"), result.as_numpy("scores")
 
 
@@ -120,3 +124,36 @@ def test_random_bad_input_battery(grpc, plain_topk):
             outcomes["rejected"] += 1
     assert min(outcomes.values()) > 30
     assert grpc.is_server_live() and grpc.is_model_ready("unirank")
+
+
+def test_concurrent_mix_of_bad_and_valid_requests(server, plain_topk):
+    """Requests that arrive together are batched into one python-model execution: a bad request
+    in the same batch must not disturb the valid ones' answers."""
+    import asyncio
+
+    import tritonclient.grpc.aio as aioclient
+
+    names = [name for name, (_, field) in CASES.items() if field is not None]
+    requests = []
+    for i in range(96):
+        arrays = valid(seed=5000 + i, task=i % 3)
+        field = None
+        if i % 3 == 0:
+            mutate, field = CASES[names[i % len(names)]]
+            arrays = mutate(arrays)
+        requests.append((arrays, field))
+
+    async def run():
+        async with aioclient.InferenceServerClient(server.grpc_url) as client:
+            calls = [client.infer("unirank", raw_inputs(arrays), client_timeout=30) for arrays, _ in requests]
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+    for (arrays, field), outcome in zip(requests, asyncio.run(run())):
+        if field is None:
+            assert not isinstance(outcome, Exception), outcome
+            expected_ids, expected_scores = torch_topk(plain_topk, arrays)
+            finite = np.isfinite(expected_scores)
+            np.testing.assert_allclose(outcome.as_numpy("scores")[finite], expected_scores[finite], atol=1e-5)
+        else:
+            assert isinstance(outcome, InferenceServerException) and field in outcome.message()
+            assert outcome.status() == "StatusCode.INVALID_ARGUMENT"
