@@ -36,9 +36,8 @@ class Ranking:
 
 
 def bucket(length: int, limit: int) -> int:
-    """Smallest power of two >= length (at least 1), capped at `limit` when a limit applies."""
-    size = 1 << max(0, int(length) - 1).bit_length()
-    return min(size, limit) if limit else size
+    """Smallest power of two >= length (at least 1), capped at `limit`."""
+    return min(1 << max(0, int(length) - 1).bit_length(), limit)
 
 
 def _padded(values: Sequence[int], width: int) -> np.ndarray:
@@ -57,7 +56,7 @@ class RequestBuilder:
     def build(self, task: Task, history: Sequence[int] = (), query_text: str = "", source_item: int = 0,
               candidates: Sequence[int] | None = None) -> dict[str, np.ndarray]:
         md = self.metadata
-        history = list(history)[-md.max_history:] if md.max_history else []
+        history = list(history)[-md.max_history:]
         query = self.tokenizer.encode(query_text, max_length=md.max_query_len) if query_text else []
         candidates = list(candidates or [])
         arrays = {
