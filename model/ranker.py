@@ -27,10 +27,9 @@ NUM_TASKS = len(Task)
 
 
 @dataclass
-class RankerConfig:
-    num_items: int
-    num_attributes: int
-    num_words: int
+class ModelConfig:
+    """Hyperparameters: the `model:` section of a run config."""
+
     dim: int = 64
     num_layers: int = 2
     num_heads: int = 2
@@ -47,13 +46,23 @@ class RankerConfig:
 
     def __post_init__(self) -> None:
         if self.dim % self.num_heads:
-            raise ValueError(f"dim={self.dim} must be divisible by num_heads={self.num_heads}")
-        if self.similarity not in ("dot", "cosine"):
-            raise ValueError(f"similarity must be 'dot' or 'cosine', got {self.similarity!r}")
-        if self.attention_impl not in ("reference", "triton"):
-            raise ValueError(f"attention_impl must be 'reference' or 'triton', got {self.attention_impl!r}")
-        if self.embedding_bag_impl not in ("torchrec", "triton"):
-            raise ValueError(f"embedding_bag_impl must be 'torchrec' or 'triton', got {self.embedding_bag_impl!r}")
+            raise ValueError(f"model.dim={self.dim} must be divisible by model.num_heads={self.num_heads}")
+        choices = {"similarity": ("dot", "cosine"), "attention_impl": ("reference", "triton"),
+                   "embedding_bag_impl": ("torchrec", "triton")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"model.{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        if self.max_history < 1 or self.max_query_len < 1:
+            raise ValueError("model.max_history and model.max_query_len must be >= 1")
+
+
+@dataclass(kw_only=True)
+class RankerConfig(ModelConfig):
+    """Hyperparameters + the sizes that come from the data."""
+
+    num_items: int
+    num_attributes: int
+    num_words: int
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from unirank.model.ranker import ModelConfig
 
 TASK_CHOICES = ("search", "similar", "prequery")
 
@@ -31,23 +33,6 @@ class DataConfig:
     path: str = "synthetic"  # a dataset directory, or "synthetic"
     format: str = "auto"  # auto | amazon | movielens | synthetic
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-
-
-@dataclass
-class ModelConfig:
-    dim: int = 64
-    num_layers: int = 2
-    num_heads: int = 2
-    ffn_mult: int = 4
-    dropout: float = 0.2
-    max_history: int = 50
-    max_query_len: int = 16
-    use_attributes: bool = True
-    use_words: bool = True
-    similarity: str = "dot"
-    temperature: float = 1.0
-    attention_impl: str = "reference"
-    embedding_bag_impl: str = "torchrec"
 
 
 @dataclass
@@ -77,11 +62,42 @@ class EvalConfig:
 
 
 @dataclass
+class TableShardingConfig:
+    """Per-table sharding constraints (TorchRec ParameterConstraints) for distributed training."""
+
+    sharding_types: list[str] = field(default_factory=list)  # allowed ShardingType values; [] = distributed.sharding_types
+    min_partition: Optional[int] = None  # smallest column-wise shard width
+    rows: Optional[int] = None  # hashed-table capacity (>= the rows the data needs); None = what the data needs
+
+
+@dataclass
+class DistributedConfig:
+    """torchrun training (unirank.training.distributed): sharding plan, sparse optimizer, sharded
+    checkpoints. Ignored by single-process `unirank train`."""
+
+    backend: str = "auto"  # auto (nccl with CUDA, else gloo) | gloo | nccl
+    sharding_types: list[str] = field(default_factory=lambda: ["table_wise", "column_wise", "table_column_wise"])
+    tables: Dict[str, TableShardingConfig] = field(default_factory=dict)  # item_id | attribute | word
+    memory_budget_gb: Optional[float] = None  # per-rank embedding memory the planner may use; None = planner default
+    expect_world_size: Optional[int] = None  # refuse to start on another world size
+    sparse_optimizer: str = "adagrad"  # fused into the embedding backward: adagrad | rowwise_adagrad | sgd (| adam on GPU)
+    sparse_lr: float = 0.05
+    checkpoint_dir: Optional[str] = None  # default <train.out_dir>/checkpoints
+    checkpoint_every: int = 0  # also checkpoint every N steps (0 = end of each epoch only)
+    keep_checkpoints: int = 2  # committed checkpoints kept besides the best one
+    resume: bool = True  # continue from the latest committed checkpoint in checkpoint_dir
+    consolidate: bool = True  # at the end, rank 0 writes <out_dir>/best.pt (single-file format)
+    stop_after_steps: Optional[int] = None  # stop (after checkpointing) at this global step: tests / demos
+    timeout_s: int = 600  # collective timeout: a dead rank turns into an error, not a hang
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 def builtin_config(name: str) -> Path:
@@ -106,8 +122,10 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
             if bad:
                 raise ConfigError(f"overrides must look like key=value, got {bad}")
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
-        cfg: Config = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
+        cfg: Config = OmegaConf.to_object(merged)  # runs the dataclasses' own checks too
+    except ConfigError:
+        raise
+    except (OmegaConfBaseException, ValueError) as err:
         raise ConfigError(f"invalid config{f' {path}' if path else ''}: {err}".replace("\n", " | ")) from err
     validate(cfg)
     return cfg
