@@ -7,7 +7,7 @@ from pathlib import Path
 
 from unirank.training.config import Config
 from unirank.training.report import evaluate_checkpoint
-from unirank.training.train import prepare, train
+from unirank.training.train import Prepared, prepare, train
 
 METRICS = ("recall@10", "ndcg@10")
 
@@ -16,22 +16,34 @@ def _with(cfg: Config, tasks: list[str], out_dir: Path) -> Config:
     return replace(cfg, train=replace(cfg.train, tasks=tasks, out_dir=str(out_dir)))
 
 
-def alignment_tax(cfg: Config, quiet: bool = True) -> dict:
+def _checkpoint(cfg: Config, prep: Prepared, given: str | None, quiet: bool) -> tuple[str, float | None]:
+    """A given checkpoint (trained elsewhere with `cfg`), or train one now."""
+    if given:
+        return given, None
+    result = train(cfg, prep, quiet=quiet)
+    return str(result.checkpoint), round(result.seconds, 1)
+
+
+def alignment_tax(cfg: Config, quiet: bool = True, unified: str | None = None,
+                  single: dict[str, str] | None = None) -> dict:
+    """Compares the unified model with one single-task model per task on the test split. Models
+    not given as checkpoints (`unified`, `single[task]`, trained with this config) are trained."""
     prep = prepare(cfg)
-    root = Path(cfg.train.out_dir)
+    root, single = Path(cfg.train.out_dir), single or {}
     unified_cfg = _with(cfg, list(cfg.train.tasks), root / "unified")
-    unified = train(unified_cfg, prep, quiet=quiet)
-    unified_eval = evaluate_checkpoint(unified_cfg, unified.checkpoint, prep, baselines=False)["results"]
+    unified_ckpt, unified_seconds = _checkpoint(unified_cfg, prep, unified, quiet)
+    unified_eval = evaluate_checkpoint(unified_cfg, unified_ckpt, prep, baselines=False)["results"]
     rows = {}
     for task in cfg.train.tasks:
         single_cfg = _with(cfg, [task], root / f"single-{task}")
-        single = train(single_cfg, prep, quiet=quiet)
-        single_eval = evaluate_checkpoint(single_cfg, single.checkpoint, prep, baselines=False)["results"]
+        single_ckpt, single_seconds = _checkpoint(single_cfg, prep, single.get(task), quiet)
+        single_eval = evaluate_checkpoint(single_cfg, single_ckpt, prep, baselines=False)["results"]
         u, s = unified_eval[task]["unirank"], single_eval[task]["unirank"]
         rows[task] = {
             "unified": {k: u[k] for k in METRICS}, "single_task": {k: s[k] for k in METRICS},
             "delta": {k: u[k]["mean"] - s[k]["mean"] for k in METRICS},
-            "train_seconds": {"unified": round(unified.seconds, 1), "single_task": round(single.seconds, 1)},
+            "checkpoints": {"unified": unified_ckpt, "single_task": single_ckpt},
+            "train_seconds": {"unified": unified_seconds, "single_task": single_seconds},
         }
     return {"dataset": prep.data.name, "rows": rows}
 

@@ -47,7 +47,11 @@ def cmd_alignment_tax(args) -> int:
     from unirank.training.report import run_metadata
 
     cfg = _config(args)
-    report = alignment_tax(cfg, quiet=args.quiet)
+    bad = [pair for pair in args.single if "=" not in pair]
+    if bad:
+        raise ValueError(f"--single takes TASK=CHECKPOINT, got {bad}")
+    single = dict(pair.split("=", 1) for pair in args.single)
+    report = alignment_tax(cfg, quiet=args.quiet, unified=args.unified, single=single)
     report["run"] = run_metadata(" ".join(["unirank"] + sys.argv[1:]))
     out = Path(cfg.train.out_dir)
     (out / "alignment_tax.json").write_text(json.dumps(report, indent=1))
@@ -95,7 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("test", "valid"), default="test")
     p.add_argument("--out", default=None, help="report directory (default: train.out_dir)")
     p.set_defaults(func=cmd_evaluate)
-    with_config(sub.add_parser("alignment-tax", help="unified vs one model per task")).set_defaults(func=cmd_alignment_tax)
+    p = with_config(sub.add_parser("alignment-tax", help="unified vs one model per task"))
+    p.add_argument("--unified", default=None, help="checkpoint of the unified model (else trained)")
+    p.add_argument("--single", action="append", default=[], metavar="TASK=CHECKPOINT",
+                   help="checkpoint of a single-task model (else trained); repeatable")
+    p.set_defaults(func=cmd_alignment_tax)
     p = sub.add_parser("export", help="checkpoint -> ONNX + Triton model repositories")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)
