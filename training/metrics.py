@@ -13,7 +13,10 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     target_scores = scores.gather(1, targets.view(-1, 1))
     higher = (scores > target_scores).sum(1)
     tied_others = (scores == target_scores).sum(1) - 1
-    return higher.double() + tied_others.double() / 2
+    ranks = higher.double() + tied_others.double() / 2
+    # A filtered target (-inf) ties with the other filtered items, which could land it inside the
+    # top K of a small catalogue; it was removed from the ranking, so it is a miss: rank +inf.
+    return torch.where(torch.isneginf(target_scores.view(-1)), torch.inf, ranks)
 
 
 def metrics_from_ranks(ranks: np.ndarray, ks: list[int]) -> dict[str, np.ndarray]:
