@@ -11,7 +11,7 @@ import pytest
 from unirank.training.datasets import DatasetError, load_dataset
 from unirank.training.datasets.synthetic import generate
 
-from conftest import shared_dataset
+from core_data import shared_dataset
 
 
 def _seqs(data):

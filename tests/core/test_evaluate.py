@@ -11,7 +11,7 @@ from unirank.model.request import RankRequest, Task
 from unirank.training.evaluate import evaluate_task, filter_seen
 from unirank.training.examples import RequestBuilder, fit_tokenizer, leave_one_out_split
 
-from conftest import hand_data
+from core_data import hand_data
 
 NEG = -torch.inf
 NUM_ITEMS = 6

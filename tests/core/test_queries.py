@@ -15,7 +15,7 @@ from unirank.model.tokenizer import split_words
 from unirank.training.datasets.synthetic import generate
 from unirank.training.examples import RequestBuilder, build_search_query, fit_tokenizer
 
-from conftest import REPO, hand_data
+from core_data import REPO, hand_data
 
 ATTRIBUTE_NAMES = ["", "Skin Care", "FACE", "Nars", "skin-care", "Moisturizers & Creams", "Sun2Block"]
 ITEM_ATTRIBUTES = [[], [1, 2, 3, 4, 5, 6], [], [3], [2, 2]]

@@ -1,4 +1,5 @@
-"""Shared helpers for the core tests: the shared data location and hand-built tiny datasets."""
+"""Helpers for the core tests (a plain module, not conftest.py: tests/serving imports its own `conftest`
+by name, so a second one would shadow it): the shared data location and hand-built tiny datasets."""
 from __future__ import annotations
 
 from pathlib import Path
