@@ -1,0 +1,247 @@
+"""Sharded checkpoints of a DistributedModelParallel ranker with torch.distributed.checkpoint (DCP).
+
+Layout of a checkpoint root (distributed.checkpoint_dir):
+
+    LATEST                 name of the newest committed checkpoint (written atomically)
+    step-00000120/         one committed checkpoint
+        .metadata          DCP global metadata (rank 0, written last by DCP)
+        __<rank>_0.distcp  each rank's shards (embedding shards, and its share of replicated tensors)
+        rank<r>.pt         that rank's RNG state (dropout)
+        trainer.json       loop state: epoch, step, data-order RNG, negatives RNG, history, plan
+        config.yaml        the run's config
+        COMMIT             written by rank 0 after every rank finished, just before the rename
+    .tmp-step-00000130/    a checkpoint being written: never read, removed on the next start
+
+Commit protocol: every rank writes into `.tmp-<name>`; barrier; rank 0 checks that every shard file
+named in the DCP metadata exists, writes COMMIT, fsyncs, renames the directory to `<name>` and
+rewrites LATEST (temp file + rename). A crash at any point leaves either the previous checkpoint as
+LATEST or a `.tmp-*` directory without effect. Loading checks COMMIT and every shard file first and
+names what is missing.
+
+Resharding: the model and optimizer state are saved as ShardedTensors keyed by parameter name, so
+`load_sharded` restores them into a model sharded for any world size / plan (DCP reads the
+overlapping pieces). `consolidate` reads a checkpoint in ONE process without torch.distributed and
+writes the project's single-file format (training/checkpoint.py) for evaluation and export.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from unirank.training.checkpoint import CheckpointError, save_checkpoint
+
+COMMIT = "COMMIT"
+LATEST = "LATEST"
+TMP_PREFIX = ".tmp-"
+MODEL_PREFIX = "ranker."  # the DMP-wrapped training module holds the ranker as `.ranker`
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def remove_stale(root: Path) -> list[Path]:
+    """Rank 0 at start: drop half-written `.tmp-*` directories left by a crashed run."""
+    stale = sorted(root.glob(f"{TMP_PREFIX}*")) if root.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
+def verify(path: Path) -> dict:
+    """Raise CheckpointError unless `path` is a committed, complete checkpoint; returns trainer.json."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"sharded checkpoint not found: {path}")
+    if path.name.startswith(TMP_PREFIX) or not (path / COMMIT).is_file():
+        raise CheckpointError(f"{path}: not committed (no {COMMIT} marker): a run died while writing it")
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
+    except Exception as err:
+        raise CheckpointError(f"{path}: unreadable DCP metadata ({type(err).__name__}: {err})") from err
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    problems = []
+    for name, size in sorted(needed.items()):
+        f = path / name
+        if not f.is_file():
+            problems.append(f"missing shard file {name}")
+        elif f.stat().st_size < size:
+            problems.append(f"truncated shard file {name} ({f.stat().st_size} < {size} bytes)")
+    if problems:
+        raise CheckpointError(f"{path}: {'; '.join(problems)}")
+    try:
+        return json.loads((path / "trainer.json").read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: trainer.json unreadable: {err}") from err
+
+
+def latest(root: str | Path) -> Path | None:
+    """The checkpoint LATEST names (verified), or None when the root has no committed checkpoint."""
+    root = Path(root)
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text().strip()
+    verify(path)
+    return path
+
+
+def _optimizer_state(optimizer) -> dict:
+    # Only the per-parameter state goes through DCP: param_groups hold the local parameter names,
+    # which differ between ranks under table-wise sharding; hyper-parameters come from the config.
+    return optimizer.state_dict()["state"]
+
+
+def save_sharded(root: str | Path, step: int, model: torch.nn.Module, optimizer, trainer_state: dict,
+                 rank_state: dict, config_yaml: str, keep: int = 2, protect: tuple[str, ...] = ()) -> Path:
+    """Collective: every rank calls it. Returns the committed directory."""
+    root = Path(root)
+    name = checkpoint_name(step)
+    tmp, final = root / f"{TMP_PREFIX}{name}", root / name
+    rank = _rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    _barrier()
+    dcp.save({"model": model.state_dict(), "optim": _optimizer_state(optimizer)}, checkpoint_id=str(tmp))
+    torch.save(rank_state, tmp / f"rank{rank}.pt")
+    _barrier()  # every rank's files are on disk
+    if rank == 0:
+        (tmp / "config.yaml").write_text(config_yaml)
+        _write_atomic(tmp / "trainer.json", json.dumps({**trainer_state, "world_size": _world()}, indent=1))
+        (tmp / COMMIT).write_text(json.dumps({"step": step, "world_size": _world()}))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if final.exists():  # same step saved twice (e.g. epoch end == periodic): replace
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _write_atomic(root / LATEST, name)
+        _fsync_dir(root)
+        _prune(root, keep, {name, *protect})
+    _barrier()
+    return final
+
+
+def _prune(root: Path, keep: int, protect: set[str]) -> None:
+    committed = sorted(p for p in root.glob("step-*") if (p / COMMIT).is_file())
+    for p in committed[: max(0, len(committed) - keep)]:
+        if p.name not in protect:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def load_sharded(path: str | Path, model: torch.nn.Module, optimizer, dense_optimizer=None) -> dict:
+    """Collective: restore model + optimizer (resharding as needed) from a committed checkpoint;
+    returns {"trainer": trainer.json, "rank_state": this rank's RNG state or None}."""
+    path = Path(path)
+    trainer = verify(path)
+    if dense_optimizer is not None and not dense_optimizer.state:
+        dense_optimizer.init_state()  # lazy Adam state -> tensors DCP can load into (weights reloaded below)
+    state = {"model": model.state_dict(), "optim": _optimizer_state(optimizer)}
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except Exception as err:
+        raise CheckpointError(f"{path}: cannot load into this model / plan ({type(err).__name__}: {err})") from err
+    model.load_state_dict(state["model"])
+    current = optimizer.state_dict()  # its param_groups (if it saves any) are this rank's own
+    optimizer.load_state_dict({**current, "state": state["optim"]})
+    rank_file = path / f"rank{_rank()}.pt"
+    rank_state = torch.load(rank_file, weights_only=False) if rank_file.is_file() else None
+    return {"trainer": trainer, "rank_state": rank_state}
+
+
+def read_full_model_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The model part of a checkpoint as full (unsharded) tensors, in this process only."""
+    path = Path(path)
+    verify(path)
+    metadata = FileSystemReader(str(path)).read_metadata()
+    template = {}
+    for key, md in metadata.state_dict_metadata.items():
+        if key.startswith("model.") and isinstance(md, TensorStorageMetadata):
+            template[key[len("model."):]] = torch.empty(md.size, dtype=md.properties.dtype)
+    dcp.load({"model": template}, checkpoint_id=str(path), no_dist=True)
+    return template
+
+
+def consolidate(path: str | Path, out: str | Path, cfg=None, prep=None) -> Path:
+    """Sharded checkpoint -> the single-file format of training/checkpoint.py (no torch.distributed).
+
+    Hashed-capacity rows beyond what the model's id space reaches (distributed.tables.*.rows) are
+    dropped: the single-process model never looks them up."""
+    from unirank.training.config import load_config, to_yaml
+    from unirank.training.train import build_ranker, prepare
+
+    path = Path(path)
+    trainer = verify(path)
+    cfg = cfg or load_config(str(path / "config.yaml"))
+    prep = prep or prepare(cfg)
+    torch.manual_seed(cfg.train.seed)
+    ranker = build_ranker(cfg, prep)
+    full = read_full_model_state(path)
+    expected = ranker.state_dict()
+    state = {}
+    for key, value in full.items():
+        if not key.startswith(MODEL_PREFIX):
+            raise CheckpointError(f"{path}: unexpected model key {key!r}")
+        k = key[len(MODEL_PREFIX):]
+        if k not in expected:
+            raise CheckpointError(f"{path}: checkpoint key {k!r} is not in the model built from its config")
+        want = expected[k].shape
+        if value.shape != want:
+            if value.dim() == 2 and value.shape[1] == want[1] and value.shape[0] >= want[0]:
+                value = value[: want[0]].clone()
+            else:
+                raise CheckpointError(f"{path}: {k} has shape {tuple(value.shape)}, the model expects {tuple(want)}")
+        state[k] = value
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {missing}")
+    ranker.load_state_dict(state)
+    metadata = {"dataset": prep.data.name, "fingerprint": prep.data.fingerprint(), "tasks": cfg.train.tasks,
+                "epoch": trainer.get("best_epoch") or trainer.get("epoch"), "validation": trainer.get("validation"),
+                "sharded_checkpoint": str(path), "step": trainer.get("step"),
+                "trained_world_size": trainer.get("world_size")}
+    save_checkpoint(out, ranker, prep.tokenizer, prep.data.item_attributes, prep.item_words, to_yaml(cfg), metadata)
+    return Path(out)
