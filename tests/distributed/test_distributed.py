@@ -16,6 +16,16 @@ import torch
 
 from _dist_helpers import MIXED_PLAN, TINY, env, result, torchrun, torchrun_cmd
 
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """The uninterrupted reference runs: 1 rank, and 2 ranks with a mixed TW/CW/TWCW plan."""
+    base = tmp_path_factory.mktemp("dist")
+    one, two = base / "one", base / "two"
+    torchrun(1, one)
+    torchrun(2, two, *MIXED_PLAN)
+    return {"one": one, "two": two, "base": base}
+
 LOSS_RTOL = 1e-5  # per-step global loss, 2 ranks vs 1 rank (float summation order only)
 METRIC_ATOL = 1e-6  # validation recall/ndcg@10 per task and epoch
 
@@ -65,7 +75,9 @@ def test_sigkill_after_checkpoint_then_resume(runs):
     assert not list((out / "checkpoints").glob(".tmp-*"))
 
 
+@pytest.mark.slow
 def test_stop_on_two_ranks_resume_on_one(runs):
+    """Training continues across a world-size change (2 -> 1) and still equals the 1-rank run."""
     out = runs["base"] / "2to1"
     torchrun(2, out, *MIXED_PLAN, "distributed.stop_after_steps=5")
     assert result(out)["stopped"] and result(out)["steps"] == 5
