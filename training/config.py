@@ -48,6 +48,7 @@ class TrainConfig:
     eval_users: Optional[int] = None  # validation on a fixed random subset of users; None = all
     num_negatives: int = 0  # sampled softmax negatives; 0 = full softmax over the catalogue
     max_minutes: Optional[float] = None  # wall-clock budget
+    init_from: Optional[str] = None  # continue a single-process run from its best.pt (weights + optimizer)
     seed: int = 42
     threads: Optional[int] = None
     out_dir: str = "runs/default"

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from unirank.model.ranker import RankerConfig, UnifiedRanker
 from unirank.model.request import TASK_NAMES, Task
 from unirank.model.tokenizer import WordTokenizer
-from unirank.training.checkpoint import save_checkpoint
+from unirank.training.checkpoint import load_checkpoint, save_checkpoint
 from unirank.training.config import Config, to_yaml
 from unirank.training.datasets import InteractionData, load_dataset
 from unirank.training.evaluate import ModelScorer, evaluate_task
@@ -100,9 +100,20 @@ def train(cfg: Config, prep: Prepared | None = None, quiet: bool = False) -> Tra
     writer = SummaryWriter(str(out / "tensorboard"))
     ckpt = out / "best.pt"
     best, best_epoch, bad_rounds, history, step = -1.0, 0, 0, [], 0
+    first_epoch = 1
+    if cfg.train.init_from:
+        # Weights and optimizer continue; the data order is re-drawn, so a continued run is not
+        # bit-identical to an uninterrupted one (the distributed trainer resumes exactly).
+        loaded = load_checkpoint(cfg.train.init_from, expect=ranker.config)
+        ranker.load_state_dict(loaded.ranker.state_dict())
+        if loaded.optimizer_state:
+            optimizer.load_state_dict(loaded.optimizer_state)
+        best_epoch = loaded.metadata.get("epoch", 0)
+        best, first_epoch = selection_score(loaded.metadata["validation"]), best_epoch + 1
+    best_row: dict = {"epoch": best_epoch, "score": best} if best_epoch else {}
     metadata = {"dataset": prep.data.name, "fingerprint": prep.data.fingerprint(), "tasks": cfg.train.tasks}
 
-    for epoch in range(1, cfg.train.max_epochs + 1):
+    for epoch in range(first_epoch, cfg.train.max_epochs + 1):
         ranker.train()
         bar = tqdm(examples.epoch(), total=examples.steps_per_epoch(), desc=f"epoch {epoch}", disable=quiet,
                    leave=False)
@@ -129,7 +140,7 @@ def train(cfg: Config, prep: Prepared | None = None, quiet: bool = False) -> Tra
         if not quiet:
             print(json.dumps(row))
         if score > best:
-            best, best_epoch, bad_rounds = score, epoch, 0
+            best, best_epoch, best_row, bad_rounds = score, epoch, row, 0
             save_checkpoint(ckpt, ranker, prep.tokenizer, prep.data.item_attributes, prep.item_words,
                             to_yaml(cfg), {**metadata, "epoch": epoch, "validation": metrics}, optimizer)
         else:
@@ -138,5 +149,4 @@ def train(cfg: Config, prep: Prepared | None = None, quiet: bool = False) -> Tra
             break
     writer.close()
     (out / "train_history.json").write_text(json.dumps(history, indent=1))
-    return TrainResult(ckpt, best_epoch, history[[h["epoch"] for h in history].index(best_epoch)] if history else {},
-                       history, time.time() - t0)
+    return TrainResult(ckpt, best_epoch, best_row, history, time.time() - t0)
