@@ -143,9 +143,9 @@ class UnifiedRanker(nn.Module):
         if extra_items is not None:
             ids.append(extra_items.reshape(-1))
         vecs, query_vec = self.item_tower(torch.cat(ids), query, query_lengths)
-        hist_vec = vecs[: b * n_hist].view(b, n_hist, -1) * valid.unsqueeze(-1)
+        hist_vec = vecs[: b * n_hist].view(b, n_hist, self.config.dim) * valid.unsqueeze(-1)
         source_vec = vecs[b * n_hist: b * n_hist + b]
-        extra_vec = vecs[b * n_hist + b:].view(*extra_items.shape, -1) if extra_items is not None else None
+        extra_vec = vecs[b * n_hist + b:].view(*extra_items.shape, self.config.dim) if extra_items is not None else None
 
         task = task.clamp(0, NUM_TASKS - 1)
         context = torch.where((task == Task.SEARCH).unsqueeze(1), query_vec,
