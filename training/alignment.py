@@ -7,7 +7,7 @@ from pathlib import Path
 
 from unirank.training.config import Config
 from unirank.training.report import evaluate_checkpoint
-from unirank.training.train import Prepared, prepare, train
+from unirank.training.train import TASK_BY_NAME, Prepared, prepare, train
 
 METRICS = ("recall@10", "ndcg@10")
 
@@ -37,7 +37,8 @@ def alignment_tax(cfg: Config, quiet: bool = True, unified: str | None = None,
     for task in cfg.train.tasks:
         single_cfg = _with(cfg, [task], root / f"single-{task}")
         single_ckpt, single_seconds = _checkpoint(single_cfg, prep, single.get(task), quiet)
-        single_eval = evaluate_checkpoint(single_cfg, single_ckpt, prep, baselines=False)["results"]
+        single_eval = evaluate_checkpoint(single_cfg, single_ckpt, prep, baselines=False,
+                                          tasks=[TASK_BY_NAME[task]])["results"]
         u, s = unified_eval[task]["unirank"], single_eval[task]["unirank"]
         rows[task] = {
             "unified": {k: u[k] for k in METRICS}, "single_task": {k: s[k] for k in METRICS},

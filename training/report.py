@@ -39,14 +39,14 @@ def baseline_scorers(prep: Prepared) -> list:
 
 
 def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, prep: Prepared | None = None,
-                        baselines: bool = True, split: str = "test") -> dict:
-    """Test metrics of the checkpoint (and the baselines) for every task, plus run metadata."""
+                        baselines: bool = True, split: str = "test", tasks=None) -> dict:
+    """Test metrics of the checkpoint (and the baselines) for every task (or `tasks`)."""
     prep = prep or prepare(cfg)
     loaded = load_checkpoint(checkpoint, expect=ranker_config(cfg, prep))
     if loaded.metadata.get("fingerprint") not in (None, prep.data.fingerprint()):
         raise ValueError(f"{checkpoint} was trained on other data than {cfg.data.path} "
                          f"(dataset fingerprint {loaded.metadata['fingerprint']} != {prep.data.fingerprint()})")
-    scorers = [ModelScorer(loaded.ranker)] + (baseline_scorers(prep) if baselines else [])
+    scorers = [ModelScorer(loaded.ranker, tasks=tasks)] + (baseline_scorers(prep) if baselines else [])
     cases = prep.split.test if split == "test" else prep.split.valid
     results = evaluate_all(scorers, cases, prep.builder, ks=cfg.eval.ks, num_bootstrap=cfg.eval.num_bootstrap)
     return {"dataset": prep.data.name, "split": split, "checkpoint": str(checkpoint),
