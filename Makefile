@@ -23,6 +23,12 @@ setup: $(VENV)/.installed
 quickstart: setup
 	$(VENV)/bin/unirank quickstart
 
+# Triton reads TRITON_INTERPRET when it is first imported, and torchrec imports triton, so the
+# kernel tests' own conftest is too late in a full run: CPU runs set it for the whole session.
+# On a GPU machine run `TRITON_INTERPRET=0 make test` to test the compiled kernels.
+TRITON_INTERPRET ?= 1
+export TRITON_INTERPRET
+
 test: setup
 	$(PY) -m pytest -q -m "not slow" tests
 
