@@ -54,6 +54,7 @@ def cmd_alignment_tax(args) -> int:
     report = alignment_tax(cfg, quiet=args.quiet, unified=args.unified, single=single)
     report["run"] = run_metadata(" ".join(["unirank"] + sys.argv[1:]))
     out = Path(cfg.train.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "alignment_tax.json").write_text(json.dumps(report, indent=1))
     (out / "alignment_tax.md").write_text(markdown(report) + "\n")
     print(markdown(report))
