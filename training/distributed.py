@@ -28,12 +28,10 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F

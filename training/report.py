@@ -72,10 +72,10 @@ def bar_chart(results: dict[str, dict[str, dict]], path: Path, metric: str = "nd
     fig, ax = plt.subplots(figsize=(7, 3.5))
     width = 0.8 / max(len(methods), 1)
     for i, method in enumerate(methods):
-        xs = [t + i * width for t in range(len(tasks)) if method in results[tasks[t]]]
-        ys = [results[t][method][metric]["mean"] for t in tasks if method in results[t]]
-        errs = [[results[t][method][metric]["mean"] - results[t][method][metric]["ci95"][0] for t in tasks if method in results[t]],
-                [results[t][method][metric]["ci95"][1] - results[t][method][metric]["mean"] for t in tasks if method in results[t]]]
+        cells = [(x, results[t][method][metric]) for x, t in enumerate(tasks) if method in results[t]]
+        xs = [x + i * width for x, _ in cells]
+        ys = [m["mean"] for _, m in cells]
+        errs = [[m["mean"] - m["ci95"][0] for _, m in cells], [m["ci95"][1] - m["mean"] for _, m in cells]]
         ax.bar(xs, ys, width, yerr=errs, label=method, capsize=2)
     ax.set_xticks([t + width * (len(methods) - 1) / 2 for t in range(len(tasks))], tasks)
     ax.set_ylabel(f"test {metric} (95% CI)")

@@ -4,7 +4,6 @@ Semantics (shared with the kernel): bag b pools rows weight[indices[offsets[b]:o
 each scaled by its per-sample weight if given; "sum" adds them, "mean" divides that sum by the
 bag size; an empty bag gives zeros.
 """
-import torch
 import torch.nn.functional as F
 
 MODES = ("sum", "mean")

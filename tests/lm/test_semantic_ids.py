@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from unirank.model.semantic_ids import (
-    ResidualKMeans, SemanticIdConfig, SemanticIdTable, default_codebook_size, kmeans,
+    SemanticIdConfig, SemanticIdTable, default_codebook_size, kmeans,
     resolve_collisions, semantic_id_stats, semantic_ids)
 
 

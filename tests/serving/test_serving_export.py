@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import NUM_ITEMS, NUM_WORDS, TOP_K, item_features, make_ranker
 from unirank.serving.export import OUTPUT_NAMES, ExportMetadata, TopKRanker, parity_max_abs_diff
