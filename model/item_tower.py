@@ -1,8 +1,12 @@
-"""Item tower: item-id embedding + pooled attribute bag + pooled content-word bag, summed.
+"""Item tower: item-id embedding + pooled attribute bag + pooled content-word bag (+ semantic-ID
+codes + projected text-encoder vector, the LM features), summed.
 
-All sparse lookups go through ONE TorchRec EmbeddingBagCollection so the planner can shard them.
-The word table is shared between item content words and search-query words (feature
-`query_words`), so a query word and the same word on an item start from the same vector.
+All sparse lookups go through ONE TorchRec EmbeddingBagCollection so the planner can shard them:
+one table per semantic-ID level (`sid_<l>`, feature `item_sid_<l>`) sits beside the id,
+attribute and word tables. The word table is shared between item content words and search-query
+words (feature `query_words`), so a query word and the same word on an item start from the same
+vector. The frozen text-encoder vectors of the items are a dense buffer (not trained) followed by
+a trained projection: content reaches items whose ids never appeared in training.
 """
 from __future__ import annotations
 
@@ -11,6 +15,10 @@ from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
 ITEM_FEATURES = ("item_id", "item_attributes", "item_words")
+
+
+def semantic_id_feature(level: int) -> str:
+    return f"item_sid_{level}"
 
 
 def _csr(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,14 +44,35 @@ def gather_csr(offsets: torch.Tensor, values: torch.Tensor, rows: torch.Tensor) 
 
 class ItemTower(nn.Module):
     """Maps item ids (any shape) to vectors. Id 0 is padding (zero vector); ids outside
-    [1, num_items] use the reserved OOV row num_items + 1."""
+    [1, num_items] use the reserved OOV row num_items + 1.
+
+    LM features (optional): `semantic_id_sizes` [rows per level] turns on one table per level,
+    indexed by `item_codes` [num_items + 2, levels] (-1 = no code: padding / OOV rows);
+    `text_dim` > 0 adds `text_proj(item_text[id])`, `item_text` [num_items + 2, text_dim] frozen.
+    Both are persistent buffers, so a checkpoint carries them and a loaded model needs no encoder.
+    """
 
     def __init__(self, num_items: int, item_attributes: list[list[int]], num_attributes: int,
                  item_words: list[list[int]], num_words: int, dim: int,
-                 use_attributes: bool = True, use_words: bool = True, bag_impl: str = "torchrec"):
+                 use_attributes: bool = True, use_words: bool = True, bag_impl: str = "torchrec",
+                 semantic_id_sizes: list[int] | None = None, item_codes: torch.Tensor | None = None,
+                 text_dim: int = 0, item_text: torch.Tensor | None = None):
         super().__init__()
         self.num_items, self.dim, self.bag_impl = num_items, dim, bag_impl
         rows = num_items + 2
+        self.semantic_id_sizes = list(semantic_id_sizes or [])
+        levels = len(self.semantic_id_sizes)
+        if levels:
+            codes = torch.full((rows, levels), -1, dtype=torch.int64) if item_codes is None else item_codes
+            if tuple(codes.shape) != (rows, levels):
+                raise ValueError(f"item_codes must be [{rows}, {levels}], got {list(codes.shape)}")
+            self.register_buffer("item_codes", codes.to(torch.int64).clone())
+        if text_dim:
+            text = torch.zeros(rows, text_dim) if item_text is None else item_text
+            if tuple(text.shape) != (rows, text_dim):
+                raise ValueError(f"item_text must be [{rows}, {text_dim}], got {list(text.shape)}")
+            self.register_buffer("item_text", text.float().clone())
+            self.text_proj = nn.Linear(text_dim, dim, bias=False)
         attrs = [list(a) for a in item_attributes] + [[]] * (rows - len(item_attributes))
         words = [list(w) for w in item_words] + [[]] * (rows - len(item_words))
         if not use_attributes:
@@ -60,7 +89,9 @@ class ItemTower(nn.Module):
                                feature_names=["item_attributes"], pooling=PoolingType.MEAN),
             EmbeddingBagConfig(name="word", embedding_dim=dim, num_embeddings=max(num_words, 2),
                                feature_names=["item_words", "query_words"], pooling=PoolingType.MEAN),
-        ]
+        ] + [EmbeddingBagConfig(name=f"sid_{level}", embedding_dim=dim, num_embeddings=size,
+                                feature_names=[semantic_id_feature(level)], pooling=PoolingType.SUM)
+             for level, size in enumerate(self.semantic_id_sizes)]
         self.ebc = EmbeddingBagCollection(tables=tables, device=torch.device("cpu"))
         for table in self.ebc.embedding_bags.values():
             nn.init.normal_(table.weight, std=dim ** -0.5)
@@ -87,13 +118,24 @@ class ItemTower(nn.Module):
             q_len = query_lengths.clamp(0, query.shape[1])
             mask = torch.arange(query.shape[1]).unsqueeze(0) < q_len.unsqueeze(1)
             q_val = query[mask]
+        sid_keys, sid_len, sid_val = [], [], []
+        if self.semantic_id_sizes:
+            codes = self.item_codes[item_ids]
+            for level in range(len(self.semantic_id_sizes)):
+                has = codes[:, level] >= 0
+                sid_keys.append(semantic_id_feature(level))
+                sid_len += [has.long(), zeros(pad_i)]
+                sid_val.append(codes[has, level])
         lengths = torch.cat([id_len, zeros(pad_i), attr_len, zeros(pad_i), word_len, zeros(pad_i),
-                             q_len, zeros(pad_q)])
-        values = torch.cat([item_ids[id_len.bool()], attr_val, word_val, q_val])
-        kjt = KeyedJaggedTensor.from_lengths_sync(keys=[*ITEM_FEATURES, "query_words"],
+                             q_len, zeros(pad_q), *sid_len])
+        values = torch.cat([item_ids[id_len.bool()], attr_val, word_val, q_val, *sid_val])
+        item_keys = [*ITEM_FEATURES, *sid_keys]
+        kjt = KeyedJaggedTensor.from_lengths_sync(keys=[*ITEM_FEATURES, "query_words", *sid_keys],
                                                   values=values, lengths=lengths)
         pooled = self.ebc(kjt) if self.bag_impl == "torchrec" else self._kernel_bags(kjt)
-        vec = sum(pooled[f][:n_items] for f in ITEM_FEATURES)
+        vec = sum(pooled[f][:n_items] for f in item_keys)
+        if hasattr(self, "text_proj"):
+            vec = vec + self.text_proj(self.item_text[item_ids])
         return vec, (pooled["query_words"][:n_query] if query is not None else None)
 
     def _kernel_bags(self, kjt: KeyedJaggedTensor) -> dict[str, torch.Tensor]:

@@ -2,7 +2,8 @@
 
 Token sequence per request:  [TASK] [CONTEXT] [h_1 ... h_n]
   TASK     learned embedding of the surface (model.request.Task)
-  CONTEXT  search: pooled query-word bag; similar-item: the source item's vector;
+  CONTEXT  search: pooled query-token bag (+ projected text-encoder vector of the query);
+           similar-item: the source item's vector;
            pre-query: a learned "no context" vector
   h_i      the user's history items through the item tower (empty for similar-item)
 TASK and CONTEXT form a bidirectional prefix, the history is causal. The output at the last valid
@@ -11,7 +12,7 @@ position is the context vector; score(item) = <context, item tower(item)> (or co
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -43,17 +44,30 @@ class ModelConfig:
     temperature: float = 1.0  # divides the scores (cosine needs << 1)
     attention_impl: str = "reference"  # "reference" (plain torch SDPA) or "triton" (kernels/attention)
     embedding_bag_impl: str = "torchrec"  # "torchrec" (EBC) or "triton" (kernels/embedding_bag, unsharded)
+    # LM features (model/text_encoder.py, model/semantic_ids.py)
+    tokenizer: str = "word"  # "word" (letter runs, vocabulary fitted on the catalogue) or "wordpiece" (the text encoder's)
+    text_features: bool = False  # item tower adds a projection of the frozen text-encoder vector of the item's content
+    semantic_id_levels: int = 0  # RQ-KMeans levels of semantic-ID tables in the item tower (0 = off; + a collision level)
+    query_encoder: str = "none"  # search context adds the text encoder's query vector: "none" | "frozen" | "finetune"
+    query_bag: bool = True  # search context includes the pooled query-token bag
 
     def __post_init__(self) -> None:
         if self.dim % self.num_heads:
             raise ValueError(f"model.dim={self.dim} must be divisible by model.num_heads={self.num_heads}")
         choices = {"similarity": ("dot", "cosine"), "attention_impl": ("reference", "triton"),
-                   "embedding_bag_impl": ("torchrec", "triton")}
+                   "embedding_bag_impl": ("torchrec", "triton"), "tokenizer": ("word", "wordpiece"),
+                   "query_encoder": ("none", "frozen", "finetune")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"model.{key} must be one of {allowed}, got {getattr(self, key)!r}")
         if self.max_history < 1 or self.max_query_len < 1:
             raise ValueError("model.max_history and model.max_query_len must be >= 1")
+        if self.query_encoder != "none" and self.tokenizer != "wordpiece":
+            raise ValueError("model.query_encoder needs model.tokenizer=wordpiece (the encoder reads its own word pieces)")
+        if not self.query_bag and self.query_encoder == "none":
+            raise ValueError("model.query_bag=false needs a model.query_encoder: search would have no query signal")
+        if self.semantic_id_levels < 0:
+            raise ValueError("model.semantic_id_levels must be >= 0")
 
 
 @dataclass(kw_only=True)
@@ -63,6 +77,8 @@ class RankerConfig(ModelConfig):
     num_items: int
     num_attributes: int
     num_words: int
+    text_dim: int = 0  # width of the item text vectors (0 = no text features)
+    semantic_id_sizes: list[int] = field(default_factory=list)  # rows per semantic-ID level (incl. collision level)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -101,12 +117,22 @@ class Block(nn.Module):
 
 
 class UnifiedRanker(nn.Module):
-    def __init__(self, cfg: RankerConfig, item_attributes: list[list[int]], item_words: list[list[int]]):
+    def __init__(self, cfg: RankerConfig, item_attributes: list[list[int]], item_words: list[list[int]],
+                 item_codes: torch.Tensor | None = None, item_text: torch.Tensor | None = None):
+        """`item_codes` / `item_text`: the LM item features (see ItemTower); None leaves zero
+        placeholders of the configured shape, to be filled by load_state_dict."""
         super().__init__()
         self.config, self.num_items = cfg, cfg.num_items
         self.item_tower: ItemTower | PrecomputedItemTower = ItemTower(
             cfg.num_items, item_attributes, cfg.num_attributes, item_words, cfg.num_words, cfg.dim,
-            use_attributes=cfg.use_attributes, use_words=cfg.use_words, bag_impl=cfg.embedding_bag_impl)
+            use_attributes=cfg.use_attributes, use_words=cfg.use_words, bag_impl=cfg.embedding_bag_impl,
+            semantic_id_sizes=cfg.semantic_id_sizes, item_codes=item_codes,
+            text_dim=cfg.text_dim if cfg.text_features else 0, item_text=item_text)
+        if cfg.query_encoder != "none":
+            from unirank.model.text_encoder import SentenceEncoder
+
+            self.query_encoder = SentenceEncoder(trainable=cfg.query_encoder == "finetune")
+            self.query_proj = nn.Linear(self.query_encoder.dim, cfg.dim, bias=False)
         self.task_embedding = nn.Embedding(NUM_TASKS, cfg.dim)
         self.no_context = nn.Parameter(torch.zeros(cfg.dim))
         self.position = nn.Embedding(NUM_PREFIX + cfg.max_history, cfg.dim)
@@ -148,6 +174,8 @@ class UnifiedRanker(nn.Module):
         extra_vec = vecs[b * n_hist + b:].view(*extra_items.shape, self.config.dim) if extra_items is not None else None
 
         task = task.clamp(0, NUM_TASKS - 1)
+        if hasattr(self, "query_encoder"):
+            query_vec = self._search_context(task, query, query_lengths, query_vec)
         context = torch.where((task == Task.SEARCH).unsqueeze(1), query_vec,
                               torch.where((task == Task.SIMILAR).unsqueeze(1), source_vec,
                                           self.no_context.expand(b, -1)))
@@ -157,6 +185,15 @@ class UnifiedRanker(nn.Module):
         for block in self.blocks:
             x = block(x, lengths)
         return self.ln_f(x), lengths, extra_vec
+
+    def _search_context(self, task: torch.Tensor, query: torch.Tensor, query_lengths: torch.Tensor,
+                        bag: torch.Tensor) -> torch.Tensor:
+        """Query-token bag (if configured) + projected text-encoder vector, the encoder run on the
+        search rows only."""
+        rows = torch.nonzero(task == Task.SEARCH).squeeze(1)
+        encoded = self.query_proj(self.query_encoder(query[rows], query_lengths[rows]))
+        base = bag if self.config.query_bag else torch.zeros_like(bag)
+        return base.index_add(0, rows, encoded.to(base.dtype))
 
     def forward(self, task: torch.Tensor, history: torch.Tensor, history_lengths: torch.Tensor,
                 query: torch.Tensor, query_lengths: torch.Tensor, source_item: torch.Tensor) -> torch.Tensor:
@@ -191,6 +228,8 @@ class UnifiedRanker(nn.Module):
         plain = copy.deepcopy(self).eval()
         plain.item_tower = PrecomputedItemTower(plain.item_tower)
         plain.config = replace(plain.config, attention_impl="reference")
+        if hasattr(plain, "query_encoder"):
+            plain.query_encoder.memoize = False  # the graph runs the encoder itself
         for block in plain.blocks:
             block.attn.impl = "reference"
         return plain

@@ -124,10 +124,12 @@ class ResidualKMeans:
         return sum(centroids[codes[:, level]] for level, centroids in enumerate(self.codebooks))
 
 
-def semantic_ids(embeddings: np.ndarray, config: SemanticIdConfig | None = None
-                 ) -> tuple[np.ndarray, ResidualKMeans]:
-    """int64 [N, num_levels + 1] codes (last column: collision index) and the fitted quantiser."""
-    quantizer = ResidualKMeans.fit(embeddings, config or SemanticIdConfig())
+def semantic_ids(embeddings: np.ndarray, config: SemanticIdConfig | None = None,
+                 fit_rows: np.ndarray | None = None) -> tuple[np.ndarray, ResidualKMeans]:
+    """int64 [N, num_levels + 1] codes (last column: collision index) and the fitted quantiser.
+    `fit_rows` restricts the codebook fit to those rows (the others are only assigned codes)."""
+    fit = embeddings if fit_rows is None else np.asarray(embeddings)[np.asarray(fit_rows, dtype=np.int64)]
+    quantizer = ResidualKMeans.fit(fit, config or SemanticIdConfig())
     codes = quantizer.quantize(embeddings)
     return np.concatenate([codes, resolve_collisions(codes)[:, None]], axis=1), quantizer
 

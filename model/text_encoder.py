@@ -84,6 +84,75 @@ def _array_digest(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The checkpoint's sentence-transformers pooling: mean over non-padding tokens, L2-normalised."""
+    mask = mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(pooled, p=2, dim=-1)
+
+
+class SentenceEncoder(torch.nn.Module):
+    """all-MiniLM-L6-v2 inside the ranker (search queries): word-piece ids WITHOUT special tokens
+    [B, Q] (0-padded) + lengths [B] -> unit vectors [B, 384]; [CLS] / [SEP] are added here, so the
+    exported graph and the client agree on one tokenization (`WordPieceTokenizer`).
+
+    Frozen (`trainable=False`): no gradients, always in eval mode (no dropout), and eager calls are
+    memoised per distinct id sequence, since the output is then a pure function of the ids
+    (training sees each distinct query's forward pass once). `memoize` is switched off for export.
+    """
+
+    def __init__(self, model_dir: str | Path | None = None, trainable: bool = False):
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer  # heavy import, only when used
+
+        model_dir = Path(model_dir) if model_dir is not None else bundled_model_dir()
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        self.cls_id, self.sep_id = int(tokenizer.cls_token_id), int(tokenizer.sep_token_id)
+        self.bert = AutoModel.from_pretrained(model_dir, local_files_only=True)
+        self.trainable = trainable
+        self.bert.requires_grad_(trainable)
+        self.memoize = not trainable
+        self._memo: dict[tuple, torch.Tensor] = {}
+        if not trainable:
+            self.bert.eval()
+
+    @property
+    def dim(self) -> int:
+        return self.bert.config.hidden_size
+
+    def train(self, mode: bool = True) -> "SentenceEncoder":
+        super().train(mode)
+        if not self.trainable:
+            self.bert.eval()
+        return self
+
+    def encode(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        b, q = ids.shape
+        lengths = lengths.clamp(0, q)
+        valid = torch.arange(q).unsqueeze(0) < lengths.unsqueeze(1)
+        full = torch.cat([torch.full((b, 1), self.cls_id, dtype=ids.dtype), torch.where(valid, ids, 0),
+                          torch.zeros(b, 1, dtype=ids.dtype)], dim=1)
+        full = full.scatter(1, (lengths + 1).unsqueeze(1), torch.full((b, 1), self.sep_id, dtype=ids.dtype))
+        mask = (torch.arange(q + 2).unsqueeze(0) < (lengths + 2).unsqueeze(1)).long()
+        hidden = self.bert(input_ids=full, attention_mask=mask, token_type_ids=torch.zeros_like(full)).last_hidden_state
+        return mean_pool(hidden, mask)
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        if not self.memoize or torch.compiler.is_compiling():
+            return self.encode(ids, lengths)
+        keys = [tuple(row[:n]) for row, n in zip(ids.tolist(), lengths.clamp(0, ids.shape[1]).tolist())]
+        missing = list(dict.fromkeys(k for k in keys if k not in self._memo))
+        if missing:
+            width = max(1, max(len(k) for k in missing))
+            new_ids = torch.tensor([list(k) + [0] * (width - len(k)) for k in missing], dtype=torch.int64)
+            with torch.no_grad():
+                vectors = self.encode(new_ids, torch.tensor([len(k) for k in missing]))
+            self._memo.update(zip(missing, vectors))
+        if not keys:
+            return torch.zeros(0, self.dim)
+        return torch.stack([self._memo[k] for k in keys])
+
+
 class TextEncoder:
     """Frozen all-MiniLM-L6-v2: `encode(texts)` -> float32 [N, 384], unit L2 norm per row.
 
@@ -126,9 +195,7 @@ class TextEncoder:
             batch = self.tokenizer([texts[i] for i in rows], padding=True, truncation=True,
                                    max_length=self.max_length, return_tensors="pt").to(self.device)
             hidden = self.model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            out[rows] = torch.nn.functional.normalize(pooled, p=2, dim=-1).float().cpu().numpy()
+            out[rows] = mean_pool(hidden, batch["attention_mask"]).float().cpu().numpy()
         return out
 
     def cache_key(self, texts: Sequence[str]) -> str:

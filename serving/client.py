@@ -20,7 +20,7 @@ import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
 from unirank.model.request import Task
-from unirank.model.tokenizer import WordTokenizer
+from unirank.model.tokenizer import Tokenizer, WordTokenizer
 from unirank.serving.export import METADATA_FILE, OUTPUT_NAMES, TOKENIZER_FILE, ExportMetadata
 from unirank.serving.request_arrays import FIELDS, ROW_FIELDS, RequestLimits, check_request
 
@@ -49,7 +49,7 @@ def _padded(values: Sequence[int], width: int) -> np.ndarray:
 class RequestBuilder:
     """Typed arguments -> request arrays ([1, ...] int64 per field), with the model's rules applied."""
 
-    def __init__(self, tokenizer: WordTokenizer, metadata: ExportMetadata):
+    def __init__(self, tokenizer: Tokenizer, metadata: ExportMetadata):
         self.tokenizer, self.metadata = tokenizer, metadata
         self.limits = RequestLimits(metadata.num_items, metadata.max_history, metadata.max_query_len)
 
@@ -95,7 +95,7 @@ def rankings(result, k: int | None = None) -> list[Ranking]:
     return out
 
 
-def _load_model_files(model_dir: str | Path) -> tuple[WordTokenizer, ExportMetadata]:
+def _load_model_files(model_dir: str | Path) -> tuple[Tokenizer, ExportMetadata]:
     model_dir = Path(model_dir)
     return WordTokenizer.load(model_dir / TOKENIZER_FILE), ExportMetadata.load(model_dir / METADATA_FILE)
 
@@ -103,7 +103,7 @@ def _load_model_files(model_dir: str | Path) -> tuple[WordTokenizer, ExportMetad
 class _TypedCalls:
     """Construction and the per-task surface, shared by the sync and async clients (`_call` differs)."""
 
-    def __init__(self, url: str, tokenizer: WordTokenizer, metadata: ExportMetadata, model_name: str = "unirank",
+    def __init__(self, url: str, tokenizer: Tokenizer, metadata: ExportMetadata, model_name: str = "unirank",
                  timeout_s: float = 2.0, retries: int = 3, retry_backoff_s: float = 0.1):
         self.url, self.model_name = url, model_name
         self.builder = RequestBuilder(tokenizer, metadata)

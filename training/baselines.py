@@ -1,5 +1,6 @@
 """Non-neural baselines shown beside the model: popularity (all tasks), item-to-item
-co-occurrence kNN (similar-item) and BM25 over item text + attribute names (search).
+co-occurrence kNN (similar-item), BM25 over item text + attribute names (search), and text kNN
+over the frozen text-encoder vectors (similar-item / pre-query; the content-only cold-start bar).
 
 Each is a scorer: `scores(task, request) -> [B, num_items + 2]` over the whole id space, the same
 interface the model's scorer has, so every method goes through one evaluation path."""
@@ -11,7 +12,7 @@ import scipy.sparse as sp
 import torch
 
 from unirank.model.request import RankRequest, Task
-from unirank.model.tokenizer import WordTokenizer, split_words
+from unirank.model.tokenizer import Tokenizer, split_words
 from unirank.training.datasets import InteractionData
 from unirank.training.examples import item_content_text
 
@@ -57,6 +58,25 @@ class ItemKNN:
         return torch.from_numpy(sims) + self.tiebreak
 
 
+class TextKNN:
+    """Cosine of text-encoder vectors: similar-item from the source item, pre-query from the user's
+    most recent history item. Uses content only, so it ranks items no one has interacted with."""
+
+    name = "text-knn"
+    tasks = (Task.SIMILAR, Task.PREQUERY)
+
+    def __init__(self, item_text: torch.Tensor):
+        self.vectors = torch.nn.functional.normalize(item_text.float(), dim=-1)  # zero rows stay zero
+
+    def scores(self, task: Task, request: RankRequest) -> torch.Tensor:
+        if task == Task.SIMILAR:
+            anchor = request.source_item
+        else:
+            last = (request.history_lengths - 1).clamp(min=0)
+            anchor = request.history.gather(1, last.unsqueeze(1)).squeeze(1)
+        return self.vectors[anchor.clamp(0, len(self.vectors) - 1)] @ self.vectors.T
+
+
 class BM25:
     """BM25 (bm25s) with the query words against each item's title words + attribute names;
     non-personalized. Queries are read back from token ids with the model's tokenizer."""
@@ -64,7 +84,7 @@ class BM25:
     name = "bm25"
     tasks = (Task.SEARCH,)
 
-    def __init__(self, data: InteractionData, tokenizer: WordTokenizer):
+    def __init__(self, data: InteractionData, tokenizer: Tokenizer):
         self.num_items, self.tokenizer = data.num_items, tokenizer
         corpus = [split_words(item_content_text(data, i)) or ["_"] for i in range(1, data.num_items + 1)]
         self.index = bm25s.BM25()
@@ -74,7 +94,7 @@ class BM25:
         out = torch.zeros(request.batch_size, _padded_ids(self.num_items))
         for b in range(request.batch_size):
             ids = request.query[b, : int(request.query_lengths[b])].tolist()
-            words = [self.tokenizer.words[i - 2] for i in ids if i >= 2]
+            words = self.tokenizer.words_of(ids)
             if words:
                 out[b, 1: self.num_items + 1] = torch.from_numpy(self.index.get_scores(words).astype(np.float32))
         return out

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from unirank.model.ranker import RankerConfig, UnifiedRanker
-from unirank.model.tokenizer import WordTokenizer
+from unirank.model.tokenizer import Tokenizer, tokenizer_from_dict
 
 FORMAT = "unirank-checkpoint-v1"
 
@@ -23,13 +23,13 @@ class CheckpointError(ValueError):
 @dataclass
 class LoadedCheckpoint:
     ranker: UnifiedRanker
-    tokenizer: WordTokenizer
+    tokenizer: Tokenizer
     config: str  # the run's full config, YAML
     metadata: dict  # dataset name/fingerprint, epoch, validation metrics
     optimizer_state: dict | None
 
 
-def save_checkpoint(path: str | Path, ranker: UnifiedRanker, tokenizer: WordTokenizer,
+def save_checkpoint(path: str | Path, ranker: UnifiedRanker, tokenizer: Tokenizer,
                     item_attributes: list[list[int]], item_words: list[list[int]], config_yaml: str,
                     metadata: dict, optimizer: torch.optim.Optimizer | None = None) -> None:
     path = Path(path)
@@ -56,6 +56,13 @@ def save_checkpoint(path: str | Path, ranker: UnifiedRanker, tokenizer: WordToke
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _tokenizer(path: Path, data: dict) -> Tokenizer:
+    try:
+        return tokenizer_from_dict(data)
+    except (ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: {err}") from err
 
 
 def load_checkpoint(path: str | Path, expect: RankerConfig | None = None) -> LoadedCheckpoint:
@@ -86,6 +93,6 @@ def load_checkpoint(path: str | Path, expect: RankerConfig | None = None) -> Loa
         ranker.load_state_dict(bundle["state_dict"])
     except RuntimeError as err:
         raise CheckpointError(f"{path}: weights do not fit the model config: {err}") from err
-    return LoadedCheckpoint(ranker=ranker, tokenizer=WordTokenizer.from_dict(bundle["tokenizer"]),
+    return LoadedCheckpoint(ranker=ranker, tokenizer=_tokenizer(path, bundle["tokenizer"]),
                             config=bundle["config"], metadata=bundle["metadata"],
                             optimizer_state=bundle.get("optimizer"))

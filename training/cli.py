@@ -1,4 +1,4 @@
-"""`unirank` command line: train, evaluate, alignment-tax, export, serve, quickstart.
+"""`unirank` command line: train, evaluate, alignment-tax, cold-start, export, serve, quickstart.
 
 Configs: `--config FILE|NAME` (a YAML file or a packaged config: quickstart, default) plus
 `key=value` overrides, e.g. `unirank train --config default data.path=/data/Sports train.lr=0.002`.
@@ -61,6 +61,22 @@ def cmd_alignment_tax(args) -> int:
     return 0
 
 
+def cmd_cold_start(args) -> int:
+    from unirank.training.cold_start import run_cold_start
+    from unirank.training.report import run_metadata
+
+    cfg = _config(args)
+    report = run_cold_start(cfg, fraction=args.fraction, split_seed=args.split_seed, quiet=args.quiet)
+    report["run"] = run_metadata(" ".join(["unirank"] + sys.argv[1:]))
+    out = Path(cfg.train.out_dir)
+    (out / "cold_start.json").write_text(json.dumps(report, indent=1))
+    for task, by_method in report["metrics"].items():
+        for method, m in by_method.items():
+            print(f"{task:9s} {method:12s} R@10 {m['recall@10']['mean']:.4f}  N@10 {m['ndcg@10']['mean']:.4f}")
+    print(f"wrote {out / 'cold_start.json'}")
+    return 0
+
+
 def cmd_export(args) -> int:
     from unirank.serving.export import export_model
     from unirank.serving.model_repository import build_model_repository
@@ -105,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--single", action="append", default=[], metavar="TASK=CHECKPOINT",
                    help="checkpoint of a single-task model (else trained); repeatable")
     p.set_defaults(func=cmd_alignment_tax)
+    p = with_config(sub.add_parser("cold-start", help="train without a held-out set of items, rank them"))
+    p.add_argument("--fraction", type=float, default=0.05, help="share of the items held out as new")
+    p.add_argument("--split-seed", type=int, default=0)
+    p.set_defaults(func=cmd_cold_start)
     p = sub.add_parser("export", help="checkpoint -> ONNX + Triton model repositories")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)

@@ -13,12 +13,27 @@ Choices (deterministic given the seed):
 - Evaluation cases are the users whose last item is cold: the history is their sequence before
   the target with cold items removed (the model could not have embedded them from ids either);
   users left with an empty history are dropped. Rank the full catalogue, cold items included.
+- `run_cold_start` trains on the warm part with the cold items outside the training catalogue
+  (masked from the softmax) and zeroes their id rows before evaluation: only content (attribute /
+  word bags, semantic IDs, text vectors) can place them.
 """
 from __future__ import annotations
 
+from dataclasses import asdict, replace
 from typing import NamedTuple, Sequence
 
 import numpy as np
+import torch
+
+from unirank.model.ranker import UnifiedRanker
+from unirank.training.baselines import Popularity, TextKNN
+from unirank.training.checkpoint import load_checkpoint
+from unirank.training.config import Config
+from unirank.training.datasets import load_dataset
+from unirank.training.evaluate import ModelScorer, evaluate_all
+from unirank.training.examples import EvalCases
+from unirank.training.lm_features import item_lm_features
+from unirank.training.train import TASK_BY_NAME, prepare, train
 
 
 class ColdStartCase(NamedTuple):
@@ -50,8 +65,47 @@ def cold_start_split(sequences: Sequence[Sequence[int]], seed: int,
     train_sequences = [[item for item in seq if item not in cold_set] for seq in sequences]
     eval_cases = []
     for user, seq in enumerate(sequences):
-        if seq and seq[-1] in cold_set:
+        if len(seq) and seq[-1] in cold_set:
             history = [item for item in seq[:-1] if item not in cold_set]
             if history:
                 eval_cases.append(ColdStartCase(user, history, seq[-1]))
     return ColdStartSplit(train_sequences, eval_cases, cold)
+
+
+def cold_eval_cases(split: ColdStartSplit) -> EvalCases:
+    return EvalCases(users=np.array([c.user_index for c in split.eval_cases], dtype=np.int64),
+                     histories=[np.asarray(c.history, dtype=np.int64) for c in split.eval_cases],
+                     targets=np.array([c.target for c in split.eval_cases], dtype=np.int64))
+
+
+def forget_item_ids(ranker: UnifiedRanker, items: np.ndarray) -> None:
+    """New items have no learned id vector: zero their id rows (the content features remain)."""
+    with torch.no_grad():
+        ranker.item_tower.ebc.embedding_bags["item_id"].weight[torch.as_tensor(items, dtype=torch.int64)] = 0.0
+
+
+def run_cold_start(cfg: Config, fraction: float = 0.05, split_seed: int = 0, quiet: bool = True) -> dict:
+    """Hold out cold items, train `cfg` on the rest (cold items are not in the training catalogue:
+    never a target, never a negative, codebooks fitted without them), then rank the full catalogue
+    for the users whose last item is cold: the model beside popularity and text kNN."""
+    data = load_dataset(cfg.data.path, cfg.data.format, **asdict(cfg.data.synthetic))
+    split = cold_start_split(data.sequences, seed=split_seed, fraction=fraction)
+    cold = np.array(split.cold_items, dtype=np.int64)
+    warm = np.setdiff1d(np.arange(1, data.num_items + 1), cold)
+    warm_data = replace(data, sequences=[np.asarray(s, dtype=np.int64) for s in split.train_sequences])
+    prep = prepare(cfg, data=warm_data, fit_items=warm)
+    prep.excluded_items = cold
+    result = train(cfg, prep, quiet=quiet)
+    ranker = load_checkpoint(result.checkpoint).ranker.eval()
+    forget_item_ids(ranker, cold)
+    text = prep.lm.text if prep.lm is not None else item_lm_features(data, cfg.data.cache_dir, 0, 0).text
+    tasks = [TASK_BY_NAME[t] for t in cfg.train.tasks]
+    scorers = [ModelScorer(ranker, tasks=tasks), Popularity(prep.split.train, data.num_items), TextKNN(text)]
+    scorers = [s for s in scorers if set(s.tasks) & set(tasks)]
+    for s in scorers[1:]:
+        s.tasks = tuple(t for t in s.tasks if t in tasks)
+    metrics = evaluate_all(scorers, cold_eval_cases(split), prep.builder, ks=cfg.eval.ks,
+                           num_bootstrap=cfg.eval.num_bootstrap, seed=cfg.train.seed)
+    return {"fraction": fraction, "split_seed": split_seed, "num_cold_items": len(cold),
+            "num_eval_users": len(split.eval_cases), "train_seconds": round(result.seconds, 1),
+            "best_epoch": result.best_epoch, "validation": result.best_validation, "metrics": metrics}

@@ -32,6 +32,7 @@ class SyntheticConfig:
 class DataConfig:
     path: str = "synthetic"  # a dataset directory, or "synthetic"
     format: str = "auto"  # auto | amazon | movielens | synthetic
+    cache_dir: str = "~/.cache/unirank"  # text-encoder item vectors, keyed by a hash of model files + texts
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 

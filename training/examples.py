@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from unirank.model.request import RankRequest, Task
-from unirank.model.tokenizer import WordTokenizer, split_words
+from unirank.model.tokenizer import Tokenizer, WordPieceTokenizer, WordTokenizer, split_words
 from unirank.training.datasets import InteractionData
 
 
@@ -68,11 +68,14 @@ def item_content_text(data: InteractionData, item: int) -> str:
     return f"{data.item_text[item]} {data.item_attribute_text(item)}".strip()
 
 
-def fit_tokenizer(data: InteractionData) -> WordTokenizer:
+def fit_tokenizer(data: InteractionData, kind: str = "word") -> Tokenizer:
+    """`word`: a vocabulary fitted on the catalogue's content; `wordpiece`: the text encoder's."""
+    if kind == "wordpiece":
+        return WordPieceTokenizer()
     return WordTokenizer.fit(item_content_text(data, i) for i in range(1, data.num_items + 1))
 
 
-def item_word_ids(data: InteractionData, tokenizer: WordTokenizer) -> list[list[int]]:
+def item_word_ids(data: InteractionData, tokenizer: Tokenizer) -> list[list[int]]:
     return [[]] + [tokenizer.encode(item_content_text(data, i), unique=True) for i in range(1, data.num_items + 1)]
 
 
@@ -91,7 +94,7 @@ def pad(rows: list[np.ndarray], width: int | None = None) -> tuple[torch.Tensor,
 class RequestBuilder:
     """Turns (task, user, history, target) into the request schema with one tokenizer and limits."""
 
-    def __init__(self, data: InteractionData, tokenizer: WordTokenizer, max_history: int, max_query_len: int):
+    def __init__(self, data: InteractionData, tokenizer: Tokenizer, max_history: int, max_query_len: int):
         self.data, self.tokenizer = data, tokenizer
         self.max_history, self.max_query_len = max_history, max_query_len
 

@@ -13,9 +13,11 @@ from unirank.training.examples import TrainBatch
 
 
 def softmax_loss(ranker: UnifiedRanker, batch: TrainBatch, num_negatives: int, item_freq: torch.Tensor,
-                 generator: torch.Generator, task_weights: dict[Task, float]) -> tuple[torch.Tensor, dict]:
+                 generator: torch.Generator, task_weights: dict[Task, float],
+                 excluded_items: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """(task-weighted loss, {task: mean cross-entropy}). `item_freq` [num_items + 2] is the training
-    frequency of each id, for the probability that an item is among the in-batch targets."""
+    frequency of each id, for the probability that an item is among the in-batch targets.
+    `excluded_items`: ids that are not in the catalogue at training time (never a negative)."""
     req, n = batch.request, ranker.num_items
     full = num_negatives == 0 or num_negatives >= n
     if full:
@@ -35,6 +37,8 @@ def softmax_loss(ranker: UnifiedRanker, batch: TrainBatch, num_negatives: int, i
         logits = ranker.similarity(h, ranker.all_item_embeddings())
         logits[:, 0] = -torch.inf
         logits[:, n + 1] = -torch.inf
+        if excluded_items is not None:
+            logits[:, excluded_items] = -torch.inf
         labels = targets
     else:
         logits = ranker.similarity(h, cand_vec)
@@ -44,6 +48,8 @@ def softmax_loss(ranker: UnifiedRanker, batch: TrainBatch, num_negatives: int, i
         labels = torch.searchsorted(uniq_targets, targets)
         hits = candidates.unsqueeze(0) == targets.unsqueeze(1)
         hits[torch.arange(len(targets)), labels] = False  # the target also drawn as a negative
+        if excluded_items is not None:
+            hits |= torch.isin(candidates, excluded_items).unsqueeze(0)
         logits = logits.masked_fill(hits, -torch.inf)
     per_position = F.cross_entropy(logits, labels, reduction="none")
     per_task = {task: per_position[row_task == task].mean() for task in task_weights if (row_task == task).any()}

@@ -15,13 +15,14 @@ from tqdm import tqdm
 
 from unirank.model.ranker import RankerConfig, UnifiedRanker
 from unirank.model.request import TASK_NAMES, Task
-from unirank.model.tokenizer import WordTokenizer
+from unirank.model.tokenizer import Tokenizer
 from unirank.training.checkpoint import load_checkpoint, save_checkpoint
 from unirank.training.config import Config, to_yaml
 from unirank.training.datasets import InteractionData, load_dataset
 from unirank.training.evaluate import ModelScorer, evaluate_task
 from unirank.training.examples import (RequestBuilder, Split, TrainingExamples, fit_tokenizer,
                                        item_word_ids, leave_one_out_split)
+from unirank.training.lm_features import ItemLMFeatures, item_lm_features
 from unirank.training.loss import item_frequencies, softmax_loss
 
 TASK_BY_NAME = {name: task for task, name in TASK_NAMES.items()}
@@ -33,28 +34,41 @@ class Prepared:
 
     data: InteractionData
     split: Split
-    tokenizer: WordTokenizer
+    tokenizer: Tokenizer
     item_words: list[list[int]]
     builder: RequestBuilder
+    lm: ItemLMFeatures | None = None  # text vectors + semantic IDs, when the model config uses them
+    excluded_items: np.ndarray | None = None  # item ids training never ranks (cold-start: not yet in the catalogue)
 
 
-def prepare(cfg: Config) -> Prepared:
-    data = load_dataset(cfg.data.path, cfg.data.format, **asdict(cfg.data.synthetic))
+def prepare(cfg: Config, data: InteractionData | None = None, fit_items: np.ndarray | None = None) -> Prepared:
+    """`data` replaces the configured dataset (e.g. a cold-start copy); `fit_items` restricts the
+    semantic-ID codebook fit (see item_lm_features)."""
+    data = data or load_dataset(cfg.data.path, cfg.data.format, **asdict(cfg.data.synthetic))
     split = leave_one_out_split(data.sequences)
     if len(split.users) == 0:
         raise ValueError(f"{cfg.data.path}: no user has the 3 interactions leave-one-out needs")
-    tokenizer = fit_tokenizer(data)
+    tokenizer = fit_tokenizer(data, cfg.model.tokenizer)
     builder = RequestBuilder(data, tokenizer, cfg.model.max_history, cfg.model.max_query_len)
-    return Prepared(data, split, tokenizer, item_word_ids(data, tokenizer), builder)
+    lm = None
+    if cfg.model.text_features or cfg.model.semantic_id_levels:
+        lm = item_lm_features(data, cfg.data.cache_dir, cfg.model.semantic_id_levels, cfg.train.seed, fit_items)
+    return Prepared(data, split, tokenizer, item_word_ids(data, tokenizer), builder, lm)
 
 
 def ranker_config(cfg: Config, prep: Prepared) -> RankerConfig:
+    lm = prep.lm
     return RankerConfig(num_items=prep.data.num_items, num_attributes=prep.data.num_attributes,
-                        num_words=prep.tokenizer.vocab_size, **asdict(cfg.model))
+                        num_words=prep.tokenizer.vocab_size, **asdict(cfg.model),
+                        text_dim=int(lm.text.shape[1]) if lm is not None and cfg.model.text_features else 0,
+                        semantic_id_sizes=lm.level_sizes if lm is not None else [])
 
 
 def build_ranker(cfg: Config, prep: Prepared) -> UnifiedRanker:
-    return UnifiedRanker(ranker_config(cfg, prep), prep.data.item_attributes, prep.item_words)
+    lm = prep.lm
+    return UnifiedRanker(ranker_config(cfg, prep), prep.data.item_attributes, prep.item_words,
+                         item_codes=lm.codes if lm is not None and lm.level_sizes else None,
+                         item_text=lm.text if lm is not None and cfg.model.text_features else None)
 
 
 def validate(ranker: UnifiedRanker, prep: Prepared, tasks: list[Task], cfg: Config) -> dict[str, dict]:
@@ -92,6 +106,7 @@ def train(cfg: Config, prep: Prepared | None = None, quiet: bool = False) -> Tra
         raise ValueError("similar-item training needs users with >= 2 training items")
     item_freq = item_frequencies(prep.split.train, prep.data.num_items)
     generator = torch.Generator().manual_seed(cfg.train.seed)
+    excluded = None if prep.excluded_items is None else torch.as_tensor(prep.excluded_items, dtype=torch.int64)
     optimizer = torch.optim.AdamW(ranker.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
     out = Path(cfg.train.out_dir)
@@ -118,7 +133,8 @@ def train(cfg: Config, prep: Prepared | None = None, quiet: bool = False) -> Tra
         bar = tqdm(examples.epoch(), total=examples.steps_per_epoch(), desc=f"epoch {epoch}", disable=quiet,
                    leave=False)
         for batch in bar:
-            loss, losses = softmax_loss(ranker, batch, cfg.train.num_negatives, item_freq, generator, weights)
+            loss, losses = softmax_loss(ranker, batch, cfg.train.num_negatives, item_freq, generator, weights,
+                                        excluded_items=excluded)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -107,10 +107,10 @@ def test_single_task_mode_trains_only_that_task(tmp_path, monkeypatch):
     seen_tasks, seen_weights = set(), []
     real_loss = train_module.softmax_loss
 
-    def spy(ranker, batch, num_negatives, item_freq, generator, task_weights):
+    def spy(ranker, batch, num_negatives, item_freq, generator, task_weights, **kwargs):
         seen_tasks.update(batch.request.task.unique().tolist())
         seen_weights.append(set(task_weights))
-        return real_loss(ranker, batch, num_negatives, item_freq, generator, task_weights)
+        return real_loss(ranker, batch, num_negatives, item_freq, generator, task_weights, **kwargs)
 
     monkeypatch.setattr(train_module, "softmax_loss", spy)
     cfg = tiny_config(tmp_path, "train.tasks=[prequery]", "train.max_epochs=2")
