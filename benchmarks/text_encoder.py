@@ -19,8 +19,9 @@ import torch
 from omegaconf import OmegaConf
 
 from unirank.model.semantic_ids import SemanticIdConfig, semantic_id_stats, semantic_ids
-from unirank.model.text_encoder import TextEncoder, format_item_text
+from unirank.model.text_encoder import TextEncoder
 from unirank.training.datasets import load_dataset
+from unirank.training.lm_features import item_texts
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,9 +62,7 @@ def main() -> None:
         OmegaConf.merge(OmegaConf.structured(BenchConfig), OmegaConf.from_cli()))
     machine = machine_info()
     data = load_dataset(config.data_dir)
-    texts = [format_item_text(data.item_text[item],
-                              [data.attribute_names[a] for a in data.item_attributes[item]])
-             for item in range(1, data.num_items + 1)]  # row r = item id r + 1
+    texts = item_texts(data)  # row r = item id r + 1: exactly what training encodes
 
     start = time.perf_counter()
     encoder = TextEncoder()

@@ -43,6 +43,7 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.0
+    encoder_lr: float = 5e-5  # learning rate of the text encoder's weights when model.query_encoder=finetune
     max_epochs: int = 50
     patience: int = 5  # validation rounds without improvement before stopping
     eval_every: int = 1  # epochs between validation rounds

@@ -83,6 +83,14 @@ def selection_score(metrics: dict[str, dict]) -> float:
     return float(np.mean([m["ndcg@10"]["mean"] for m in metrics.values()]))
 
 
+def parameter_groups(ranker: UnifiedRanker, cfg: Config) -> list[dict]:
+    """A fine-tuned pretrained encoder takes a much smaller step than the freshly initialised rest."""
+    encoder = [p for n, p in ranker.named_parameters() if n.startswith("query_encoder.") and p.requires_grad]
+    ids = {id(p) for p in encoder}
+    rest = [p for p in ranker.parameters() if p.requires_grad and id(p) not in ids]
+    return [{"params": rest}] + ([{"params": encoder, "lr": cfg.train.encoder_lr}] if encoder else [])
+
+
 @dataclass
 class TrainResult:
     checkpoint: Path
@@ -107,7 +115,7 @@ def train(cfg: Config, prep: Prepared | None = None, quiet: bool = False) -> Tra
     item_freq = item_frequencies(prep.split.train, prep.data.num_items)
     generator = torch.Generator().manual_seed(cfg.train.seed)
     excluded = None if prep.excluded_items is None else torch.as_tensor(prep.excluded_items, dtype=torch.int64)
-    optimizer = torch.optim.AdamW(ranker.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(ranker, cfg), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
     out = Path(cfg.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)

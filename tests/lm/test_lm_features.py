@@ -160,3 +160,22 @@ def test_cold_start_run_on_synthetic(tmp_path):
     assert results["popularity"]["recall@10"]["mean"] == 0.0  # a new item has no interactions
     for m in results.values():
         assert m["num_users"] == report["num_eval_users"]
+
+
+def test_finetuned_encoder_gets_its_own_learning_rate(wordpiece):
+    from unirank.training.train import parameter_groups
+
+    cfg = load_config(None, ["model.tokenizer=wordpiece", "model.query_encoder=finetune", "train.encoder_lr=1e-5"])
+    ranker = UnifiedRanker(RankerConfig(num_items=N, num_attributes=4, num_words=wordpiece.vocab_size, dim=DIM,
+                                        num_heads=2, tokenizer="wordpiece", query_encoder="finetune"),
+                           [[]] * (N + 1), [[]] * (N + 1))
+    rest, encoder = parameter_groups(ranker, cfg)
+    assert encoder["lr"] == 1e-5 and "lr" not in rest
+    assert {id(p) for p in encoder["params"]} == {id(p) for p in ranker.query_encoder.parameters()}
+    assert ranker.query_encoder.memoize is False
+    ids, lengths = pad([np.array(wordpiece.encode(QUERIES[0]))])
+    ranker.train()
+    ctx = ranker(torch.tensor([Task.SEARCH]), torch.zeros(1, 1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64),
+                 ids, lengths, torch.zeros(1, dtype=torch.int64))
+    ctx.sum().backward()
+    assert ranker.query_encoder.bert.embeddings.word_embeddings.weight.grad is not None
