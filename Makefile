@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: setup quickstart test test-all
+.PHONY: setup quickstart test test-all peers
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -34,3 +34,16 @@ test: setup
 
 test-all: setup
 	$(PY) -m pytest -q tests
+
+# Peers for benchmarks/quality.py (rectools SASRec / BERT4Rec) in their own venv, so their
+# dependencies (pytorch-lightning, pandas, ...) cannot break ours. torch is pinned first: a plain
+# `torch` requirement would pull a multi-GB CUDA build.
+PEERS_VENV ?= .venv-peers
+$(PEERS_VENV)/.installed:
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(PEERS_VENV)/bin/python -m pip install -q "torch==2.13.0"
+	$(PEERS_VENV)/bin/python -m pip install -q "torch==2.13.0" "rectools[torch]==0.19.0"
+	touch $@
+
+peers: $(PEERS_VENV)/.installed

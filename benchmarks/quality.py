@@ -1,0 +1,325 @@
+"""Side-by-side test quality of unirank and the peers a user would pick (rectools SASRec and
+BERT4Rec) on one dataset, per task, under ../shared/docs/PROTOCOL.md, plus validation NDCG@10
+against wall time.
+
+    python benchmarks/quality.py --data ../shared/data/amazon-beauty --out docs/bench/quality_beauty.json \
+        [--peers sasrec,bert4rec] [--peer-minutes 15] [--threads 1] \
+        [--ours-run runs/beauty/unified | --ours-config default --ours-minutes 20 | --no-ours] \
+        [--merge] [--plot docs/bench/quality_beauty.png]
+
+The split is the trainer's own (`prepare(cfg)`). Peers run in .venv-peers (`make peers`) through
+benchmarks/peers/rectools_peer.py and return top-20 lists; their metrics are computed here from
+the target's position in the list (absent = miss), so their MRR is truncated: `mrr@20`. Peers get
+no query input, so search is marked not applicable for them. `--merge` adds the models of this
+run to an existing --out JSON (e.g. peers today, `--ours-run` later).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+PEER_SCRIPT = ROOT / "benchmarks" / "peers" / "rectools_peer.py"
+PEER_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
+PEERS = ("sasrec", "bert4rec")
+TASKS = ("search", "similar", "prequery")
+K = 20
+# Published pre-query test R@10 on Amazon Beauty (PROTOCOL.md); "seconds to reach" reads them off
+# the VALIDATION curve, which is the only per-epoch signal.
+ANCHORS_R10 = {"SASRec (TIGER paper)": 0.0605, "HSTU (eSASRec recomputation)": 0.0788, "eSASRec": 0.0928}
+PEER_SEARCH = "not applicable: the peer has no query input (BM25 is the search baseline, docs/RESULTS.md)"
+
+
+class BenchmarkInputError(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------- metrics from top-K lists
+
+
+def ranks_from_top_k(lists: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """0-based position of each row's target in its top-K list; +inf (a miss) when absent.
+    Padding (-1) never matches: item ids start at 1."""
+    lists, targets = np.asarray(lists), np.asarray(targets)
+    hit = lists == targets[:, None]
+    return np.where(hit.any(1), hit.argmax(1), np.inf).astype(np.float64)
+
+
+def top_k_metrics(lists: np.ndarray, targets: np.ndarray, ks=(5, 10, 20), num_bootstrap: int = 1000) -> dict:
+    """Protocol metrics (mean + bootstrap CI) from top-K lists; MRR is cut at K: `mrr@K`."""
+    from unirank.training.metrics import metrics_from_ranks, summarize
+
+    if max(ks) > lists.shape[1]:
+        raise BenchmarkInputError(f"metrics @{max(ks)} need top-{max(ks)} lists, got top-{lists.shape[1]}")
+    per_user = metrics_from_ranks(ranks_from_top_k(lists, targets), list(ks))
+    per_user[f"mrr@{lists.shape[1]}"] = per_user.pop("mrr")
+    return summarize(per_user, num_bootstrap=num_bootstrap) | {"num_users": int(len(targets))}
+
+
+def seconds_to_reach(curve: list[list[float]], levels=ANCHORS_R10) -> dict:
+    """First wall time at which validation recall@10 (curve rows: seconds, ndcg@10, recall@10)
+    reaches each level; None if never."""
+    return {name: next((s for s, _, r in curve if r >= level), None) for name, level in levels.items()}
+
+
+# ---------------------------------------------------------------- the split for the peers
+
+
+def validation_subset(num_users: int, eval_users: int | None, seed: int) -> np.ndarray:
+    """The users the trainer validates on (`train.eval_users`, same draw as evaluate_task), so the
+    peers' validation curves are on the same users as ours."""
+    idx = np.arange(num_users)
+    if eval_users is not None and eval_users < num_users:
+        idx = np.sort(np.random.default_rng(seed).choice(idx, eval_users, replace=False))
+    return idx
+
+
+def export_split(split, valid_eval: np.ndarray, path: Path) -> Path:
+    """split.npz for the peer: training rows (user, item, position) from s_1..s_{n-2}, the
+    validation target s_{n-1} with its position (test histories end with it), and the validation
+    subset. Test targets stay here: the peer never sees them."""
+    lengths = np.array([len(s) for s in split.train], dtype=np.int64)
+    np.savez(path, user=split.users, train_user=np.repeat(split.users, lengths),
+             train_item=np.concatenate(split.train).astype(np.int64),
+             train_position=np.concatenate([np.arange(n) for n in lengths]).astype(np.int64),
+             valid_target=split.valid.targets.astype(np.int64), valid_position=lengths,
+             valid_eval=np.asarray(valid_eval, dtype=np.int64))
+    return path
+
+
+# ---------------------------------------------------------------- peers
+
+
+def run_peer(name: str, split_path: Path, out: Path, args: argparse.Namespace) -> dict:
+    cmd = [str(PEER_PYTHON), str(PEER_SCRIPT), "--split", str(split_path), "--model", name, "--out", str(out),
+           "--minutes", str(args.peer_minutes), "--threads", str(args.threads), "--loss", args.peer_loss,
+           "--max-epochs", str(args.peer_max_epochs)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore"}
+    print(f"[{name}] {' '.join(cmd)}", flush=True)
+    load_before = os.getloadavg()
+    proc = subprocess.run(cmd, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"peer {name} failed (exit {proc.returncode})")
+    # The machine is shared: the load average says how much of a core the peer really had.
+    load = {"start": [round(x, 2) for x in load_before], "end": [round(x, 2) for x in os.getloadavg()]}
+    return json.loads((out / "result.json").read_text()) | {"load_average_1_5_15min": load}
+
+
+def peer_report(name: str, out: Path, result: dict, split, valid_eval: np.ndarray, num_bootstrap: int) -> dict:
+    epochs = [json.loads(line) for line in (out / "epochs.jsonl").read_text().splitlines()]
+    eval_targets = split.valid.targets[valid_eval]
+    test = np.load(out / "test.npz")
+    tasks: dict = {"search": {"not_applicable": PEER_SEARCH}}
+    for task in ("similar", "prequery"):
+        curve = []
+        for row in epochs:
+            lists = np.load(out / f"valid_epoch{row['epoch']:04d}.npz")[task]
+            m = top_k_metrics(lists, eval_targets, num_bootstrap=0)
+            curve.append([row["seconds"], round(m["ndcg@10"]["mean"], 5), round(m["recall@10"]["mean"], 5)])
+        tasks[task] = {"test": top_k_metrics(test[task], split.test.targets, num_bootstrap=num_bootstrap),
+                       "validation_curve": curve, "seconds_to_reach_validation_recall@10": seconds_to_reach(curve)}
+    return {"kind": "peer (rectools)", "train_wall_seconds": result["seconds"],
+            "train_seconds_without_validation": result["train_seconds"], "epochs": result["epochs"],
+            "best_epoch": result["best_epoch"], "settings": result["settings"], "versions": result["versions"],
+            "validation_users": int(len(valid_eval)), "load_average_1_5_15min": result["load_average_1_5_15min"],
+            "tasks": tasks}
+
+
+# ---------------------------------------------------------------- ours
+
+
+def ours_report(run_dir: Path, data_path: str, num_bootstrap: int) -> dict:
+    """unirank from a finished run directory: test metrics of best.pt, the validation curve from
+    train_history.json."""
+    from unirank.training.config import load_config
+    from unirank.training.report import evaluate_checkpoint
+
+    for needed in ("best.pt", "config.yaml", "train_history.json"):
+        if not (run_dir / needed).is_file():
+            raise BenchmarkInputError(f"--ours-run {run_dir}: no {needed} (a directory written by `unirank train`)")
+    cfg = load_config(str(run_dir / "config.yaml"), [f"data.path={data_path}", f"eval.num_bootstrap={num_bootstrap}"])
+    evaluated = evaluate_checkpoint(cfg, run_dir / "best.pt", baselines=False)
+    history = json.loads((run_dir / "train_history.json").read_text())
+    tasks = {}
+    for task, by_method in evaluated["results"].items():
+        curve = [[row["seconds"], round(row[f"{task}/ndcg@10"], 5), round(row[f"{task}/recall@10"], 5)]
+                 for row in history if f"{task}/ndcg@10" in row]
+        tasks[task] = {"test": by_method["unirank"], "validation_curve": curve,
+                       "seconds_to_reach_validation_recall@10": seconds_to_reach(curve)}
+    return {"kind": "ours", "run": str(run_dir), "train_wall_seconds": history[-1]["seconds"] if history else None,
+            "epochs": history[-1]["epoch"] if history else 0, "best_epoch": evaluated["trained_epoch"],
+            "settings": {"config": str(run_dir / "config.yaml"), "tasks": cfg.train.tasks, "threads": cfg.train.threads,
+                         "max_minutes": cfg.train.max_minutes},
+            "validation_users": cfg.train.eval_users, "tasks": tasks}
+
+
+def train_ours(args: argparse.Namespace) -> Path:
+    from unirank.training.config import load_config
+    from unirank.training.train import train
+
+    out = ROOT / "runs" / "quality" / Path(args.data).name / "unirank"
+    cfg = load_config(args.ours_config, [f"data.path={args.data}", f"train.max_minutes={args.ours_minutes}",
+                                         f"train.threads={args.threads}", f"train.out_dir={out}"])
+    print(f"[unirank] training {args.ours_config} for at most {args.ours_minutes} min -> {out}", flush=True)
+    train(cfg, quiet=True)
+    return out
+
+
+# ---------------------------------------------------------------- output
+
+
+def fmt(m: dict) -> str:
+    return f"{m['mean']:.4f} [{m['ci95'][0]:.4f}, {m['ci95'][1]:.4f}]"
+
+
+def markdown_table(models: dict) -> str:
+    head = ["model", "task", "R@5", "R@10", "R@20", "N@5", "N@10", "N@20", "MRR", "train wall s",
+            *[f"valid s to R@10 {v}" for v in ANCHORS_R10.values()]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, model in models.items():
+        for task in TASKS:
+            cell = model["tasks"].get(task)
+            if cell is None:
+                continue
+            if "not_applicable" in cell:
+                lines.append(f"| {name} | {task} | n/a (no query input) |" + " |" * (len(head) - 3))
+                continue
+            t = cell["test"]
+            mrr = fmt(t["mrr"]) if "mrr" in t else fmt(t["mrr@20"]) + " (@20)"
+            reach = cell["seconds_to_reach_validation_recall@10"].values()
+            cells = [f"{t[k]['mean']:.4f}" for k in ("recall@5", "recall@10", "recall@20", "ndcg@5")]
+            cells += [fmt(t["ndcg@10"]), f"{t['ndcg@20']['mean']:.4f}", mrr, f"{model['train_wall_seconds']:.0f}"]
+            cells += ["-" if s is None else f"{s:.0f}" for s in reach]
+            lines.append(f"| {name} | {task} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_curves(models: dict, path: Path, task: str = "prequery") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, model in models.items():
+        curve = model["tasks"].get(task, {}).get("validation_curve")
+        if curve:
+            ax.plot([s / 60 for s, _, _ in curve], [n for _, n, _ in curve], marker=".", label=name)
+    ax.set_xlabel("wall time since training start (min)")
+    ax.set_ylabel(f"validation NDCG@10 ({task})")
+    ax.set_title("validation curve (validation users, not test)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="dataset directory, or `synthetic`")
+    parser.add_argument("--out", required=True, help="JSON report")
+    parser.add_argument("--plot", help="PNG of validation NDCG@10 vs wall time (pre-query)")
+    parser.add_argument("--peers", default=",".join(PEERS), help=f"comma list from {PEERS}; empty = none")
+    parser.add_argument("--peer-minutes", type=float, default=15.0, help="wall-clock cap per peer")
+    parser.add_argument("--peer-max-epochs", type=int, default=200)
+    parser.add_argument("--peer-loss", default="sampled_softmax",
+                        help="rectools loss: sampled_softmax (256 negatives, the published Beauty setting) | "
+                        "softmax (full catalogue)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for every model trained here")
+    ours = parser.add_mutually_exclusive_group()
+    ours.add_argument("--ours-run", help="a finished `unirank train` directory (best.pt, train_history.json)")
+    ours.add_argument("--no-ours", action="store_true", help="peers only")
+    parser.add_argument("--ours-config", default="default", help="config to train ours with (no --ours-run)")
+    parser.add_argument("--ours-minutes", type=float, default=20.0)
+    parser.add_argument("--merge", action="store_true", help="add this run's models to an existing --out JSON")
+    parser.add_argument("--num-bootstrap", type=int, default=1000)
+    parser.add_argument("--note", default="", help="free text stored with the run (e.g. CPU contention)")
+    parser.add_argument("--work-dir", help="keep the exported split and the peers' raw top-K lists (default: temp)")
+    args = parser.parse_args(argv)
+    try:
+        check_inputs(args)
+    except BenchmarkInputError as err:
+        parser.error(str(err))
+    return args
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Everything that can be wrong with the arguments, before any data is loaded."""
+    if args.data != "synthetic" and not Path(args.data).is_dir():
+        raise BenchmarkInputError(f"--data {args.data}: no such dataset directory")
+    args.peer_list = [p.strip() for p in args.peers.split(",") if p.strip()]
+    unknown = [p for p in args.peer_list if p not in PEERS]
+    if unknown:
+        raise BenchmarkInputError(f"--peers: unknown peer {', '.join(unknown)} (known: {', '.join(PEERS)})")
+    if args.peer_list and not PEER_PYTHON.is_file():
+        raise BenchmarkInputError(f"peers need {PEER_PYTHON.relative_to(ROOT)}: run `make peers` first")
+    if args.ours_run and not Path(args.ours_run).is_dir():
+        raise BenchmarkInputError(f"--ours-run {args.ours_run}: no such directory")
+    if args.merge and not Path(args.out).is_file():
+        raise BenchmarkInputError(f"--merge: {args.out} does not exist yet (run once without --merge)")
+    if not args.peer_list and args.no_ours:
+        raise BenchmarkInputError("nothing to run: no peers and --no-ours")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from unirank.training.config import load_config
+    from unirank.training.report import run_metadata
+    from unirank.training.train import prepare
+
+    cfg = load_config("default", [f"data.path={args.data}"])
+    prep = prepare(cfg)
+    valid_eval = validation_subset(len(prep.split.valid), cfg.train.eval_users, cfg.train.seed)
+    models: dict = {}
+    with tempfile.TemporaryDirectory(prefix="unirank-quality-") as tmp:
+        if args.work_dir:
+            tmp = args.work_dir
+            Path(tmp).mkdir(parents=True, exist_ok=True)
+        split_path = export_split(prep.split, valid_eval, Path(tmp) / "split.npz")
+        for name in args.peer_list:
+            out = Path(tmp) / name
+            result = run_peer(name, split_path, out, args)
+            models[name] = peer_report(name, out, result, prep.split, valid_eval, args.num_bootstrap)
+    if not args.no_ours:
+        run_dir = Path(args.ours_run) if args.ours_run else train_ours(args)
+        models["unirank"] = ours_report(run_dir, args.data, args.num_bootstrap)
+
+    run = run_metadata(" ".join(["python", "benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])]))
+    run |= {"models": list(models), "cpu_cores": os.cpu_count(), "threads": args.threads, "note": args.note}
+    report = json.loads(Path(args.out).read_text()) if args.merge else {
+        "benchmark": "quality", "dataset": prep.data.name, "data_path": args.data, "num_items": prep.data.num_items,
+        "num_users": len(prep.split.users), "protocol": "../shared/docs/PROTOCOL.md (leave-one-out, full "
+        "catalogue, history filtered; peers: filter_viewed=True)", "metric_notes": [
+            "peers: metrics from top-20 lists (target absent = miss); MRR is mrr@20 (truncated), ours is full MRR",
+            "peers can only recommend items seen in training (rectools id map); a target unseen in training is a miss",
+            "similar-item for peers: a one-item history (the source item), only the source item filtered",
+            "validation_curve rows: [wall seconds since training start, validation ndcg@10, validation recall@10], "
+            "on the trainer's validation subset (train.eval_users), NOT test",
+            "seconds_to_reach_validation_recall@10: first validation-curve point at or above each published "
+            "TEST R@10 anchor; a validation-curve reading, not a test result"],
+        "anchors_test_recall@10": ANCHORS_R10, "runs": [], "models": {}}
+    report["runs"].append(run)
+    report["models"].update(models)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(markdown_table(report["models"]))
+    if args.plot:
+        plot_curves(report["models"], Path(args.plot))
+    print(f"wrote {args.out}" + (f" and {args.plot}" if args.plot else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""benchmarks/quality.py: metrics from top-K lists, the split the peers get, bad input; one slow
+end-to-end run of a real rectools SASRec (needs .venv-peers: `make peers`)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+from core_data import REPO
+from unirank.training.examples import leave_one_out_split
+
+SPEC = importlib.util.spec_from_file_location("quality_benchmark", REPO / "benchmarks" / "quality.py")
+quality = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(quality)
+
+# ---------------------------------------------------------------- metrics from top-K lists
+
+
+def test_ranks_are_list_positions_and_absent_targets_miss():
+    lists = np.array([[5, 3, 9], [1, 2, 4], [7, -1, -1], [8, 6, 2]])
+    ranks = quality.ranks_from_top_k(lists, np.array([3, 7, 7, 8]))
+    assert ranks.tolist() == [1.0, np.inf, 0.0, 0.0]
+
+
+def test_padding_never_matches():
+    ranks = quality.ranks_from_top_k(np.array([[-1, -1], [4, -1]]), np.array([1, 5]))
+    assert np.isinf(ranks).all()
+
+
+def test_top_k_metrics_by_hand():
+    # targets at positions 0, 4 and 12 of a top-20 list, and one miss
+    lists = np.tile(np.arange(100, 120), (4, 1))
+    targets = np.array([100, 104, 112, 7])
+    m = quality.top_k_metrics(lists, targets, num_bootstrap=0)
+    assert m["recall@5"]["mean"] == pytest.approx(2 / 4)
+    assert m["recall@10"]["mean"] == pytest.approx(2 / 4)
+    assert m["recall@20"]["mean"] == pytest.approx(3 / 4)
+    assert m["ndcg@10"]["mean"] == pytest.approx((1 + 1 / np.log2(6)) / 4)
+    assert m["ndcg@20"]["mean"] == pytest.approx((1 + 1 / np.log2(6) + 1 / np.log2(14)) / 4)
+    assert "mrr" not in m and m["mrr@20"]["mean"] == pytest.approx((1 + 1 / 5 + 1 / 13) / 4)
+    assert m["num_users"] == 4
+
+
+def test_top_k_metrics_refuse_k_beyond_the_list():
+    with pytest.raises(quality.BenchmarkInputError, match="top-20"):
+        quality.top_k_metrics(np.ones((2, 10), dtype=int), np.array([1, 2]))
+
+
+def test_seconds_to_reach_reads_the_first_crossing():
+    curve = [[10, 0.01, 0.02], [20, 0.03, 0.07], [30, 0.04, 0.065], [40, 0.05, 0.08]]
+    reach = quality.seconds_to_reach(curve, {"a": 0.0605, "b": 0.0788, "c": 0.0928})
+    assert reach == {"a": 20, "b": 40, "c": None}
+
+
+# ---------------------------------------------------------------- split export
+
+
+def test_export_split_holds_training_rows_validation_targets_and_no_test_targets(tmp_path):
+    split = leave_one_out_split([np.array([3, 1, 4, 1, 5]), np.array([9, 2]), np.array([2, 6, 5])])
+    path = quality.export_split(split, np.array([1]), tmp_path / "split.npz")
+    s = dict(np.load(path))
+    assert set(s) == {"user", "train_user", "train_item", "train_position", "valid_target", "valid_position",
+                      "valid_eval"}
+    assert s["user"].tolist() == [0, 2]  # user 1 has < 3 interactions
+    assert s["train_user"].tolist() == [0, 0, 0, 2]
+    assert s["train_item"].tolist() == [3, 1, 4, 2]
+    assert s["train_position"].tolist() == [0, 1, 2, 0]
+    assert s["valid_target"].tolist() == [1, 6] and s["valid_position"].tolist() == [3, 1]
+    assert s["valid_eval"].tolist() == [1]
+    assert 5 not in s["valid_target"]  # both test targets are 5: the peer never sees them
+
+
+def test_validation_subset_matches_the_trainer_draw():
+    assert quality.validation_subset(10, None, 0).tolist() == list(range(10))
+    assert quality.validation_subset(10, 50, 0).tolist() == list(range(10))
+    sub = quality.validation_subset(1000, 100, 42)
+    expected = np.sort(np.random.default_rng(42).choice(np.arange(1000), 100, replace=False))
+    assert sub.tolist() == expected.tolist()
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        quality.main(argv)
+    assert exit_.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_missing_dataset_dir_is_named(capsys, tmp_path):
+    err = _error(capsys, ["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "q.json"), "--no-ours",
+                          "--peers", ""])
+    assert "no such dataset directory" in err and "nope" in err
+
+
+def test_unknown_peer_is_named_with_the_known_ones(capsys, tmp_path):
+    err = _error(capsys, ["--data", "synthetic", "--out", str(tmp_path / "q.json"), "--peers", "sasrec,gru4rec"])
+    assert "unknown peer gru4rec" in err and "sasrec, bert4rec" in err
+
+
+def test_merge_needs_an_existing_report_and_ours_run_a_directory(capsys, tmp_path):
+    err = _error(capsys, ["--data", "synthetic", "--out", str(tmp_path / "q.json"), "--peers", "", "--merge"])
+    assert "does not exist yet" in err
+    err = _error(capsys, ["--data", "synthetic", "--out", str(tmp_path / "q.json"), "--peers", "",
+                          "--ours-run", str(tmp_path / "run")])
+    assert "--ours-run" in err and "no such directory" in err
+
+
+def test_nothing_to_run_is_refused(capsys, tmp_path):
+    err = _error(capsys, ["--data", "synthetic", "--out", str(tmp_path / "q.json"), "--peers", "", "--no-ours"])
+    assert "nothing to run" in err
+
+
+def test_ours_run_without_checkpoint_is_refused(tmp_path):
+    with pytest.raises(quality.BenchmarkInputError, match="best.pt"):
+        quality.ours_report(tmp_path, "synthetic", 0)
+
+
+# ---------------------------------------------------------------- end to end (real rectools)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not quality.PEER_PYTHON.is_file(), reason="no .venv-peers (run `make peers`)")
+def test_sasrec_one_epoch_on_synthetic_data(tmp_path):
+    out, plot = tmp_path / "q.json", tmp_path / "q.png"
+    quality.main(["--data", "synthetic", "--out", str(out), "--peers", "sasrec", "--peer-max-epochs", "1",
+                  "--no-ours", "--num-bootstrap", "10", "--plot", str(plot)])
+    report = json.loads(out.read_text())
+    sasrec = report["models"]["sasrec"]
+    assert sasrec["epochs"] == 1 and sasrec["settings"]["torch_threads"] == 1
+    assert "not_applicable" in sasrec["tasks"]["search"]
+    for task in ("prequery", "similar"):
+        test = sasrec["tasks"][task]["test"]
+        assert 0 <= test["recall@10"]["mean"] <= test["recall@20"]["mean"] <= 1
+        assert test["num_users"] == report["num_users"] and "mrr@20" in test
+        assert len(sasrec["tasks"][task]["validation_curve"]) == 1
+    assert plot.stat().st_size > 0
