@@ -33,7 +33,7 @@ from unirank.training.datasets import load_dataset
 from unirank.training.evaluate import ModelScorer, evaluate_all
 from unirank.training.examples import EvalCases
 from unirank.training.lm_features import item_lm_features
-from unirank.training.train import TASK_BY_NAME, prepare, train
+from unirank.training.train import TASK_BY_NAME, prepare, ranker_config, train
 
 
 class ColdStartCase(NamedTuple):
@@ -95,8 +95,17 @@ def run_cold_start(cfg: Config, fraction: float = 0.05, split_seed: int = 0, qui
     warm_data = replace(data, sequences=[np.asarray(s, dtype=np.int64) for s in split.train_sequences])
     prep = prepare(cfg, data=warm_data, fit_items=warm)
     prep.excluded_items = cold
-    result = train(cfg, prep, quiet=quiet)
-    ranker = load_checkpoint(result.checkpoint).ranker.eval()
+    if cfg.eval.checkpoint:  # evaluate a finished (or stopped) cold-start run without training again
+        loaded = load_checkpoint(cfg.eval.checkpoint, expect=ranker_config(cfg, prep))
+        if loaded.metadata.get("fingerprint") != warm_data.fingerprint():
+            raise ValueError(f"{cfg.eval.checkpoint} was not trained on this cold-start split "
+                             f"(fraction={fraction}, split_seed={split_seed})")
+        seconds, best_epoch, validation = None, loaded.metadata.get("epoch"), loaded.metadata.get("validation")
+    else:
+        result = train(cfg, prep, quiet=quiet)
+        loaded = load_checkpoint(result.checkpoint)
+        seconds, best_epoch, validation = round(result.seconds, 1), result.best_epoch, result.best_validation
+    ranker = loaded.ranker.eval()
     forget_item_ids(ranker, cold)
     text = prep.lm.text if prep.lm is not None else item_lm_features(data, cfg.data.cache_dir, 0, 0).text
     tasks = [TASK_BY_NAME[t] for t in cfg.train.tasks]
@@ -107,5 +116,5 @@ def run_cold_start(cfg: Config, fraction: float = 0.05, split_seed: int = 0, qui
     metrics = evaluate_all(scorers, cold_eval_cases(split), prep.builder, ks=cfg.eval.ks,
                            num_bootstrap=cfg.eval.num_bootstrap, seed=cfg.train.seed)
     return {"fraction": fraction, "split_seed": split_seed, "num_cold_items": len(cold),
-            "num_eval_users": len(split.eval_cases), "train_seconds": round(result.seconds, 1),
-            "best_epoch": result.best_epoch, "validation": result.best_validation, "metrics": metrics}
+            "num_eval_users": len(split.eval_cases), "train_seconds": seconds,
+            "best_epoch": best_epoch, "validation": validation, "metrics": metrics}

@@ -179,3 +179,17 @@ def test_finetuned_encoder_gets_its_own_learning_rate(wordpiece):
                  ids, lengths, torch.zeros(1, dtype=torch.int64))
     ctx.sum().backward()
     assert ranker.query_encoder.bert.embeddings.word_embeddings.weight.grad is not None
+
+
+def test_cold_start_evaluates_a_given_checkpoint(tmp_path):
+    from dataclasses import replace
+
+    from unirank.training.cold_start import run_cold_start
+
+    cfg = load_config("quickstart", [f"train.out_dir={tmp_path}", "train.max_epochs=1", "train.tasks=[prequery]",
+                                     "eval.num_bootstrap=0", "train.threads=1"])
+    trained = run_cold_start(cfg, split_seed=1)
+    again = run_cold_start(replace(cfg, eval=replace(cfg.eval, checkpoint=str(tmp_path / "best.pt"))), split_seed=1)
+    assert again["metrics"] == trained["metrics"] and again["best_epoch"] == 1
+    with pytest.raises(ValueError, match="not trained on this cold-start split"):
+        run_cold_start(replace(cfg, eval=replace(cfg.eval, checkpoint=str(tmp_path / "best.pt"))), split_seed=2)
