@@ -1,4 +1,4 @@
-"""Side-by-side test quality of unirank and the peers a user would pick (rectools SASRec and
+r"""Side-by-side test quality of unirank and the peers a user would pick (rectools SASRec and
 BERT4Rec) on one dataset, per task, under ../shared/docs/PROTOCOL.md, plus validation NDCG@10
 against wall time.
 
@@ -16,6 +16,7 @@ run to an existing --out JSON (e.g. peers today, `--ours-run` later).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -29,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PEER_SCRIPT = ROOT / "benchmarks" / "peers" / "rectools_peer.py"
 PEER_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
 PEERS = ("sasrec", "bert4rec")
+PEER_LOSS, PEER_NEGATIVES = "sampled_softmax", 256  # the published rectools setting for Beauty (rectools_peer.py)
 TASKS = ("search", "similar", "prequery")
 K = 20
 # Published pre-query test R@10 on Amazon Beauty (PROTOCOL.md); "seconds to reach" reads them off
@@ -100,7 +102,7 @@ def export_split(split, valid_eval: np.ndarray, path: Path) -> Path:
 def run_peer(name: str, split_path: Path, out: Path, args: argparse.Namespace) -> dict:
     cmd = [str(PEER_PYTHON), str(PEER_SCRIPT), "--split", str(split_path), "--model", name, "--out", str(out),
            "--minutes", str(args.peer_minutes), "--threads", str(args.threads), "--loss", args.peer_loss,
-           "--max-epochs", str(args.peer_max_epochs)]
+           "--max-epochs", str(args.peer_max_epochs), "--n-negatives", str(args.peer_negatives)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore"}
     print(f"[{name}] {' '.join(cmd)}", flush=True)
     load_before = os.getloadavg()
@@ -112,7 +114,7 @@ def run_peer(name: str, split_path: Path, out: Path, args: argparse.Namespace) -
     return json.loads((out / "result.json").read_text()) | {"load_average_1_5_15min": load}
 
 
-def peer_report(name: str, out: Path, result: dict, split, valid_eval: np.ndarray, num_bootstrap: int) -> dict:
+def peer_report(out: Path, result: dict, split, valid_eval: np.ndarray, num_bootstrap: int) -> dict:
     epochs = [json.loads(line) for line in (out / "epochs.jsonl").read_text().splitlines()]
     eval_targets = split.valid.targets[valid_eval]
     test = np.load(out / "test.npz")
@@ -234,9 +236,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--peers", default=",".join(PEERS), help=f"comma list from {PEERS}; empty = none")
     parser.add_argument("--peer-minutes", type=float, default=15.0, help="wall-clock cap per peer")
     parser.add_argument("--peer-max-epochs", type=int, default=200)
-    parser.add_argument("--peer-loss", default="sampled_softmax",
+    parser.add_argument("--peer-loss", default=PEER_LOSS,
                         help="rectools loss: sampled_softmax (256 negatives, the published Beauty setting) | "
                         "softmax (full catalogue)")
+    parser.add_argument("--peer-negatives", type=int, default=PEER_NEGATIVES, help="negatives of the sampled losses")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every model trained here")
     ours = parser.add_mutually_exclusive_group()
     ours.add_argument("--ours-run", help="a finished `unirank train` directory (best.pt, train_history.json)")
@@ -283,15 +286,16 @@ def main(argv: list[str] | None = None) -> int:
     prep = prepare(cfg)
     valid_eval = validation_subset(len(prep.split.valid), cfg.train.eval_users, cfg.train.seed)
     models: dict = {}
-    with tempfile.TemporaryDirectory(prefix="unirank-quality-") as tmp:
-        if args.work_dir:
-            tmp = args.work_dir
-            Path(tmp).mkdir(parents=True, exist_ok=True)
+    work = contextlib.nullcontext(args.work_dir) if args.work_dir else tempfile.TemporaryDirectory(prefix="unirank-q-")
+    with work as tmp:
+        Path(tmp).mkdir(parents=True, exist_ok=True)
         split_path = export_split(prep.split, valid_eval, Path(tmp) / "split.npz")
         for name in args.peer_list:
-            out = Path(tmp) / name
+            variant = (args.peer_loss, args.peer_negatives)  # a non-default variant merges in beside the default
+            key = name if variant == (PEER_LOSS, PEER_NEGATIVES) else f"{name}-{variant[0]}-{variant[1]}neg"
+            out = Path(tmp) / key
             result = run_peer(name, split_path, out, args)
-            models[name] = peer_report(name, out, result, prep.split, valid_eval, args.num_bootstrap)
+            models[key] = peer_report(out, result, prep.split, valid_eval, args.num_bootstrap)
     if not args.no_ours:
         run_dir = Path(args.ours_run) if args.ours_run else train_ours(args)
         models["unirank"] = ours_report(run_dir, args.data, args.num_bootstrap)

@@ -1,4 +1,4 @@
-"""Trains one rectools peer (SASRec or BERT4Rec) on a split exported by benchmarks/quality.py and
+r"""Trains one rectools peer (SASRec or BERT4Rec) on a split exported by benchmarks/quality.py and
 writes its top-K lists: per epoch for the validation users, at the end for every test user.
 
     .venv-peers/bin/python benchmarks/peers/rectools_peer.py --split DIR/split.npz --model sasrec \
