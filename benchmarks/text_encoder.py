@@ -15,12 +15,15 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 
 from unirank.model.semantic_ids import SemanticIdConfig, semantic_id_stats, semantic_ids
-from unirank.model.text_encoder import TextEncoder
+from unirank.model.text_encoder import SentenceEncoder, TextEncoder
+from unirank.model.tokenizer import WordPieceTokenizer
 from unirank.training.datasets import load_dataset
+from unirank.training.examples import build_search_query, pad
 from unirank.training.lm_features import item_texts
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +36,7 @@ class BenchConfig:
     num_levels: int = 3
     codebook_size: int | None = None  # None: derived from the number of items
     seed: int = 0
+    query_batches: int = 8  # batches of batch_size protocol queries timed through the in-model query encoder
     output: str = str(REPO_ROOT / "docs" / "bench" / "text_encoder.json")
 
 
@@ -57,6 +61,34 @@ def git_commit() -> str:
     return git("rev-parse", "HEAD") + (" (benchmarked files modified)" if dirty else "")
 
 
+def query_cost(data, config: BenchConfig) -> dict:
+    """How often the protocol's training queries repeat (what the frozen encoder's memo saves), the
+    frozen encoder's query throughput, and one fine-tuning forward + backward per batch."""
+    rng = np.random.default_rng(config.seed)
+    pairs = [(u, int(i)) for u, seq in enumerate(data.sequences) for i in seq[:-2]]
+    distinct = len({build_search_query(data, u, i) for u, i in pairs})
+    tokenizer, encoder = WordPieceTokenizer(), SentenceEncoder(trainable=True)
+    picks = rng.choice(len(pairs), size=config.query_batches * config.batch_size, replace=False)
+    batches = [pad([np.array(tokenizer.encode(build_search_query(data, *pairs[j]), max_length=16)) for j in chunk])
+               for chunk in np.array_split(picks, config.query_batches)]
+    encoder.eval()
+    with torch.no_grad():
+        encoder.encode(*batches[0])
+        start = time.perf_counter()
+        for ids, lengths in batches:
+            encoder.encode(ids, lengths)
+        frozen_s = time.perf_counter() - start
+    encoder.train()
+    start = time.perf_counter()
+    for ids, lengths in batches:
+        encoder.zero_grad()
+        encoder.encode(ids, lengths).sum().backward()
+    finetune_s = (time.perf_counter() - start) / len(batches)
+    return {"training_pairs": len(pairs), "distinct_training_queries": distinct,
+            "frozen_queries_per_s": len(picks) / frozen_s, "finetune_step_s": finetune_s,
+            "batch_size": config.batch_size}
+
+
 def main() -> None:
     config: BenchConfig = OmegaConf.to_object(
         OmegaConf.merge(OmegaConf.structured(BenchConfig), OmegaConf.from_cli()))
@@ -79,6 +111,8 @@ def main() -> None:
     rq_s = time.perf_counter() - start
     stats = semantic_id_stats(codes, quantizer)
 
+    queries = query_cost(data, config)
+
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": machine,
@@ -89,6 +123,7 @@ def main() -> None:
                          "mean_text_chars": sum(map(len, texts)) / len(texts),
                          "load_s": load_s, "encode_s": encode_s, "items_per_s": len(texts) / encode_s},
         "semantic_ids": {"wall_s": rq_s, **stats},
+        "query_encoder": queries,
     }
     print(f"{'dataset':<34}{data.name}")
     print(f"{'items encoded':<34}{len(texts)}")
@@ -103,6 +138,9 @@ def main() -> None:
         print(f"{f'residual MSE after level {level}':<34}{mse:.4f}  ({rel:.1%} of ||x||^2)")
     print(f"{'unique code tuples':<34}{stats['unique_code_tuples']}")
     print(f"{'collision rate':<34}{stats['collision_rate']:.2%}  (max {stats['max_items_per_tuple']} per tuple)")
+    print(f"{'distinct training queries':<34}{queries['distinct_training_queries']} of {queries['training_pairs']} (user, target) pairs")
+    print(f"{'frozen query encode':<34}{queries['frozen_queries_per_s']:.0f} queries/s")
+    print(f"{'fine-tune fwd+bwd per batch':<34}{queries['finetune_step_s']:.2f} s ({config.batch_size} queries)")
     output = Path(config.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n")
