@@ -99,7 +99,8 @@ def export_split(split, valid_eval: np.ndarray, path: Path) -> Path:
 # ---------------------------------------------------------------- peers
 
 
-def run_peer(name: str, split_path: Path, out: Path, args: argparse.Namespace) -> dict:
+def run_peer(name: str, split_path: Path, out: Path, args: argparse.Namespace) -> None:
+    """Trains the peer in .venv-peers; its lists and result.json land in `out`."""
     cmd = [str(PEER_PYTHON), str(PEER_SCRIPT), "--split", str(split_path), "--model", name, "--out", str(out),
            "--minutes", str(args.peer_minutes), "--threads", str(args.threads), "--loss", args.peer_loss,
            "--max-epochs", str(args.peer_max_epochs), "--n-negatives", str(args.peer_negatives)]
@@ -111,10 +112,12 @@ def run_peer(name: str, split_path: Path, out: Path, args: argparse.Namespace) -
         raise RuntimeError(f"peer {name} failed (exit {proc.returncode})")
     # The machine is shared: the load average says how much of a core the peer really had.
     load = {"start": [round(x, 2) for x in load_before], "end": [round(x, 2) for x in os.getloadavg()]}
-    return json.loads((out / "result.json").read_text()) | {"load_average_1_5_15min": load}
+    (out / "load_average.json").write_text(json.dumps(load))
 
 
-def peer_report(out: Path, result: dict, split, valid_eval: np.ndarray, num_bootstrap: int) -> dict:
+def peer_report(out: Path, split, valid_eval: np.ndarray, num_bootstrap: int) -> dict:
+    """Test metrics (with CIs) and validation curves from the peer's lists in `out`."""
+    result = json.loads((out / "result.json").read_text())
     epochs = [json.loads(line) for line in (out / "epochs.jsonl").read_text().splitlines()]
     eval_targets = split.valid.targets[valid_eval]
     test = np.load(out / "test.npz")
@@ -127,11 +130,12 @@ def peer_report(out: Path, result: dict, split, valid_eval: np.ndarray, num_boot
             curve.append([row["seconds"], round(m["ndcg@10"]["mean"], 5), round(m["recall@10"]["mean"], 5)])
         tasks[task] = {"test": top_k_metrics(test[task], split.test.targets, num_bootstrap=num_bootstrap),
                        "validation_curve": curve, "seconds_to_reach_validation_recall@10": seconds_to_reach(curve)}
-    return {"kind": "peer (rectools)", "train_wall_seconds": result["seconds"],
+    load = json.loads((out / "load_average.json").read_text())
+    # Wall seconds up to the end of the last epoch's validation (test lists excluded), as for ours.
+    return {"kind": "peer (rectools)", "train_wall_seconds": epochs[-1]["seconds"],
             "train_seconds_without_validation": result["train_seconds"], "epochs": result["epochs"],
             "best_epoch": result["best_epoch"], "settings": result["settings"], "versions": result["versions"],
-            "validation_users": int(len(valid_eval)), "load_average_1_5_15min": result["load_average_1_5_15min"],
-            "tasks": tasks}
+            "validation_users": int(len(valid_eval)), "load_average_1_5_15min": load, "tasks": tasks}
 
 
 # ---------------------------------------------------------------- ours
@@ -249,6 +253,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--merge", action="store_true", help="add this run's models to an existing --out JSON")
     parser.add_argument("--num-bootstrap", type=int, default=1000)
     parser.add_argument("--note", default="", help="free text stored with the run (e.g. CPU contention)")
+    parser.add_argument("--reuse-peers", action="store_true",
+                        help="report a peer from the lists already in --work-dir instead of training it again")
     parser.add_argument("--work-dir", help="keep the exported split and the peers' raw top-K lists (default: temp)")
     args = parser.parse_args(argv)
     try:
@@ -270,6 +276,8 @@ def check_inputs(args: argparse.Namespace) -> None:
         raise BenchmarkInputError(f"peers need {PEER_PYTHON.relative_to(ROOT)}: run `make peers` first")
     if args.ours_run and not Path(args.ours_run).is_dir():
         raise BenchmarkInputError(f"--ours-run {args.ours_run}: no such directory")
+    if args.reuse_peers and not args.work_dir:
+        raise BenchmarkInputError("--reuse-peers needs --work-dir (where the earlier run kept its lists)")
     if args.merge and not Path(args.out).is_file():
         raise BenchmarkInputError(f"--merge: {args.out} does not exist yet (run once without --merge)")
     if not args.peer_list and args.no_ours:
@@ -294,14 +302,16 @@ def main(argv: list[str] | None = None) -> int:
             variant = (args.peer_loss, args.peer_negatives)  # a non-default variant merges in beside the default
             key = name if variant == (PEER_LOSS, PEER_NEGATIVES) else f"{name}-{variant[0]}-{variant[1]}neg"
             out = Path(tmp) / key
-            result = run_peer(name, split_path, out, args)
-            models[key] = peer_report(out, result, prep.split, valid_eval, args.num_bootstrap)
+            if not (args.reuse_peers and (out / "result.json").is_file()):
+                run_peer(name, split_path, out, args)
+            models[key] = peer_report(out, prep.split, valid_eval, args.num_bootstrap)
     if not args.no_ours:
         run_dir = Path(args.ours_run) if args.ours_run else train_ours(args)
         models["unirank"] = ours_report(run_dir, args.data, args.num_bootstrap)
 
     run = run_metadata(" ".join(["python", "benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])]))
-    run |= {"models": list(models), "cpu_cores": os.cpu_count(), "threads": args.threads, "note": args.note}
+    run |= {"models": list(models), "cpu_cores": os.cpu_count(), "threads": args.threads, "note": args.note,
+            "peers_reused_from_work_dir": bool(args.reuse_peers)}
     report = json.loads(Path(args.out).read_text()) if args.merge else {
         "benchmark": "quality", "dataset": prep.data.name, "data_path": args.data, "num_items": prep.data.num_items,
         "num_users": len(prep.split.users), "protocol": "../shared/docs/PROTOCOL.md (leave-one-out, full "

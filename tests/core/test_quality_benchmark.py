@@ -109,6 +109,12 @@ def test_merge_needs_an_existing_report_and_ours_run_a_directory(capsys, tmp_pat
     assert "--ours-run" in err and "no such directory" in err
 
 
+def test_reuse_peers_needs_the_work_dir(capsys, tmp_path):
+    err = _error(capsys, ["--data", "synthetic", "--out", str(tmp_path / "q.json"), "--peers", "sasrec",
+                          "--reuse-peers"])
+    assert "--reuse-peers needs --work-dir" in err
+
+
 def test_nothing_to_run_is_refused(capsys, tmp_path):
     err = _error(capsys, ["--data", "synthetic", "--out", str(tmp_path / "q.json"), "--peers", "", "--no-ours"])
     assert "nothing to run" in err
@@ -125,9 +131,10 @@ def test_ours_run_without_checkpoint_is_refused(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not quality.PEER_PYTHON.is_file(), reason="no .venv-peers (run `make peers`)")
 def test_sasrec_one_epoch_on_synthetic_data(tmp_path):
-    out, plot = tmp_path / "q.json", tmp_path / "q.png"
-    quality.main(["--data", "synthetic", "--out", str(out), "--peers", "sasrec", "--peer-max-epochs", "1",
-                  "--no-ours", "--num-bootstrap", "10", "--plot", str(plot)])
+    out, plot, work = tmp_path / "q.json", tmp_path / "q.png", tmp_path / "work"
+    argv = ["--data", "synthetic", "--out", str(out), "--peers", "sasrec", "--peer-max-epochs", "1", "--no-ours",
+            "--num-bootstrap", "10", "--work-dir", str(work)]
+    quality.main(argv + ["--plot", str(plot)])
     report = json.loads(out.read_text())
     sasrec = report["models"]["sasrec"]
     assert sasrec["epochs"] == 1 and sasrec["settings"]["torch_threads"] == 1
@@ -138,3 +145,8 @@ def test_sasrec_one_epoch_on_synthetic_data(tmp_path):
         assert test["num_users"] == report["num_users"] and "mrr@20" in test
         assert len(sasrec["tasks"][task]["validation_curve"]) == 1
     assert plot.stat().st_size > 0
+    # Re-reporting from the kept lists gives the same numbers and records the reuse.
+    quality.main(argv + ["--reuse-peers", "--merge"])
+    again = json.loads(out.read_text())
+    assert again["models"]["sasrec"]["tasks"] == sasrec["tasks"]
+    assert [r["peers_reused_from_work_dir"] for r in again["runs"]] == [False, True]
