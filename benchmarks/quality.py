@@ -130,7 +130,8 @@ def peer_report(out: Path, split, valid_eval: np.ndarray, num_bootstrap: int) ->
             curve.append([row["seconds"], round(m["ndcg@10"]["mean"], 5), round(m["recall@10"]["mean"], 5)])
         tasks[task] = {"test": top_k_metrics(test[task], split.test.targets, num_bootstrap=num_bootstrap),
                        "validation_curve": curve, "seconds_to_reach_validation_recall@10": seconds_to_reach(curve)}
-    load = json.loads((out / "load_average.json").read_text())
+    load_file = out / "load_average.json"  # absent when the lists came from an older runner
+    load = json.loads(load_file.read_text()) if load_file.is_file() else None
     # Wall seconds up to the end of the last epoch's validation (test lists excluded), as for ours.
     return {"kind": "peer (rectools)", "train_wall_seconds": epochs[-1]["seconds"],
             "train_seconds_without_validation": result["train_seconds"], "epochs": result["epochs"],
