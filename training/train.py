@@ -158,6 +158,7 @@ def train(cfg: Config, prep: Prepared | None = None, quiet: bool = False) -> Tra
         row = {"epoch": epoch, "step": step, "seconds": round(time.time() - t0, 1), "score": score,
                **{f"{t}/{k}": m[k]["mean"] for t, m in metrics.items() for k in ("recall@10", "ndcg@10")}}
         history.append(row)
+        (out / "train_history.json").write_text(json.dumps(history, indent=1))  # kept if the run is stopped
         for key, value in row.items():
             if "/" in key:
                 writer.add_scalar(f"valid/{key}", value, step)
@@ -172,5 +173,4 @@ def train(cfg: Config, prep: Prepared | None = None, quiet: bool = False) -> Tra
         if bad_rounds >= cfg.train.patience or over_budget:
             break
     writer.close()
-    (out / "train_history.json").write_text(json.dumps(history, indent=1))
     return TrainResult(ckpt, best_epoch, best_row, history, time.time() - t0)
