@@ -251,6 +251,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ours.add_argument("--no-ours", action="store_true", help="peers only")
     parser.add_argument("--ours-config", default="default", help="config to train ours with (no --ours-run)")
     parser.add_argument("--ours-minutes", type=float, default=20.0)
+    parser.add_argument("--ours-name", default="unirank", help="model name in the report (e.g. one per config)")
     parser.add_argument("--merge", action="store_true", help="add this run's models to an existing --out JSON")
     parser.add_argument("--num-bootstrap", type=int, default=1000)
     parser.add_argument("--note", default="", help="free text stored with the run (e.g. CPU contention)")
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             models[key] = peer_report(out, prep.split, valid_eval, args.num_bootstrap)
     if not args.no_ours:
         run_dir = Path(args.ours_run) if args.ours_run else train_ours(args)
-        models["unirank"] = ours_report(run_dir, args.data, args.num_bootstrap)
+        models[args.ours_name] = ours_report(run_dir, args.data, args.num_bootstrap)
 
     run = run_metadata(" ".join(["python", "benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])]))
     run |= {"models": list(models), "cpu_cores": os.cpu_count(), "threads": args.threads, "note": args.note,

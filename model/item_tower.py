@@ -46,6 +46,9 @@ class ItemTower(nn.Module):
     """Maps item ids (any shape) to vectors. Id 0 is padding (zero vector); ids outside
     [1, num_items] use the reserved OOV row num_items + 1.
 
+    `id_dropout`: in training, each item's id vector is dropped with this probability (per call),
+    so the content features learn to stand in for ids (cold start).
+
     LM features (optional): `semantic_id_sizes` [rows per level] turns on one table per level,
     indexed by `item_codes` [num_items + 2, levels] (-1 = no code: padding / OOV rows);
     `text_dim` > 0 adds `text_proj(item_text[id])`, `item_text` [num_items + 2, text_dim] frozen.
@@ -56,9 +59,10 @@ class ItemTower(nn.Module):
                  item_words: list[list[int]], num_words: int, dim: int,
                  use_attributes: bool = True, use_words: bool = True, bag_impl: str = "torchrec",
                  semantic_id_sizes: list[int] | None = None, item_codes: torch.Tensor | None = None,
-                 text_dim: int = 0, item_text: torch.Tensor | None = None):
+                 text_dim: int = 0, item_text: torch.Tensor | None = None, id_dropout: float = 0.0):
         super().__init__()
         self.num_items, self.dim, self.bag_impl = num_items, dim, bag_impl
+        self.id_dropout = id_dropout
         rows = num_items + 2
         self.semantic_id_sizes = list(semantic_id_sizes or [])
         levels = len(self.semantic_id_sizes)
@@ -112,6 +116,9 @@ class ItemTower(nn.Module):
         attr_len, attr_val = gather_csr(self.attr_offsets, self.attr_values, item_ids)
         word_len, word_val = gather_csr(self.word_offsets, self.word_values, item_ids)
         id_len = (item_ids != 0).long()
+        if self.training and self.id_dropout > 0:
+            # DropoutNet-style: some items train on content alone, as a new item must be served
+            id_len = id_len * (torch.rand(n_items) >= self.id_dropout).long()
         if query is None:
             q_len, q_val = zeros(0), zeros(0)
         else:

@@ -50,6 +50,7 @@ class ModelConfig:
     semantic_id_levels: int = 0  # RQ-KMeans levels of semantic-ID tables in the item tower (0 = off; + a collision level)
     query_encoder: str = "none"  # search context adds the text encoder's query vector: "none" | "frozen" | "finetune"
     query_bag: bool = True  # search context includes the pooled query-token bag
+    id_dropout: float = 0.0  # training: drop an item's id vector with this probability (content must carry it)
 
     def __post_init__(self) -> None:
         if self.dim % self.num_heads:
@@ -68,6 +69,8 @@ class ModelConfig:
             raise ValueError("model.query_bag=false needs a model.query_encoder: search would have no query signal")
         if self.semantic_id_levels < 0:
             raise ValueError("model.semantic_id_levels must be >= 0")
+        if not 0.0 <= self.id_dropout < 1.0:
+            raise ValueError(f"model.id_dropout must be in [0, 1), got {self.id_dropout}")
 
 
 @dataclass(kw_only=True)
@@ -127,7 +130,7 @@ class UnifiedRanker(nn.Module):
             cfg.num_items, item_attributes, cfg.num_attributes, item_words, cfg.num_words, cfg.dim,
             use_attributes=cfg.use_attributes, use_words=cfg.use_words, bag_impl=cfg.embedding_bag_impl,
             semantic_id_sizes=cfg.semantic_id_sizes, item_codes=item_codes,
-            text_dim=cfg.text_dim if cfg.text_features else 0, item_text=item_text)
+            text_dim=cfg.text_dim if cfg.text_features else 0, item_text=item_text, id_dropout=cfg.id_dropout)
         if cfg.query_encoder != "none":
             from unirank.model.text_encoder import SentenceEncoder
 

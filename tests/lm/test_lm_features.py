@@ -193,3 +193,17 @@ def test_cold_start_evaluates_a_given_checkpoint(tmp_path):
     assert again["metrics"] == trained["metrics"] and again["best_epoch"] == 1
     with pytest.raises(ValueError, match="not trained on this cold-start split"):
         run_cold_start(replace(cfg, eval=replace(cfg.eval, checkpoint=str(tmp_path / "best.pt"))), split_seed=2)
+
+
+def test_id_dropout_only_in_training():
+    ranker, _, _ = lm_ranker(id_dropout=0.5)
+    tower = ranker.item_tower
+    with torch.no_grad():
+        tower.ebc.embedding_bags["item_id"].weight.mul_(100.0)  # make the id part unmistakable
+        torch.testing.assert_close(tower.all_items(), tower.all_items())  # eval: deterministic, ids kept
+        full = tower.all_items()
+        tower.train()
+        dropped = (tower.all_items() - full).abs().sum(1)[1: N + 1] > 1.0
+    assert 0.2 < dropped.float().mean() < 0.8  # about half the items lost their id vector
+    with pytest.raises(ValueError, match="id_dropout"):
+        RankerConfig(num_items=N, num_attributes=4, num_words=20, id_dropout=1.0)
