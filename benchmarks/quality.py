@@ -274,12 +274,12 @@ def check_inputs(args: argparse.Namespace) -> None:
     unknown = [p for p in args.peer_list if p not in PEERS]
     if unknown:
         raise BenchmarkInputError(f"--peers: unknown peer {', '.join(unknown)} (known: {', '.join(PEERS)})")
+    if args.reuse_peers and not args.work_dir:
+        raise BenchmarkInputError("--reuse-peers needs --work-dir (where the earlier run kept its lists)")
     if args.peer_list and not PEER_PYTHON.is_file():
         raise BenchmarkInputError(f"peers need {PEER_PYTHON.relative_to(ROOT)}: run `make peers` first")
     if args.ours_run and not Path(args.ours_run).is_dir():
         raise BenchmarkInputError(f"--ours-run {args.ours_run}: no such directory")
-    if args.reuse_peers and not args.work_dir:
-        raise BenchmarkInputError("--reuse-peers needs --work-dir (where the earlier run kept its lists)")
     if args.merge and not Path(args.out).is_file():
         raise BenchmarkInputError(f"--merge: {args.out} does not exist yet (run once without --merge)")
     if not args.peer_list and args.no_ours:
