@@ -65,12 +65,11 @@ class WordTokenizer:
         Path(path).write_text(json.dumps(self.to_dict()))
 
     @classmethod
-    def load(cls, path: str | Path) -> "Tokenizer":
-        """Either kind, from a file written by `save`."""
-        try:
-            return tokenizer_from_dict(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError, ValueError, RuntimeError) as err:
-            raise ValueError(f"cannot load tokenizer from {path}: {err}") from err
+    def load(cls, path: str | Path) -> "WordTokenizer":
+        tokenizer = load_tokenizer(path)
+        if not isinstance(tokenizer, cls):
+            raise ValueError(f"{path} holds a {tokenizer.to_dict()['type']} tokenizer, not a word tokenizer")
+        return tokenizer
 
 
 class WordPieceTokenizer:
@@ -122,3 +121,11 @@ def tokenizer_from_dict(data: dict) -> Tokenizer:
     if not isinstance(data, dict) or data.get("type") not in kinds:
         raise ValueError(f"unknown tokenizer: expected type in {sorted(kinds)}, got {data.get('type') if isinstance(data, dict) else data!r}")
     return kinds[data["type"]].from_dict(data)
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Either kind, from a file written by `save`."""
+    try:
+        return tokenizer_from_dict(json.loads(Path(path).read_text()))
+    except (OSError, json.JSONDecodeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"cannot load tokenizer from {path}: {err}") from err

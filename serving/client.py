@@ -20,7 +20,7 @@ import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
 from unirank.model.request import Task
-from unirank.model.tokenizer import Tokenizer, WordTokenizer
+from unirank.model.tokenizer import Tokenizer, load_tokenizer
 from unirank.serving.export import METADATA_FILE, OUTPUT_NAMES, TOKENIZER_FILE, ExportMetadata
 from unirank.serving.request_arrays import FIELDS, ROW_FIELDS, RequestLimits, check_request
 
@@ -97,7 +97,7 @@ def rankings(result, k: int | None = None) -> list[Ranking]:
 
 def _load_model_files(model_dir: str | Path) -> tuple[Tokenizer, ExportMetadata]:
     model_dir = Path(model_dir)
-    return WordTokenizer.load(model_dir / TOKENIZER_FILE), ExportMetadata.load(model_dir / METADATA_FILE)
+    return load_tokenizer(model_dir / TOKENIZER_FILE), ExportMetadata.load(model_dir / METADATA_FILE)
 
 
 class _TypedCalls:

@@ -109,10 +109,10 @@ def run_cold_start(cfg: Config, fraction: float = 0.05, split_seed: int = 0, qui
     forget_item_ids(ranker, cold)
     text = prep.lm.text if prep.lm is not None else item_lm_features(data, cfg.data.cache_dir, 0, 0).text
     tasks = [TASK_BY_NAME[t] for t in cfg.train.tasks]
-    scorers = [ModelScorer(ranker, tasks=tasks), Popularity(prep.split.train, data.num_items), TextKNN(text)]
-    scorers = [s for s in scorers if set(s.tasks) & set(tasks)]
-    for s in scorers[1:]:
+    scorers = [ModelScorer(ranker), Popularity(prep.split.train, data.num_items), TextKNN(text)]
+    for s in scorers:  # every method on the trained tasks only
         s.tasks = tuple(t for t in s.tasks if t in tasks)
+    scorers = [s for s in scorers if s.tasks]
     metrics = evaluate_all(scorers, cold_eval_cases(split), prep.builder, ks=cfg.eval.ks,
                            num_bootstrap=cfg.eval.num_bootstrap, seed=cfg.train.seed)
     return {"fraction": fraction, "split_seed": split_seed, "num_cold_items": len(cold),
