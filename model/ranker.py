@@ -212,7 +212,7 @@ class UnifiedRanker(nn.Module):
             scores = context @ items.T
         else:
             scores = torch.einsum("...d,...nd->...n", context, items)
-        return scores / self.config.temperature
+        return scores if self.config.temperature == 1.0 else scores / self.config.temperature
 
     def all_item_embeddings(self) -> torch.Tensor:
         return self.item_tower.all_items()

@@ -34,12 +34,11 @@ def softmax_loss(ranker: UnifiedRanker, batch: TrainBatch, num_negatives: int, i
     row_task = req.task.unsqueeze(1).expand_as(keep)[keep]
 
     if full:
-        logits = ranker.similarity(h, ranker.all_item_embeddings())
-        logits[:, 0] = -torch.inf
-        logits[:, n + 1] = -torch.inf
+        # Columns = ids 1..n only (padding and OOV rows are never candidates): label = id - 1.
+        logits = ranker.similarity(h, ranker.all_item_embeddings()[1: n + 1])
         if excluded_items is not None:
-            logits[:, excluded_items] = -torch.inf
-        labels = targets
+            logits[:, excluded_items - 1] = -torch.inf
+        labels = targets - 1
     else:
         logits = ranker.similarity(h, cand_vec)
         # P(item in candidate set) ~ drawn among the batch's targets + drawn uniformly.
