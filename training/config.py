@@ -43,6 +43,9 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.0
+    lr_schedule: str = "constant"  # constant | cosine (decays to lr_min_ratio * lr at max_epochs)
+    warmup_steps: int = 0  # linear warm-up from 0 over this many steps (both schedules)
+    lr_min_ratio: float = 0.0  # cosine floor, as a fraction of lr
     encoder_lr: float = 5e-5  # learning rate of the text encoder's weights when model.query_encoder=finetune
     max_epochs: int = 50
     patience: int = 5  # validation rounds without improvement before stopping
@@ -143,6 +146,10 @@ def validate(cfg: Config) -> None:
     for key in ("batch_size", "max_epochs", "eval_every"):
         if getattr(cfg.train, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1")
+    if cfg.train.lr_schedule not in ("constant", "cosine"):
+        raise ConfigError(f"train.lr_schedule must be constant or cosine, got {cfg.train.lr_schedule!r}")
+    if cfg.train.warmup_steps < 0 or not 0.0 <= cfg.train.lr_min_ratio <= 1.0:
+        raise ConfigError("train.warmup_steps must be >= 0 and train.lr_min_ratio in [0, 1]")
     if cfg.train.num_negatives < 0:
         raise ConfigError("train.num_negatives must be >= 0 (0 = full softmax)")
 

@@ -91,6 +91,18 @@ def parameter_groups(ranker: UnifiedRanker, cfg: Config) -> list[dict]:
     return [{"params": rest}] + ([{"params": encoder, "lr": cfg.train.encoder_lr}] if encoder else [])
 
 
+def lr_factor(step: int, total_steps: int, cfg: Config) -> float:
+    """Multiplier of train.lr at optimizer step `step` (0-based): linear warm-up, then constant or
+    cosine down to train.lr_min_ratio at `total_steps` (the max_epochs horizon)."""
+    t = cfg.train
+    if t.warmup_steps and step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    if t.lr_schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - t.warmup_steps) / max(1, total_steps - t.warmup_steps))
+    return t.lr_min_ratio + (1.0 - t.lr_min_ratio) * 0.5 * (1.0 + np.cos(np.pi * progress))
+
+
 @dataclass
 class TrainResult:
     checkpoint: Path
@@ -116,6 +128,8 @@ def train(cfg: Config, prep: Prepared | None = None, quiet: bool = False) -> Tra
     generator = torch.Generator().manual_seed(cfg.train.seed)
     excluded = None if prep.excluded_items is None else torch.as_tensor(prep.excluded_items, dtype=torch.int64)
     optimizer = torch.optim.AdamW(parameter_groups(ranker, cfg), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]  # the config's, even after a resume
+    total_steps = cfg.train.max_epochs * examples.steps_per_epoch()
 
     out = Path(cfg.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -133,6 +147,7 @@ def train(cfg: Config, prep: Prepared | None = None, quiet: bool = False) -> Tra
             optimizer.load_state_dict(loaded.optimizer_state)
         best_epoch = loaded.metadata.get("epoch", 0)
         best, first_epoch = selection_score(loaded.metadata["validation"]), best_epoch + 1
+        step = best_epoch * examples.steps_per_epoch()  # the schedule continues where it was
     best_row: dict = {"epoch": best_epoch, "score": best} if best_epoch else {}
     metadata = {"dataset": prep.data.name, "fingerprint": prep.data.fingerprint(), "tasks": cfg.train.tasks}
 
@@ -141,6 +156,8 @@ def train(cfg: Config, prep: Prepared | None = None, quiet: bool = False) -> Tra
         bar = tqdm(examples.epoch(), total=examples.steps_per_epoch(), desc=f"epoch {epoch}", disable=quiet,
                    leave=False)
         for batch in bar:
+            for group, base in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base * lr_factor(step, total_steps, cfg)
             loss, losses = softmax_loss(ranker, batch, cfg.train.num_negatives, item_freq, generator, weights,
                                         excluded_items=excluded)
             optimizer.zero_grad(set_to_none=True)

@@ -120,3 +120,36 @@ def test_single_task_mode_trains_only_that_task(tmp_path, monkeypatch):
     assert set(result.best_validation) == {"epoch", "step", "seconds", "score", "prequery/recall@10",
                                            "prequery/ndcg@10"}
     assert load_checkpoint(result.checkpoint).metadata["tasks"] == ["prequery"]
+
+
+def test_lr_schedule_warmup_then_cosine_to_the_floor(tmp_path):
+    from unirank.training.config import ConfigError
+    from unirank.training.train import lr_factor
+
+    cfg = tiny_config(tmp_path, "train.lr_schedule=cosine", "train.warmup_steps=10", "train.lr_min_ratio=0.1")
+    factors = [lr_factor(s, 110, cfg) for s in range(120)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)  # linear warm-up
+    assert factors[10] == pytest.approx(1.0) and factors[60] == pytest.approx(0.55)  # cosine midpoint
+    assert factors[110] == pytest.approx(0.1) and factors[119] == pytest.approx(0.1)  # floor after the horizon
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    constant = tiny_config(tmp_path)
+    assert {lr_factor(s, 110, constant) for s in range(120)} == {1.0}
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        tiny_config(tmp_path, "train.lr_schedule=linear")
+
+
+def test_cosine_schedule_reaches_the_optimizer(tmp_path, monkeypatch):
+    """The optimizer steps with the scheduled rate (recorded per step), ending near the floor."""
+    seen = []
+    original = torch.optim.AdamW.step
+
+    def record(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    cfg = tiny_config(tmp_path, "train.lr_schedule=cosine", "train.max_epochs=2", "train.lr_min_ratio=0.0",
+                      "train.tasks=[prequery]")
+    train(cfg, quiet=True)
+    assert seen[0] == pytest.approx(cfg.train.lr) and seen[-1] < 0.05 * cfg.train.lr
+    assert all(a >= b for a, b in zip(seen, seen[1:]))
