@@ -50,6 +50,7 @@ class ModelConfig:
     semantic_id_levels: int = 0  # RQ-KMeans levels of semantic-ID tables in the item tower (0 = off; + a collision level)
     query_encoder: str = "none"  # search context adds the text encoder's query vector: "none" | "frozen" | "finetune"
     query_bag: bool = True  # search context includes the pooled query-token bag
+    tie_text_projection: bool = False  # query vector and item text vectors share one projection (one space)
     id_dropout: float = 0.0  # training: drop an item's id vector with this probability (content must carry it)
 
     def __post_init__(self) -> None:
@@ -67,6 +68,8 @@ class ModelConfig:
             raise ValueError("model.query_encoder needs model.tokenizer=wordpiece (the encoder reads its own word pieces)")
         if not self.query_bag and self.query_encoder == "none":
             raise ValueError("model.query_bag=false needs a model.query_encoder: search would have no query signal")
+        if self.tie_text_projection and not (self.text_features and self.query_encoder != "none"):
+            raise ValueError("model.tie_text_projection needs model.text_features=true and a model.query_encoder")
         if self.semantic_id_levels < 0:
             raise ValueError("model.semantic_id_levels must be >= 0")
         if not 0.0 <= self.id_dropout < 1.0:
@@ -135,7 +138,15 @@ class UnifiedRanker(nn.Module):
             from unirank.model.text_encoder import SentenceEncoder
 
             self.query_encoder = SentenceEncoder(trainable=cfg.query_encoder == "finetune")
-            self.query_proj = nn.Linear(self.query_encoder.dim, cfg.dim, bias=False)
+            if cfg.tie_text_projection:
+                # The query and the items' content are encoded by the same sentence encoder: one
+                # projection keeps them in one space, so a query lands next to items whose text matches.
+                if cfg.text_dim != self.query_encoder.dim:
+                    raise ValueError(f"model.tie_text_projection: item text vectors are {cfg.text_dim}-d, "
+                                     f"the query encoder's {self.query_encoder.dim}-d (not the same encoder)")
+                self.query_proj = self.item_tower.text_proj
+            else:
+                self.query_proj = nn.Linear(self.query_encoder.dim, cfg.dim, bias=False)
         self.task_embedding = nn.Embedding(NUM_TASKS, cfg.dim)
         self.no_context = nn.Parameter(torch.zeros(cfg.dim))
         self.position = nn.Embedding(NUM_PREFIX + cfg.max_history, cfg.dim)

@@ -207,3 +207,28 @@ def test_id_dropout_only_in_training():
     assert 0.2 < dropped.float().mean() < 0.8  # about half the items lost their id vector
     with pytest.raises(ValueError, match="id_dropout"):
         RankerConfig(num_items=N, num_attributes=4, num_words=20, id_dropout=1.0)
+
+
+def test_tied_text_projection_puts_queries_and_items_in_one_space(wordpiece, sentence_encoder):
+    """tie_text_projection: one Linear projects the query vector and every item's text vector, so a
+    query's projection is nearest the item whose content says the same thing, before any training."""
+    texts = ["nail polish red lacquer", "hair shampoo conditioner", "face moisturizer cream", "eyeliner pencil"]
+    text = torch.zeros(len(texts) + 2, sentence_encoder.dim)
+    ids, lengths = pad([np.array(wordpiece.encode(t)) for t in texts])
+    text[1: len(texts) + 1] = sentence_encoder(ids, lengths)
+    cfg = RankerConfig(num_items=len(texts), num_attributes=2, num_words=wordpiece.vocab_size, dim=64, num_heads=2,
+                       tokenizer="wordpiece", query_encoder="frozen", text_features=True,
+                       text_dim=sentence_encoder.dim, tie_text_projection=True)
+    torch.manual_seed(0)
+    ranker = UnifiedRanker(cfg, [[]] * (len(texts) + 1), [[]] * (len(texts) + 1), item_text=text).eval()
+    assert ranker.query_proj is ranker.item_tower.text_proj
+    assert sum(n.startswith("query_proj") for n, _ in ranker.named_parameters()) == 0  # one parameter, not two
+    proj = ranker.item_tower.text_proj
+    with torch.no_grad():
+        torch.nn.init.orthogonal_(proj.weight)  # an isometry on its row space: similarity survives
+        q_ids, q_len = pad([np.array(wordpiece.encode(q)) for q in ["red nail polish", "shampoo for hair"]])
+        scores = proj(sentence_encoder(q_ids, q_len)) @ proj(text[1: len(texts) + 1]).T
+    assert scores.argmax(1).tolist() == [0, 1]
+    with pytest.raises(ValueError, match="tie_text_projection"):
+        RankerConfig(num_items=4, num_attributes=2, num_words=20, tokenizer="wordpiece", query_encoder="frozen",
+                     tie_text_projection=True)
