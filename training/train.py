@@ -100,7 +100,8 @@ def lr_factor(step: int, total_steps: int, cfg: Config) -> float:
     if t.lr_schedule == "constant":
         return 1.0
     progress = min(1.0, (step - t.warmup_steps) / max(1, total_steps - t.warmup_steps))
-    return t.lr_min_ratio + (1.0 - t.lr_min_ratio) * 0.5 * (1.0 + np.cos(np.pi * progress))
+    # a Python float: the optimizer state (checkpoints load weights-only) must hold no numpy scalars
+    return float(t.lr_min_ratio + (1.0 - t.lr_min_ratio) * 0.5 * (1.0 + np.cos(np.pi * progress)))
 
 
 @dataclass

@@ -150,6 +150,7 @@ def test_cosine_schedule_reaches_the_optimizer(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.optim.AdamW, "step", record)
     cfg = tiny_config(tmp_path, "train.lr_schedule=cosine", "train.max_epochs=2", "train.lr_min_ratio=0.0",
                       "train.tasks=[prequery]")
-    train(cfg, quiet=True)
+    result = train(cfg, quiet=True)
     assert seen[0] == pytest.approx(cfg.train.lr) and seen[-1] < 0.05 * cfg.train.lr
     assert all(a >= b for a, b in zip(seen, seen[1:]))
+    assert load_checkpoint(result.checkpoint).optimizer_state  # loads weights-only: no numpy scalar in it
