@@ -76,7 +76,7 @@ class RankerTrainModule(nn.Module):
 
     def forward(self, task, history, history_lengths, query, query_lengths, source_item, targets,
                 candidates, logq, task_scale, num_uniq: int, full: bool):
-        r, n = self.ranker, self.ranker.num_items
+        r = self.ranker
         hidden, _, cand_vec = r.encode(task, history, history_lengths, query, query_lengths, source_item,
                                        extra_items=candidates)
         targets = targets[:, : hidden.shape[1] - 1]
@@ -84,10 +84,8 @@ class RankerTrainModule(nn.Module):
         h, targets = hidden[:, 1:][keep], targets[keep]
         row_task = task.unsqueeze(1).expand_as(keep)[keep]
         logits = r.similarity(h, cand_vec)
-        if full:  # candidates = every id 0..n+1: column = item id, as in loss.softmax_loss
-            logits[:, 0] = -torch.inf
-            logits[:, n + 1] = -torch.inf
-            labels = targets
+        if full:  # candidates = ids 1..n (never padding / OOV): column = id - 1, as in loss.softmax_loss
+            labels = targets - 1
         else:
             logits = logits - logq.unsqueeze(0)
             labels = torch.searchsorted(candidates[:num_uniq], targets)
@@ -243,7 +241,7 @@ def shard_batch(batch: TrainBatch, rank: int, world: int, *, num_items: int, max
             task_scale[task] = world * w / counts[task].item()
     full = num_negatives == 0 or num_negatives >= n
     if full:
-        candidates, logq, num_uniq = torch.arange(n + 2), None, 0
+        candidates, logq, num_uniq = torch.arange(1, n + 1), None, 0
     else:
         uniq = torch.unique(batch.targets[batch.targets > 0])
         negatives = torch.randint(1, n + 1, (num_negatives,), generator=generator)

@@ -154,3 +154,24 @@ def test_cosine_schedule_reaches_the_optimizer(tmp_path, monkeypatch):
     assert seen[0] == pytest.approx(cfg.train.lr) and seen[-1] < 0.05 * cfg.train.lr
     assert all(a >= b for a, b in zip(seen, seen[1:]))
     assert load_checkpoint(result.checkpoint).optimizer_state  # loads weights-only: no numpy scalar in it
+
+
+@pytest.mark.parametrize("num_negatives", [0, 32])
+def test_distributed_loss_equals_single_process_loss(tmp_path, num_negatives):
+    """The torchrun trainer's in-DDP loss (one rank) is the same task-weighted softmax as loss.softmax_loss."""
+    from unirank.training.distributed import RankerTrainModule, shard_batch
+
+    cfg = tiny_config(tmp_path)
+    prep = prepare(cfg)
+    torch.manual_seed(0)
+    ranker = build_ranker(cfg, prep).eval()
+    batch = next(TrainingExamples(prep.split, prep.builder, cfg.train.batch_size, seed=1).epoch())
+    freq = item_frequencies(prep.split.train, prep.data.num_items)
+    weights = {Task.SEARCH: 1.0, Task.SIMILAR: 0.5, Task.PREQUERY: 2.0}
+    with torch.no_grad():
+        single, _ = softmax_loss(ranker, batch, num_negatives, freq, torch.Generator().manual_seed(3), weights)
+        inputs = shard_batch(batch, 0, 1, num_items=prep.data.num_items, max_history=cfg.model.max_history,
+                             num_negatives=num_negatives, item_freq=freq, generator=torch.Generator().manual_seed(3),
+                             weights=weights)
+        distributed, _ = RankerTrainModule(ranker)(**{k: v for k, v in inputs.items() if not k.startswith("_")})
+    torch.testing.assert_close(distributed, single, rtol=1e-5, atol=1e-6)
