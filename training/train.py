@@ -157,8 +157,9 @@ def train(cfg: Config, prep: Prepared | None = None, quiet: bool = False) -> Tra
         bar = tqdm(examples.epoch(), total=examples.steps_per_epoch(), desc=f"epoch {epoch}", disable=quiet,
                    leave=False)
         for batch in bar:
+            factor = lr_factor(step, total_steps, cfg)
             for group, base in zip(optimizer.param_groups, base_lrs):
-                group["lr"] = base * lr_factor(step, total_steps, cfg)
+                group["lr"] = base * factor
             loss, losses = softmax_loss(ranker, batch, cfg.train.num_negatives, item_freq, generator, weights,
                                         excluded_items=excluded)
             optimizer.zero_grad(set_to_none=True)
