@@ -35,6 +35,7 @@ class ModelConfig:
     num_layers: int = 2
     num_heads: int = 2
     ffn_mult: int = 4
+    block: str = "prenorm"  # "prenorm" (pre-LN residual, GELU MLP) or "ligr" (gated residuals, SwiGLU MLP)
     dropout: float = 0.2
     max_history: int = 50
     max_query_len: int = 16
@@ -56,7 +57,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.dim % self.num_heads:
             raise ValueError(f"model.dim={self.dim} must be divisible by model.num_heads={self.num_heads}")
-        choices = {"similarity": ("dot", "cosine"), "attention_impl": ("reference", "triton"),
+        choices = {"block": ("prenorm", "ligr"), "similarity": ("dot", "cosine"), "attention_impl": ("reference", "triton"),
                    "embedding_bag_impl": ("torchrec", "triton"), "tokenizer": ("word", "wordpiece"),
                    "query_encoder": ("none", "frozen", "finetune")}
         for key, allowed in choices.items():
@@ -106,18 +107,37 @@ class SelfAttention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(b, t, d))
 
 
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate, self.up = nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block."""
+    """Pre-LayerNorm transformer block. `block=ligr`: each residual branch is scaled by a sigmoid
+    gate read from the residual stream, and the MLP is SwiGLU (LiGR, Borisyuk et al. 2025, as used
+    by eSASRec)."""
 
     def __init__(self, cfg: RankerConfig):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(cfg.dim), nn.LayerNorm(cfg.dim)
         self.attn = SelfAttention(cfg)
-        self.mlp = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_mult * cfg.dim), nn.GELU(),
-                                 nn.Linear(cfg.ffn_mult * cfg.dim, cfg.dim))
+        hidden = cfg.ffn_mult * cfg.dim
+        if cfg.block == "ligr":
+            self.mlp: nn.Module = SwiGLU(cfg.dim, hidden)
+            self.gate_attn, self.gate_mlp = nn.Linear(cfg.dim, cfg.dim), nn.Linear(cfg.dim, cfg.dim)
+        else:
+            self.mlp = nn.Sequential(nn.Linear(cfg.dim, hidden), nn.GELU(), nn.Linear(hidden, cfg.dim))
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "gate_attn"):
+            x = x + torch.sigmoid(self.gate_attn(x)) * self.drop(self.attn(self.ln1(x), lengths))
+            return x + torch.sigmoid(self.gate_mlp(x)) * self.drop(self.mlp(self.ln2(x)))
         x = x + self.drop(self.attn(self.ln1(x), lengths))
         return x + self.drop(self.mlp(self.ln2(x)))
 

@@ -22,9 +22,10 @@ def make_ranker(seed: int = 0, **overrides) -> UnifiedRanker:
     return UnifiedRanker(cfg, attributes, words).eval()
 
 
-@pytest.fixture(scope="module")
-def ranker() -> UnifiedRanker:
-    return make_ranker()
+@pytest.fixture(scope="module", params=["prenorm", "ligr"])
+def ranker(request) -> UnifiedRanker:
+    """Every behavioural test runs on both block kinds (model.block)."""
+    return make_ranker(block=request.param)
 
 
 def inputs(task: Task, b: int = 3, width: int = 8, seed: int = 1) -> dict[str, torch.Tensor]:

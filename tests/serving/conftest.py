@@ -22,11 +22,11 @@ def item_features(seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:
     return attributes, words
 
 
-def make_ranker(seed: int = 0) -> UnifiedRanker:
+def make_ranker(seed: int = 0, **overrides) -> UnifiedRanker:
     torch.manual_seed(seed)
     attributes, words = item_features(seed)
     config = RankerConfig(num_items=NUM_ITEMS, num_attributes=10, num_words=NUM_WORDS, dim=16, num_heads=2,
-                          max_history=12, max_query_len=6)
+                          max_history=12, max_query_len=6, **overrides)
     return UnifiedRanker(config, attributes, words).eval()
 
 

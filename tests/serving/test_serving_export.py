@@ -92,10 +92,12 @@ def test_unknown_ids_use_oov_and_task_id_does_matter(session):
     assert search.tolist() != _run(session, task=[2])[0].tolist()
 
 
-def test_export_model_from_checkpoint(tmp_path, ranker, tokenizer):
+@pytest.mark.parametrize("block", ["prenorm", "ligr"])
+def test_export_model_from_checkpoint(tmp_path, block, tokenizer):
     from unirank.serving.export import export_model
     from unirank.training.checkpoint import save_checkpoint
 
+    ranker = make_ranker(block=block)
     path = tmp_path / "ckpt.pt"
     save_checkpoint(path, ranker, tokenizer, *item_features(0), config_yaml="", metadata={})
     report = export_model(path, tmp_path / "export", top_k=TOP_K, parity_requests=48)
