@@ -42,7 +42,7 @@ from unirank.model.request import TASK_NAMES, Task
 from unirank.training.checkpoint import CheckpointError
 from unirank.training.config import Config, ConfigError, load_config, to_yaml
 from unirank.training.examples import TrainBatch, TrainingExamples
-from unirank.training.loss import item_frequencies
+from unirank.training.loss import full_softmax_cross_entropy, item_frequencies
 from unirank.training import sharded_checkpoint as sc
 from unirank.training.train import TASK_BY_NAME, Prepared, build_ranker, prepare, selection_score, validate
 
@@ -83,16 +83,14 @@ class RankerTrainModule(nn.Module):
         keep = targets > 0
         h, targets = hidden[:, 1:][keep], targets[keep]
         row_task = task.unsqueeze(1).expand_as(keep)[keep]
-        logits = r.similarity(h, cand_vec)
         if full:  # candidates = ids 1..n (never padding / OOV): column = id - 1, as in loss.softmax_loss
-            labels = targets - 1
+            per_position = full_softmax_cross_entropy(r, h, cand_vec, targets - 1)
         else:
-            logits = logits - logq.unsqueeze(0)
+            logits = r.similarity(h, cand_vec) - logq.unsqueeze(0)
             labels = torch.searchsorted(candidates[:num_uniq], targets)
             hits = candidates.unsqueeze(0) == targets.unsqueeze(1)
             hits[torch.arange(len(targets)), labels] = False
-            logits = logits.masked_fill(hits, -torch.inf)
-        per_position = F.cross_entropy(logits, labels, reduction="none")
+            per_position = F.cross_entropy(logits.masked_fill(hits, -torch.inf), labels, reduction="none")
         loss = (per_position * task_scale[row_task]).sum() + 0.0 * hidden.sum()  # 0 rows: still a graph
         task_sums = torch.zeros(NUM_TASKS).index_add_(0, row_task, per_position.detach())
         return loss, task_sums

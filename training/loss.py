@@ -11,6 +11,8 @@ from unirank.model.ranker import UnifiedRanker
 from unirank.model.request import Task
 from unirank.training.examples import TrainBatch
 
+CHUNK_BYTES = 16 << 20  # logits per chunk of the full softmax: below glibc's largest mmap threshold (32 MB)
+
 
 def softmax_loss(ranker: UnifiedRanker, batch: TrainBatch, num_negatives: int, item_freq: torch.Tensor,
                  generator: torch.Generator, task_weights: dict[Task, float],
@@ -35,10 +37,8 @@ def softmax_loss(ranker: UnifiedRanker, batch: TrainBatch, num_negatives: int, i
 
     if full:
         # Columns = ids 1..n only (padding and OOV rows are never candidates): label = id - 1.
-        logits = ranker.similarity(h, ranker.all_item_embeddings()[1: n + 1])
-        if excluded_items is not None:
-            logits[:, excluded_items - 1] = -torch.inf
-        labels = targets - 1
+        per_position = full_softmax_cross_entropy(ranker, h, ranker.all_item_embeddings()[1: n + 1], targets - 1,
+                                                  None if excluded_items is None else excluded_items - 1)
     else:
         logits = ranker.similarity(h, cand_vec)
         # P(item in candidate set) ~ drawn among the batch's targets + drawn uniformly.
@@ -50,10 +50,27 @@ def softmax_loss(ranker: UnifiedRanker, batch: TrainBatch, num_negatives: int, i
         if excluded_items is not None:
             hits |= torch.isin(candidates, excluded_items).unsqueeze(0)
         logits = logits.masked_fill(hits, -torch.inf)
-    per_position = F.cross_entropy(logits, labels, reduction="none")
+        per_position = F.cross_entropy(logits, labels, reduction="none")
     per_task = {task: per_position[row_task == task].mean() for task in task_weights if (row_task == task).any()}
     total = sum(task_weights[t] * loss for t, loss in per_task.items())
     return total, per_task
+
+
+def full_softmax_cross_entropy(ranker: UnifiedRanker, h: torch.Tensor, items: torch.Tensor, labels: torch.Tensor,
+                               excluded_columns: torch.Tensor | None = None,
+                               chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
+    """Per-row cross-entropy of h [N, d] against every row of `items` [C, d], computed in row chunks
+    of at most `chunk_bytes` of logits. Same values and gradients as one [N, C] matrix; the chunks
+    stay in the allocator's heap instead of being mapped from and returned to the OS at every step
+    (one [positions x catalogue] matrix is tens of MB; docs/TUNING.md has the measured speed-up)."""
+    rows = max(1, chunk_bytes // (4 * max(1, items.shape[0])))
+    out = []
+    for h_chunk, label_chunk in zip(h.split(rows), labels.split(rows)):
+        logits = ranker.similarity(h_chunk, items)
+        if excluded_columns is not None:
+            logits = logits.index_fill(1, excluded_columns, -torch.inf)
+        out.append(F.cross_entropy(logits, label_chunk, reduction="none"))
+    return torch.cat(out) if out else h.new_zeros(0)
 
 
 def item_frequencies(train: list[np.ndarray], num_items: int) -> torch.Tensor:

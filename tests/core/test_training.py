@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import unirank.training.train as train_module
 from unirank.model.request import Task
@@ -175,3 +176,31 @@ def test_distributed_loss_equals_single_process_loss(tmp_path, num_negatives):
                              weights=weights)
         distributed, _ = RankerTrainModule(ranker)(**{k: v for k, v in inputs.items() if not k.startswith("_")})
     torch.testing.assert_close(distributed, single, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_bytes", [4 * 7 * 3, 4 * 7 * 1000])  # 3 rows per chunk, one chunk
+def test_chunked_full_softmax_matches_one_matrix(chunk_bytes):
+    """The chunked cross-entropy has the values and gradients of F.cross_entropy on the whole matrix,
+    excluded columns included."""
+    from unirank.training.loss import full_softmax_cross_entropy
+
+    class Dot:
+        @staticmethod
+        def similarity(h, items):
+            return h @ items.T
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(10, 4, generator=g, requires_grad=True)
+    items = torch.randn(7, 4, generator=g, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, 0, 1, 2, 3])
+    excluded = torch.tensor([6])  # a column no label points to
+    weights = torch.rand(10, generator=g)
+    chunked = full_softmax_cross_entropy(Dot, h, items, labels, excluded,
+                                         chunk_bytes=chunk_bytes)
+    grads = torch.autograd.grad((chunked * weights).sum(), (h, items))
+    logits = (h @ items.T).index_fill(1, excluded, -torch.inf)
+    whole = F.cross_entropy(logits, labels, reduction="none")
+    expected = torch.autograd.grad((whole * weights).sum(), (h, items))
+    torch.testing.assert_close(chunked, whole)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
