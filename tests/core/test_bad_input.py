@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,12 @@ from unirank.training.cli import main
 from unirank.training.config import ConfigError, load_config
 
 # ---------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).parents[2] / "configs").glob("*.yaml")))
+def test_every_packaged_config_loads(name):
+    """A typo in a shipped config must fail here, not in a user's first run."""
+    assert load_config(name).train.max_epochs >= 1
 
 
 def test_unknown_config_key_names_the_key():
