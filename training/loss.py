@@ -63,7 +63,7 @@ def full_softmax_cross_entropy(ranker: UnifiedRanker, h: torch.Tensor, items: to
     of at most `chunk_bytes` of logits. Same values and gradients as one [N, C] matrix; the chunks
     stay in the allocator's heap instead of being mapped from and returned to the OS at every step
     (one [positions x catalogue] matrix is tens of MB; docs/TUNING.md has the measured speed-up)."""
-    rows = max(1, chunk_bytes // (4 * max(1, items.shape[0])))
+    rows = max(1, chunk_bytes // (items.element_size() * max(1, items.shape[0])))
     out = []
     for h_chunk, label_chunk in zip(h.split(rows), labels.split(rows)):
         logits = ranker.similarity(h_chunk, items)
