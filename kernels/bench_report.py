@@ -67,6 +67,10 @@ def percent(value, peak):
 
 
 def _git_commit() -> str:
+    """HEAD of this checkout, or UNIRANK_GIT_COMMIT where the tree was copied without .git (a
+    remote GPU machine)."""
+    if os.environ.get("UNIRANK_GIT_COMMIT"):
+        return os.environ["UNIRANK_GIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                               cwd=os.path.dirname(__file__), check=True).stdout.strip()
