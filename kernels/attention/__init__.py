@@ -22,14 +22,9 @@ def prefix_causal_attention(q, k, v, lengths, num_prefix, dropout_p=0.0, impl="a
     """
     if choose_impl(impl, q) == "reference":
         return reference_prefix_causal_attention(q, k, v, lengths, num_prefix, dropout_p)
-    from unirank.kernels.attention.triton import triton_jagged_prefix_causal_attention
+    from unirank.kernels.attention.triton import triton_padded_prefix_causal_attention
 
-    max_len = q.shape[2]
-    lengths = lengths.clamp(max=max_len)  # offsets must agree with the tokens actually packed
-    offsets = torch.nn.functional.pad(torch.cumsum(lengths, 0), (1, 0))
-    jagged = [padded_to_jagged(x, lengths) for x in (q, k, v)]
-    out = triton_jagged_prefix_causal_attention(*jagged, offsets, num_prefix, max_len, dropout_p)
-    return jagged_to_padded(out, lengths, max_len)
+    return triton_padded_prefix_causal_attention(q, k, v, lengths, num_prefix, dropout_p)
 
 
 def jagged_prefix_causal_attention(q, k, v, offsets, num_prefix, max_len, dropout_p=0.0, impl="auto"):

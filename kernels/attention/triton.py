@@ -1,7 +1,9 @@
 """Jagged prefix-causal flash attention in Triton: forward, backward and the autograd wrapper.
 
-Layout: q, k, v, out are [T, H, D] with the tokens of sequence b at rows offsets[b]:offsets[b+1],
-so no FLOPs or bytes are spent on padding. One program owns one (sequence, head, block of rows).
+Layout: q, k, v, out are [T, H, D] with the tokens of sequence b at rows starts[b]:ends[b]: a
+jagged batch (starts, ends = offsets[:-1], offsets[1:]) spends no FLOPs or bytes on padding, and a
+padded batch [B, H, L, D] is read in place (starts[b] = b * L, ends[b] = starts[b] + length).
+One program owns one (sequence, head, block of rows).
 Mask: query i sees key j iff j < len and (j < num_prefix or j <= i), i.e. a bidirectional
 task/context prefix followed by causal history. Attention dropout draws one Philox number per
 (token, head, key position) from a per-call seed, so the backward pass regenerates the same mask.
@@ -28,14 +30,14 @@ def _keep(seed, token, h, H, key_pos, max_len, dropout_p):
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, offsets, num_prefix, qk_scale, H, D, max_len, dropout_p, seed,
+def _fwd_kernel(Q, K, V, O, LSE, starts, ends, num_prefix, qk_scale, H, D, max_len, dropout_p, seed,
                 DROPOUT: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 PRECISION: tl.constexpr):
     bh, pid_m = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
-    start = tl.load(offsets + b)
-    seq_len = (tl.load(offsets + b + 1) - start).to(tl.int32)
+    start = tl.load(starts + b)
+    seq_len = (tl.load(ends + b) - start).to(tl.int32)
     m0 = pid_m * BLOCK_M
     if m0 >= seq_len:  # the grid is sized for max_len; shorter sequences exit at once
         return
@@ -84,7 +86,7 @@ def _fwd_kernel(Q, K, V, O, LSE, offsets, num_prefix, qk_scale, H, D, max_len, d
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, offsets, num_prefix, qk_scale, sm_scale, H, D,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, starts, ends, num_prefix, qk_scale, sm_scale, H, D,
                      max_len, dropout_p, seed, DROPOUT: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      PRECISION: tl.constexpr):
@@ -92,8 +94,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, offsets, num_prefix, qk_sc
     # written once, with no atomics.
     bh, pid_n = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
-    start = tl.load(offsets + b)
-    seq_len = (tl.load(offsets + b + 1) - start).to(tl.int32)
+    start = tl.load(starts + b)
+    seq_len = (tl.load(ends + b) - start).to(tl.int32)
     n0 = pid_n * BLOCK_N
     if n0 >= seq_len:
         return
@@ -140,15 +142,15 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, offsets, num_prefix, qk_sc
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, offsets, num_prefix, qk_scale, sm_scale, H, D,
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, starts, ends, num_prefix, qk_scale, sm_scale, H, D,
                    max_len, dropout_p, seed, DROPOUT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    PRECISION: tl.constexpr):
     # One program per block of queries, same key range as the forward pass.
     bh, pid_m = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
-    start = tl.load(offsets + b)
-    seq_len = (tl.load(offsets + b + 1) - start).to(tl.int32)
+    start = tl.load(starts + b)
+    seq_len = (tl.load(ends + b) - start).to(tl.int32)
     m0 = pid_m * BLOCK_M
     if m0 >= seq_len:
         return
@@ -198,45 +200,64 @@ def _launch_config(head_dim: int, dtype: torch.dtype) -> dict:
                 PRECISION=precision)
 
 
-class JaggedPrefixCausalAttention(torch.autograd.Function):
+class PrefixCausalAttention(torch.autograd.Function):
+    """Sequence b is rows starts[b]:ends[b] of q, k, v [T, H, D]. With `padded`, rows that belong
+    to no sequence get zeros in the output and the gradients (a jagged batch has no such rows, so
+    it skips the fill)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, offsets, num_prefix, max_len, dropout_p):
+    def forward(ctx, q, k, v, starts, ends, num_prefix, max_len, dropout_p, padded):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         total, heads, head_dim = q.shape
-        batch = offsets.shape[0] - 1
+        batch = starts.shape[0]
         cfg = _launch_config(head_dim, q.dtype)
         sm_scale = head_dim ** -0.5
-        out = torch.empty_like(q)
+        ctx.alloc = torch.zeros_like if padded else torch.empty_like
+        out = ctx.alloc(q)
         lse = torch.empty(total, heads, device=q.device, dtype=torch.float32)
         # Drawn from torch's CPU generator: torch.manual_seed reproduces it and no GPU sync occurs.
         seed = int(torch.randint(0, 2**31 - 1, ())) if dropout_p > 0.0 else 0
         ctx.dropout = (max_len, float(dropout_p), seed, dropout_p > 0.0)
         grid = (batch * heads, triton.cdiv(max_len, cfg["BLOCK_M"]))
         if total > 0:
-            _fwd_kernel[grid](q, k, v, out, lse, offsets, num_prefix, sm_scale * LOG2E,
+            _fwd_kernel[grid](q, k, v, out, lse, starts, ends, num_prefix, sm_scale * LOG2E,
                               heads, head_dim, *ctx.dropout, **cfg)
-        ctx.save_for_backward(q, k, v, out, lse, offsets, num_prefix)
+        ctx.save_for_backward(q, k, v, out, lse, starts, ends, num_prefix)
         ctx.max_len, ctx.sm_scale, ctx.cfg = max_len, sm_scale, cfg
         return out
 
     @staticmethod
     def backward(ctx, d_out):
-        q, k, v, out, lse, offsets, num_prefix = ctx.saved_tensors
+        q, k, v, out, lse, starts, ends, num_prefix = ctx.saved_tensors
         d_out = d_out.contiguous()
         total, heads, head_dim = q.shape
-        batch, cfg = offsets.shape[0] - 1, ctx.cfg
+        batch, cfg = starts.shape[0], ctx.cfg
         # delta_i = sum_j P_ij dP_ij = <dO_i, O_i>: the softmax-Jacobian term, one value per row.
         delta = (out.float() * d_out.float()).sum(-1).contiguous()
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dq, dk, dv = ctx.alloc(q), ctx.alloc(k), ctx.alloc(v)
         if total > 0:
-            args = (offsets, num_prefix, ctx.sm_scale * LOG2E, ctx.sm_scale, heads, head_dim, *ctx.dropout)
+            args = (starts, ends, num_prefix, ctx.sm_scale * LOG2E, ctx.sm_scale, heads, head_dim, *ctx.dropout)
             grid_n = (batch * heads, triton.cdiv(ctx.max_len, cfg["BLOCK_N"]))
             _bwd_dkdv_kernel[grid_n](q, k, v, d_out, lse, delta, dk, dv, *args, **cfg)
             grid_m = (batch * heads, triton.cdiv(ctx.max_len, cfg["BLOCK_M"]))
             _bwd_dq_kernel[grid_m](q, k, v, d_out, lse, delta, dq, *args, **cfg)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def triton_jagged_prefix_causal_attention(q, k, v, offsets, num_prefix, max_len, dropout_p=0.0):
     """q, k, v: [T, H, D]; offsets: [B+1] int64; num_prefix: [B] int64; max_len >= every length."""
-    return JaggedPrefixCausalAttention.apply(q, k, v, offsets, num_prefix, max_len, dropout_p)
+    return PrefixCausalAttention.apply(q, k, v, offsets[:-1], offsets[1:], num_prefix, max_len, dropout_p, False)
+
+
+def triton_padded_prefix_causal_attention(q, k, v, lengths, num_prefix, dropout_p=0.0):
+    """q, k, v: [B, H, L, D]; lengths, num_prefix: [B] int64 -> [B, H, L, D], zeros past lengths.
+
+    The kernels read the padded batch in place as [B * L, H, D] rows, sequence b starting at row
+    b * L: no packing, no device sync. A batch made [B, L, H, D] and transposed is that layout
+    already and is not copied; any other layout (the model's packed q/k/v) is copied once."""
+    batch, heads, max_len, head_dim = q.shape
+    rows = [x.transpose(1, 2).reshape(batch * max_len, heads, head_dim) for x in (q, k, v)]
+    starts = torch.arange(0, batch * max_len, max_len, device=q.device, dtype=torch.int64)
+    out = PrefixCausalAttention.apply(*rows, starts, starts + lengths.clamp(max=max_len), num_prefix, max_len,
+                                      dropout_p, True)
+    return out.view(batch, max_len, heads, head_dim).transpose(1, 2)

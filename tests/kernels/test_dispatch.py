@@ -17,7 +17,7 @@ def call_embedding_bag(impl="auto"):
     return embedding_bag(torch.randn(4, 32), torch.tensor([1, 2]), torch.tensor([0, 2]), impl=impl)
 
 
-CASES = [(call_attention, attention_triton, "triton_jagged_prefix_causal_attention"),
+CASES = [(call_attention, attention_triton, "triton_padded_prefix_causal_attention"),
          (call_embedding_bag, embedding_bag_triton, "triton_multi_embedding_bag")]
 
 
