@@ -244,6 +244,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--peer-loss", default=PEER_LOSS,
                         help="rectools loss: sampled_softmax (256 negatives, the published Beauty setting) | "
                         "softmax (full catalogue)")
+    parser.add_argument("--peer-tag", default="",
+                        help="appended to the peer's name in the report, so a longer run merges in beside an earlier one")
     parser.add_argument("--peer-negatives", type=int, default=PEER_NEGATIVES, help="negatives of the sampled losses")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every model trained here")
     ours = parser.add_mutually_exclusive_group()
@@ -303,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.peer_list:
             variant = (args.peer_loss, args.peer_negatives)  # a non-default variant merges in beside the default
             key = name if variant == (PEER_LOSS, PEER_NEGATIVES) else f"{name}-{variant[0]}-{variant[1]}neg"
+            key += f"-{args.peer_tag}" if args.peer_tag else ""
             out = Path(tmp) / key
             if not (args.reuse_peers and (out / "result.json").is_file()):
                 run_peer(name, split_path, out, args)
