@@ -214,16 +214,20 @@ def plot_curves(models: dict, path: Path, task: str = "prequery") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, model in models.items():
-        curve = model["tasks"].get(task, {}).get("validation_curve")
-        if curve:
-            ax.plot([s / 60 for s, _, _ in curve], [n for _, n, _ in curve], marker=".", label=name)
+    curves = {name: m["tasks"].get(task, {}).get("validation_curve") for name, m in models.items()}
+    curves = {name: c for name, c in curves.items() if c}
+    # The legend sits right of the axes (it grows with the number of runs); peers are dashed.
+    fig, ax = plt.subplots(figsize=(11, max(4.5, 0.22 * len(curves) + 1)))
+    colors = plt.get_cmap("tab20").colors
+    for i, (name, curve) in enumerate(curves.items()):
+        peer = models[name].get("kind", "").startswith("peer")
+        ax.plot([s / 60 for s, _, _ in curve], [n for _, n, _ in curve], marker=".", label=name,
+                color=colors[i % len(colors)], linestyle="--" if peer else "-", linewidth=2.2 if peer else 1.2)
     ax.set_xlabel("wall time since training start (min)")
     ax.set_ylabel(f"validation NDCG@10 ({task})")
-    ax.set_title("validation curve (validation users, not test)", fontsize=9)
+    ax.set_title("validation curve (validation users, not test); dashed = peers", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
