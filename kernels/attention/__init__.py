@@ -3,7 +3,6 @@
 Public API (reference on CPU, Triton on CUDA or under TRITON_INTERPRET=1; see kernels/README.md):
 `prefix_causal_attention` (padded [B, H, L, D]) and `jagged_prefix_causal_attention` ([T, H, D]).
 """
-import torch
 
 from unirank.kernels.attention.reference import (
     jagged_to_padded,
