@@ -52,6 +52,8 @@ class TrainConfig:
     eval_every: int = 1  # epochs between validation rounds
     eval_users: Optional[int] = None  # validation on a fixed random subset of users; None = all
     num_negatives: int = 0  # sampled softmax negatives; 0 = full softmax over the catalogue
+    mask_seen: bool = False  # the training softmax skips what evaluation filters (history, similar-item source)
+    ema_decay: float = 0.0  # validate and save an exponential moving average of the weights (0 = off)
     max_minutes: Optional[float] = None  # wall-clock budget
     init_from: Optional[str] = None  # continue a single-process run from its best.pt (weights + optimizer)
     seed: int = 42
@@ -152,6 +154,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.warmup_steps must be >= 0 and train.lr_min_ratio in [0, 1]")
     if cfg.train.num_negatives < 0:
         raise ConfigError("train.num_negatives must be >= 0 (0 = full softmax)")
+    if not 0.0 <= cfg.train.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay must be in [0, 1) (0 = off), got {cfg.train.ema_decay}")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -16,10 +16,13 @@ CHUNK_BYTES = 16 << 20  # logits per chunk of the full softmax: below glibc's la
 
 def softmax_loss(ranker: UnifiedRanker, batch: TrainBatch, num_negatives: int, item_freq: torch.Tensor,
                  generator: torch.Generator, task_weights: dict[Task, float],
-                 excluded_items: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                 excluded_items: torch.Tensor | None = None, mask_seen: bool = False) -> tuple[torch.Tensor, dict]:
     """(task-weighted loss, {task: mean cross-entropy}). `item_freq` [num_items + 2] is the training
     frequency of each id, for the probability that an item is among the in-batch targets.
-    `excluded_items`: ids that are not in the catalogue at training time (never a negative)."""
+    `excluded_items`: ids that are not in the catalogue at training time (never a negative).
+    `mask_seen`: each position's softmax also skips the items the evaluation filters for it (the
+    history before the target, the similar-item source), so training ranks what evaluation ranks;
+    an item equal to the position's own target stays a candidate."""
     req, n = batch.request, ranker.num_items
     full = num_negatives == 0 or num_negatives >= n
     if full:
@@ -34,11 +37,15 @@ def softmax_loss(ranker: UnifiedRanker, batch: TrainBatch, num_negatives: int, i
     keep = targets > 0
     h, targets = hidden[:, 1:][keep], targets[keep]
     row_task = req.task.unsqueeze(1).expand_as(keep)[keep]
+    seen = seen_items(req, hidden.shape[1] - 1)[keep] if mask_seen else None
+    if seen is not None:
+        seen = torch.where((seen == targets.unsqueeze(1)) | (seen > n), torch.zeros_like(seen), seen)
 
     if full:
         # Columns = ids 1..n only (padding and OOV rows are never candidates): label = id - 1.
         per_position = full_softmax_cross_entropy(ranker, h, ranker.all_item_embeddings()[1: n + 1], targets - 1,
-                                                  None if excluded_items is None else excluded_items - 1)
+                                                  None if excluded_items is None else excluded_items - 1,
+                                                  masked_ids=seen)
     else:
         logits = ranker.similarity(h, cand_vec)
         # P(item in candidate set) ~ drawn among the batch's targets + drawn uniformly.
@@ -49,6 +56,8 @@ def softmax_loss(ranker: UnifiedRanker, batch: TrainBatch, num_negatives: int, i
         hits[torch.arange(len(targets)), labels] = False  # the target also drawn as a negative
         if excluded_items is not None:
             hits |= torch.isin(candidates, excluded_items).unsqueeze(0)
+        if seen is not None:
+            hits |= id_mask(seen, n)[:, candidates]
         logits = logits.masked_fill(hits, -torch.inf)
         per_position = F.cross_entropy(logits, labels, reduction="none")
     per_task = {task: per_position[row_task == task].mean() for task in task_weights if (row_task == task).any()}
@@ -57,20 +66,38 @@ def softmax_loss(ranker: UnifiedRanker, batch: TrainBatch, num_negatives: int, i
 
 
 def full_softmax_cross_entropy(ranker: UnifiedRanker, h: torch.Tensor, items: torch.Tensor, labels: torch.Tensor,
-                               excluded_columns: torch.Tensor | None = None,
-                               chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
-    """Per-row cross-entropy of h [N, d] against every row of `items` [C, d], computed in row chunks
-    of at most `chunk_bytes` of logits. Same values and gradients as one [N, C] matrix; the chunks
-    stay in the allocator's heap instead of being mapped from and returned to the OS at every step
-    (one [positions x catalogue] matrix is tens of MB; docs/TUNING.md has the measured speed-up)."""
+                               excluded_columns: torch.Tensor | None = None, chunk_bytes: int = CHUNK_BYTES,
+                               masked_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row cross-entropy of h [N, d] against every row of `items` [C, d] (item ids 1..C), computed
+    in row chunks of at most `chunk_bytes` of logits. Same values and gradients as one [N, C] matrix;
+    the chunks stay in the allocator's heap instead of being mapped from and returned to the OS at
+    every step (one [positions x catalogue] matrix is tens of MB; docs/TUNING.md has the measured
+    speed-up). `masked_ids` [N, K]: per-row item ids left out of that row's softmax (0 = none)."""
     rows = max(1, chunk_bytes // (items.element_size() * max(1, items.shape[0])))
     out = []
-    for h_chunk, label_chunk in zip(h.split(rows), labels.split(rows)):
-        logits = ranker.similarity(h_chunk, items)
+    for start in range(0, h.shape[0], rows):
+        logits = ranker.similarity(h[start: start + rows], items)
         if excluded_columns is not None:
             logits = logits.index_fill(1, excluded_columns, -torch.inf)
-        out.append(F.cross_entropy(logits, label_chunk, reduction="none"))
+        if masked_ids is not None:
+            logits = logits.masked_fill(id_mask(masked_ids[start: start + rows], items.shape[0])[:, 1:], -torch.inf)
+        out.append(F.cross_entropy(logits, labels[start: start + rows], reduction="none"))
     return torch.cat(out) if out else h.new_zeros(0)
+
+
+def seen_items(req, positions: int) -> torch.Tensor:
+    """[B, positions, W + 1] item ids the evaluation filters for the target at each output position
+    (targets are aligned as in TrainBatch): the history before it, and the similar-item source; 0 = none."""
+    history = req.history[:, : positions - 1]
+    before = torch.arange(positions).unsqueeze(1) > torch.arange(history.shape[1]).unsqueeze(0)  # [T, W]
+    seen = torch.where(before.unsqueeze(0), history.unsqueeze(1), torch.zeros_like(history).unsqueeze(1))
+    source = torch.where(req.task == Task.SIMILAR, req.source_item, torch.zeros_like(req.source_item))
+    return torch.cat([seen, source.view(-1, 1, 1).expand(-1, positions, 1)], dim=2)
+
+
+def id_mask(ids: torch.Tensor, num_items: int) -> torch.Tensor:
+    """[N, num_items + 1] bool, True at each row's ids (column = id; ids are 0 or 1..num_items)."""
+    return torch.zeros(ids.shape[0], num_items + 1, dtype=torch.bool).scatter_(1, ids, True)
 
 
 def item_frequencies(train: list[np.ndarray], num_items: int) -> torch.Tensor:

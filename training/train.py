@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -104,6 +105,34 @@ def lr_factor(step: int, total_steps: int, cfg: Config) -> float:
     return float(t.lr_min_ratio + (1.0 - t.lr_min_ratio) * 0.5 * (1.0 + np.cos(np.pi * progress)))
 
 
+class WeightAverage:
+    """Exponential moving average of the trainable weights (train.ema_decay), with the usual short
+    warm-up of the decay. `swapped()` puts the average into the model, for validation and the
+    checkpoint, and then restores the live weights the optimizer keeps training."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.average = [p.detach().clone() for p in self.params]
+        self.decay, self.updates = decay, 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1.0 - decay)
+
+    @contextmanager
+    def swapped(self):
+        live = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            torch._foreach_copy_([p.data for p in self.params], self.average)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_([p.data for p in self.params], live)
+
+
 @dataclass
 class TrainResult:
     checkpoint: Path
@@ -129,6 +158,7 @@ def train(cfg: Config, prep: Prepared | None = None, quiet: bool = False) -> Tra
     generator = torch.Generator().manual_seed(cfg.train.seed)
     excluded = None if prep.excluded_items is None else torch.as_tensor(prep.excluded_items, dtype=torch.int64)
     optimizer = torch.optim.AdamW(parameter_groups(ranker, cfg), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    average = WeightAverage(ranker, cfg.train.ema_decay) if cfg.train.ema_decay else None
     base_lrs = [group["lr"] for group in optimizer.param_groups]  # the config's, even after a resume
     total_steps = cfg.train.max_epochs * examples.steps_per_epoch()
 
@@ -161,10 +191,12 @@ def train(cfg: Config, prep: Prepared | None = None, quiet: bool = False) -> Tra
             for group, base in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base * factor
             loss, losses = softmax_loss(ranker, batch, cfg.train.num_negatives, item_freq, generator, weights,
-                                        excluded_items=excluded)
+                                        excluded_items=excluded, mask_seen=cfg.train.mask_seen)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if average is not None:
+                average.update()
             step += 1
             for task, value in losses.items():
                 writer.add_scalar(f"loss/{TASK_NAMES[task]}", value.item(), step)
@@ -172,7 +204,9 @@ def train(cfg: Config, prep: Prepared | None = None, quiet: bool = False) -> Tra
         over_budget = cfg.train.max_minutes is not None and time.time() - t0 > 60 * cfg.train.max_minutes
         if epoch % cfg.train.eval_every and not over_budget and epoch != cfg.train.max_epochs:
             continue
-        metrics = validate(ranker, prep, tasks, cfg)
+        evaluated = average.swapped() if average is not None else nullcontext()
+        with evaluated:  # the averaged weights are the ones validated and saved
+            metrics = validate(ranker, prep, tasks, cfg)
         score = selection_score(metrics)
         row = {"epoch": epoch, "step": step, "seconds": round(time.time() - t0, 1), "score": score,
                **{f"{t}/{k}": m[k]["mean"] for t, m in metrics.items() for k in ("recall@10", "ndcg@10")}}
@@ -185,8 +219,9 @@ def train(cfg: Config, prep: Prepared | None = None, quiet: bool = False) -> Tra
             print(json.dumps(row))
         if score > best:
             best, best_epoch, best_row, bad_rounds = score, epoch, row, 0
-            save_checkpoint(ckpt, ranker, prep.tokenizer, prep.data.item_attributes, prep.item_words,
-                            to_yaml(cfg), {**metadata, "epoch": epoch, "validation": metrics}, optimizer)
+            with average.swapped() if average is not None else nullcontext():
+                save_checkpoint(ckpt, ranker, prep.tokenizer, prep.data.item_attributes, prep.item_words,
+                                to_yaml(cfg), {**metadata, "epoch": epoch, "validation": metrics}, optimizer)
         else:
             bad_rounds += 1
         if bad_rounds >= cfg.train.patience or over_budget:

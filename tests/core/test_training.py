@@ -204,3 +204,73 @@ def test_chunked_full_softmax_matches_one_matrix(chunk_bytes):
     torch.testing.assert_close(chunked, whole)
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("num_negatives", [0, 40])
+def test_mask_seen_drops_exactly_the_filtered_items_from_each_softmax(tmp_path, num_negatives):
+    """train.mask_seen: every position's softmax leaves out the items evaluation filters for that target
+    (the history before it; the similar-item source), and nothing else. Checked against a per-row loop."""
+    cfg = tiny_config(tmp_path)
+    prep = prepare(cfg)
+    torch.manual_seed(0)
+    ranker = build_ranker(cfg, prep).eval()
+    batch = next(TrainingExamples(prep.split, prep.builder, cfg.train.batch_size, seed=1).epoch())
+    freq = item_frequencies(prep.split.train, prep.data.num_items)
+    weights = {t: 1.0 for t in Task}
+    n, req = prep.data.num_items, batch.request
+    with torch.no_grad():
+        _, masked = softmax_loss(ranker, batch, num_negatives, freq, torch.Generator().manual_seed(3), weights,
+                                 mask_seen=True)
+        _, plain = softmax_loss(ranker, batch, num_negatives, freq, torch.Generator().manual_seed(3), weights)
+        if num_negatives:  # the sampled path: at least as low as without the mask (fewer negatives)
+            assert all(masked[t] <= plain[t] + 1e-6 for t in Task)
+            return
+        hidden, _, _ = ranker.encode(req.task, req.history, req.history_lengths, req.query, req.query_lengths,
+                                     req.source_item)
+        items = ranker.all_item_embeddings()[1: n + 1]
+        per_task: dict = {t: [] for t in Task}
+        masked_somewhere = False
+        for b in range(len(req.task)):
+            task = Task(int(req.task[b]))
+            for j in range(hidden.shape[1] - 1):
+                target = int(batch.targets[b, j])
+                if target <= 0:
+                    continue
+                seen = set(req.history[b, :j].tolist()) | ({int(req.source_item[b])} if task == Task.SIMILAR else set())
+                seen -= {0, target}
+                logits = ranker.similarity(hidden[b, 1 + j].unsqueeze(0), items)[0]
+                if seen:
+                    logits[torch.tensor(sorted(seen)) - 1] = -torch.inf
+                    masked_somewhere = True
+                per_task[task].append(F.cross_entropy(logits.unsqueeze(0), torch.tensor([target - 1])))
+        assert masked_somewhere
+        for task in Task:
+            torch.testing.assert_close(masked[task], torch.stack(per_task[task]).mean(), rtol=1e-5, atol=1e-6)
+            assert masked[task] < plain[task]
+
+
+def test_weight_average_is_validated_and_saved_and_training_continues_on_live_weights(tmp_path):
+    """train.ema_decay: the checkpoint holds the moving average (not the last weights), and swapping it
+    in for validation gives the live weights back unchanged."""
+    from unirank.training.train import WeightAverage
+
+    model = torch.nn.Linear(3, 2)
+    average = WeightAverage(model, decay=0.5)
+    start = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    average.update()  # first update: decay min(0.5, 2/11)
+    live = [p.detach().clone() for p in model.parameters()]
+    with average.swapped():
+        for p, s0 in zip(model.parameters(), start):
+            torch.testing.assert_close(p.detach(), s0 + 1.0 - 2 / 11)
+    for p, l0 in zip(model.parameters(), live):
+        torch.testing.assert_close(p.detach(), l0)
+
+    cfg = tiny_config(tmp_path, "train.ema_decay=0.9", "train.max_epochs=2", "train.tasks=[prequery]")
+    result = train(cfg, quiet=True)
+    saved = load_checkpoint(result.checkpoint).ranker
+    assert result.best_epoch >= 1 and all(torch.isfinite(p).all() for p in saved.parameters())
+    with pytest.raises(Exception, match="ema_decay"):
+        load_config(None, TINY + ["train.ema_decay=1.0"])

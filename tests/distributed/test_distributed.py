@@ -159,3 +159,6 @@ def test_world_size_mismatch_and_cpu_only_sharding_errors(runs, tmp_path):
     cfg = load_config("quickstart", ["distributed.tables.words.rows=10"])
     with pytest.raises(ConfigError, match="unknown table"):
         constraints(cfg, torch.device("cpu"))
+    from unirank.training.distributed import run
+    with pytest.raises(ConfigError, match="single-process options"):  # refused before any process group
+        run(load_config("quickstart", ["train.mask_seen=true"]))
