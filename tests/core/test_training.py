@@ -26,6 +26,16 @@ def tiny_config(tmp_path, *extra: str):
     return load_config(None, TINY + [f"train.out_dir={tmp_path / 'run'}", *extra])
 
 
+def first_batch(tmp_path):
+    """(cfg, prep, an untrained ranker in eval mode, the first training batch of all tasks, item frequencies)."""
+    cfg = tiny_config(tmp_path)
+    prep = prepare(cfg)
+    torch.manual_seed(0)
+    ranker = build_ranker(cfg, prep).eval()
+    batch = next(TrainingExamples(prep.split, prep.builder, cfg.train.batch_size, seed=1).epoch())
+    return cfg, prep, ranker, batch, item_frequencies(prep.split.train, prep.data.num_items)
+
+
 @torch.no_grad()
 def mean_loss(ranker, prep, cfg, tasks) -> float:
     """Full-softmax cross-entropy of `ranker` (eval mode), averaged over tasks and over one fixed epoch of
@@ -162,12 +172,7 @@ def test_distributed_loss_equals_single_process_loss(tmp_path, num_negatives):
     """The torchrun trainer's in-DDP loss (one rank) is the same task-weighted softmax as loss.softmax_loss."""
     from unirank.training.distributed import RankerTrainModule, shard_batch
 
-    cfg = tiny_config(tmp_path)
-    prep = prepare(cfg)
-    torch.manual_seed(0)
-    ranker = build_ranker(cfg, prep).eval()
-    batch = next(TrainingExamples(prep.split, prep.builder, cfg.train.batch_size, seed=1).epoch())
-    freq = item_frequencies(prep.split.train, prep.data.num_items)
+    cfg, prep, ranker, batch, freq = first_batch(tmp_path)
     weights = {Task.SEARCH: 1.0, Task.SIMILAR: 0.5, Task.PREQUERY: 2.0}
     with torch.no_grad():
         single, _ = softmax_loss(ranker, batch, num_negatives, freq, torch.Generator().manual_seed(3), weights)
@@ -210,12 +215,7 @@ def test_chunked_full_softmax_matches_one_matrix(chunk_bytes):
 def test_mask_seen_drops_exactly_the_filtered_items_from_each_softmax(tmp_path, num_negatives):
     """train.mask_seen: every position's softmax leaves out the items evaluation filters for that target
     (the history before it; the similar-item source), and nothing else. Checked against a per-row loop."""
-    cfg = tiny_config(tmp_path)
-    prep = prepare(cfg)
-    torch.manual_seed(0)
-    ranker = build_ranker(cfg, prep).eval()
-    batch = next(TrainingExamples(prep.split, prep.builder, cfg.train.batch_size, seed=1).epoch())
-    freq = item_frequencies(prep.split.train, prep.data.num_items)
+    cfg, prep, ranker, batch, freq = first_batch(tmp_path)
     weights = {t: 1.0 for t in Task}
     n, req = prep.data.num_items, batch.request
     with torch.no_grad():
