@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from unirank.model.ranker import UnifiedRanker
-from unirank.model.request import Task
+from unirank.model.request import RankRequest, Task
 from unirank.training.examples import TrainBatch
 
 CHUNK_BYTES = 16 << 20  # logits per chunk of the full softmax: below glibc's largest mmap threshold (32 MB)
@@ -37,8 +37,9 @@ def softmax_loss(ranker: UnifiedRanker, batch: TrainBatch, num_negatives: int, i
     keep = targets > 0
     h, targets = hidden[:, 1:][keep], targets[keep]
     row_task = req.task.unsqueeze(1).expand_as(keep)[keep]
-    seen = seen_items(req, hidden.shape[1] - 1)[keep] if mask_seen else None
-    if seen is not None:
+    seen = None
+    if mask_seen:
+        seen = seen_items(req, hidden.shape[1] - 1)[keep]
         seen = torch.where((seen == targets.unsqueeze(1)) | (seen > n), torch.zeros_like(seen), seen)
 
     if full:
@@ -85,7 +86,7 @@ def full_softmax_cross_entropy(ranker: UnifiedRanker, h: torch.Tensor, items: to
     return torch.cat(out) if out else h.new_zeros(0)
 
 
-def seen_items(req, positions: int) -> torch.Tensor:
+def seen_items(req: RankRequest, positions: int) -> torch.Tensor:
     """[B, positions, W + 1] item ids the evaluation filters for the target at each output position
     (targets are aligned as in TrainBatch): the history before it, and the similar-item source; 0 = none."""
     history = req.history[:, : positions - 1]

@@ -204,10 +204,12 @@ def train(cfg: Config, prep: Prepared | None = None, quiet: bool = False) -> Tra
         over_budget = cfg.train.max_minutes is not None and time.time() - t0 > 60 * cfg.train.max_minutes
         if epoch % cfg.train.eval_every and not over_budget and epoch != cfg.train.max_epochs:
             continue
-        evaluated = average.swapped() if average is not None else nullcontext()
-        with evaluated:  # the averaged weights are the ones validated and saved
+        with average.swapped() if average is not None else nullcontext():  # the average is validated and saved
             metrics = validate(ranker, prep, tasks, cfg)
-        score = selection_score(metrics)
+            score = selection_score(metrics)
+            if score > best:
+                save_checkpoint(ckpt, ranker, prep.tokenizer, prep.data.item_attributes, prep.item_words,
+                                to_yaml(cfg), {**metadata, "epoch": epoch, "validation": metrics}, optimizer)
         row = {"epoch": epoch, "step": step, "seconds": round(time.time() - t0, 1), "score": score,
                **{f"{t}/{k}": m[k]["mean"] for t, m in metrics.items() for k in ("recall@10", "ndcg@10")}}
         history.append(row)
@@ -219,9 +221,6 @@ def train(cfg: Config, prep: Prepared | None = None, quiet: bool = False) -> Tra
             print(json.dumps(row))
         if score > best:
             best, best_epoch, best_row, bad_rounds = score, epoch, row, 0
-            with average.swapped() if average is not None else nullcontext():
-                save_checkpoint(ckpt, ranker, prep.tokenizer, prep.data.item_attributes, prep.item_words,
-                                to_yaml(cfg), {**metadata, "epoch": epoch, "validation": metrics}, optimizer)
         else:
             bad_rounds += 1
         if bad_rounds >= cfg.train.patience or over_budget:

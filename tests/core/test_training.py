@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import unirank.training.train as train_module
 from unirank.model.request import Task
 from unirank.training.checkpoint import load_checkpoint
-from unirank.training.config import load_config
+from unirank.training.config import ConfigError, load_config
 from unirank.training.examples import TrainingExamples
 from unirank.training.loss import item_frequencies, softmax_loss
 from unirank.training.report import evaluate_checkpoint
@@ -272,5 +272,5 @@ def test_weight_average_is_validated_and_saved_and_training_continues_on_live_we
     result = train(cfg, quiet=True)
     saved = load_checkpoint(result.checkpoint).ranker
     assert result.best_epoch >= 1 and all(torch.isfinite(p).all() for p in saved.parameters())
-    with pytest.raises(Exception, match="ema_decay"):
+    with pytest.raises(ConfigError, match="ema_decay"):
         load_config(None, TINY + ["train.ema_decay=1.0"])
