@@ -54,6 +54,8 @@ class TrainConfig:
     num_negatives: int = 0  # sampled softmax negatives; 0 = full softmax over the catalogue
     mask_seen: bool = False  # the training softmax skips what evaluation filters (history, similar-item source)
     ema_decay: float = 0.0  # validate and save an exponential moving average of the weights (0 = off)
+    future_window: int = 0  # pre-query positions also learn the K items after the next one (0 = off)
+    future_weight: float = 0.0  # share of each pre-query target distribution given to those K items
     max_minutes: Optional[float] = None  # wall-clock budget
     init_from: Optional[str] = None  # continue a single-process run from its best.pt (weights + optimizer)
     seed: int = 42
@@ -156,6 +158,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.num_negatives must be >= 0 (0 = full softmax)")
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay must be in [0, 1) (0 = off), got {cfg.train.ema_decay}")
+    if cfg.train.future_window < 0 or not 0.0 <= cfg.train.future_weight < 1.0:
+        raise ConfigError("train.future_window must be >= 0 and train.future_weight in [0, 1), got "
+                          f"{cfg.train.future_window} and {cfg.train.future_weight}")
+    if bool(cfg.train.future_window) != bool(cfg.train.future_weight):
+        raise ConfigError("train.future_window and train.future_weight work together: set both (or neither), got "
+                          f"{cfg.train.future_window} and {cfg.train.future_weight}")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -16,13 +16,17 @@ CHUNK_BYTES = 16 << 20  # logits per chunk of the full softmax: below glibc's la
 
 def softmax_loss(ranker: UnifiedRanker, batch: TrainBatch, num_negatives: int, item_freq: torch.Tensor,
                  generator: torch.Generator, task_weights: dict[Task, float],
-                 excluded_items: torch.Tensor | None = None, mask_seen: bool = False) -> tuple[torch.Tensor, dict]:
+                 excluded_items: torch.Tensor | None = None, mask_seen: bool = False,
+                 future_window: int = 0, future_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
     """(task-weighted loss, {task: mean cross-entropy}). `item_freq` [num_items + 2] is the training
     frequency of each id, for the probability that an item is among the in-batch targets.
     `excluded_items`: ids that are not in the catalogue at training time (never a negative).
     `mask_seen`: each position's softmax also skips the items the evaluation filters for it (the
     history before the target, the similar-item source), so training ranks what evaluation ranks;
-    an item equal to the position's own target stays a candidate."""
+    an item equal to the position's own target stays a candidate.
+    `future_window` K, `future_weight` a: a pre-query position's target becomes a distribution, 1 - a
+    on the next item and a shared equally by the K items after it that the window holds (all of it on
+    the next item at the window's end); other tasks keep their one target."""
     req, n = batch.request, ranker.num_items
     full = num_negatives == 0 or num_negatives >= n
     if full:
@@ -37,6 +41,10 @@ def softmax_loss(ranker: UnifiedRanker, batch: TrainBatch, num_negatives: int, i
     keep = targets > 0
     h, targets = hidden[:, 1:][keep], targets[keep]
     row_task = req.task.unsqueeze(1).expand_as(keep)[keep]
+    labels_k, weights_k = targets.unsqueeze(1), None
+    if future_window and future_weight:
+        labels_k, weights_k = future_targets(batch, req, keep.shape[1], future_window, future_weight)
+        labels_k, weights_k = labels_k[keep], weights_k[keep]
     seen = None
     if mask_seen:
         seen = seen_items(req, hidden.shape[1] - 1)[keep]
@@ -44,9 +52,10 @@ def softmax_loss(ranker: UnifiedRanker, batch: TrainBatch, num_negatives: int, i
 
     if full:
         # Columns = ids 1..n only (padding and OOV rows are never candidates): label = id - 1.
-        per_position = full_softmax_cross_entropy(ranker, h, ranker.all_item_embeddings()[1: n + 1], targets - 1,
+        per_position = full_softmax_cross_entropy(ranker, h, ranker.all_item_embeddings()[1: n + 1],
+                                                  (labels_k - 1).clamp(min=0) if weights_k is not None else targets - 1,
                                                   None if excluded_items is None else excluded_items - 1,
-                                                  masked_ids=seen)
+                                                  masked_ids=seen, label_weights=weights_k)
     else:
         logits = ranker.similarity(h, cand_vec)
         # P(item in candidate set) ~ drawn among the batch's targets + drawn uniformly.
@@ -60,7 +69,12 @@ def softmax_loss(ranker: UnifiedRanker, batch: TrainBatch, num_negatives: int, i
         if seen is not None:
             hits |= id_mask(seen, n)[:, candidates]
         logits = logits.masked_fill(hits, -torch.inf)
-        per_position = F.cross_entropy(logits, labels, reduction="none")
+        if weights_k is None:
+            per_position = F.cross_entropy(logits, labels, reduction="none")
+        else:  # every future target of a pre-query row is some position's target: it is a candidate
+            future_cols = torch.searchsorted(uniq_targets, labels_k).clamp(max=len(uniq_targets) - 1)
+            future_cols[:, 0] = labels
+            per_position = soft_cross_entropy(logits, future_cols, weights_k)
     per_task = {task: per_position[row_task == task].mean() for task in task_weights if (row_task == task).any()}
     total = sum(task_weights[t] * loss for t, loss in per_task.items())
     return total, per_task
@@ -68,12 +82,14 @@ def softmax_loss(ranker: UnifiedRanker, batch: TrainBatch, num_negatives: int, i
 
 def full_softmax_cross_entropy(ranker: UnifiedRanker, h: torch.Tensor, items: torch.Tensor, labels: torch.Tensor,
                                excluded_columns: torch.Tensor | None = None, chunk_bytes: int = CHUNK_BYTES,
-                               masked_ids: torch.Tensor | None = None) -> torch.Tensor:
+                               masked_ids: torch.Tensor | None = None,
+                               label_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Per-row cross-entropy of h [N, d] against every row of `items` [C, d] (item ids 1..C), computed
     in row chunks of at most `chunk_bytes` of logits. Same values and gradients as one [N, C] matrix;
     the chunks stay in the allocator's heap instead of being mapped from and returned to the OS at
     every step (one [positions x catalogue] matrix is tens of MB; docs/TUNING.md has the measured
-    speed-up). `masked_ids` [N, K]: per-row item ids left out of that row's softmax (0 = none)."""
+    speed-up). `masked_ids` [N, K]: per-row item ids left out of that row's softmax (0 = none).
+    `label_weights` [N, L]: `labels` is then [N, L] columns with these weights (a soft target)."""
     rows = max(1, chunk_bytes // (items.element_size() * max(1, items.shape[0])))
     out = []
     for start in range(0, h.shape[0], rows):
@@ -82,8 +98,33 @@ def full_softmax_cross_entropy(ranker: UnifiedRanker, h: torch.Tensor, items: to
             logits = logits.index_fill(1, excluded_columns, -torch.inf)
         if masked_ids is not None:
             logits = logits.masked_fill(id_mask(masked_ids[start: start + rows], items.shape[0])[:, 1:], -torch.inf)
-        out.append(F.cross_entropy(logits, labels[start: start + rows], reduction="none"))
+        if label_weights is None:
+            out.append(F.cross_entropy(logits, labels[start: start + rows], reduction="none"))
+        else:
+            out.append(soft_cross_entropy(logits, labels[start: start + rows], label_weights[start: start + rows]))
     return torch.cat(out) if out else h.new_zeros(0)
+
+
+def soft_cross_entropy(logits: torch.Tensor, columns: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Per-row cross-entropy against a sparse target distribution: `weights` [N, L] (rows sum to 1,
+    0 = unused slot) on the logits' `columns` [N, L]."""
+    picked = logits.gather(1, columns).masked_fill(weights == 0, 0.0)
+    return torch.logsumexp(logits, dim=1) - (weights * picked).sum(dim=1)
+
+
+def future_targets(batch: TrainBatch, req: RankRequest, positions: int, window: int,
+                   weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B, positions, 1 + window] item ids, same-shape weights): each position's target, then for
+    pre-query rows the `window` items that follow it in the row (0 = none). The next item weighs
+    1 - weight and the present future items share `weight`; rows of other tasks, and positions
+    with no future item, put all the weight on the target."""
+    padded = F.pad(batch.targets[:, :positions], (0, window))
+    ids = torch.stack([padded[:, k: k + positions] for k in range(window + 1)], dim=2)
+    ids[:, :, 1:] *= (req.task == Task.PREQUERY).view(-1, 1, 1)
+    future = (ids[:, :, 1:] > 0).float()
+    share = weight * future / future.sum(dim=2, keepdim=True).clamp(min=1.0)
+    head = 1.0 - share.sum(dim=2, keepdim=True)
+    return ids, torch.cat([head, share], dim=2) * (ids[:, :, :1] > 0)
 
 
 def seen_items(req: RankRequest, positions: int) -> torch.Tensor:

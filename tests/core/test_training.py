@@ -249,6 +249,47 @@ def test_mask_seen_drops_exactly_the_filtered_items_from_each_softmax(tmp_path, 
             assert masked[task] < plain[task]
 
 
+@pytest.mark.parametrize("num_negatives", [0, 40])
+def test_future_targets_spread_the_weight_over_the_next_items_of_prequery_rows(tmp_path, num_negatives):
+    """train.future_window / future_weight: a pre-query position's loss is the cross-entropy against
+    1 - a on its next item and a shared by the K items after it (all on the next item at the row's
+    end); search and similar-item keep their one target. Checked against a per-row loop."""
+    cfg, prep, ranker, batch, freq = first_batch(tmp_path)
+    weights, window, share = {t: 1.0 for t in Task}, 2, 0.3
+    n, req = prep.data.num_items, batch.request
+    with torch.no_grad():
+        _, soft = softmax_loss(ranker, batch, num_negatives, freq, torch.Generator().manual_seed(3), weights,
+                               future_window=window, future_weight=share)
+        _, plain = softmax_loss(ranker, batch, num_negatives, freq, torch.Generator().manual_seed(3), weights)
+        for task in (Task.SEARCH, Task.SIMILAR):
+            torch.testing.assert_close(soft[task], plain[task])
+        if num_negatives:  # the sampled path: a different loss on pre-query, same on the other tasks
+            assert not torch.isclose(soft[Task.PREQUERY], plain[Task.PREQUERY])
+            return
+        hidden, _, _ = ranker.encode(req.task, req.history, req.history_lengths, req.query, req.query_lengths,
+                                     req.source_item)
+        items = ranker.all_item_embeddings()[1: n + 1]
+        losses, spread_somewhere = [], False
+        for b in torch.nonzero(req.task == Task.PREQUERY).squeeze(1).tolist():
+            row = batch.targets[b, : hidden.shape[1] - 1].tolist()
+            for j, target in enumerate(row):
+                if target <= 0:
+                    continue
+                future = [t for t in row[j + 1: j + 1 + window] if t > 0]
+                log_p = F.log_softmax(ranker.similarity(hidden[b, 1 + j].unsqueeze(0), items)[0], dim=0)
+                loss = -(1 - share * bool(future)) * log_p[target - 1]
+                for t in future:
+                    loss = loss - share / len(future) * log_p[t - 1]
+                spread_somewhere |= bool(future)
+                losses.append(loss)
+        assert spread_somewhere
+        torch.testing.assert_close(soft[Task.PREQUERY], torch.stack(losses).mean(), rtol=1e-5, atol=1e-6)
+    for bad in (["train.future_window=2"], ["train.future_window=-1", "train.future_weight=0.2"],
+                ["train.future_window=2", "train.future_weight=1.0"]):
+        with pytest.raises(ConfigError, match="future_w"):
+            load_config(None, TINY + bad)
+
+
 def test_weight_average_is_validated_and_saved_and_training_continues_on_live_weights(tmp_path):
     """train.ema_decay: the checkpoint holds the moving average (not the last weights), and swapping it
     in for validation gives the live weights back unchanged."""

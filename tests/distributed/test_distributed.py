@@ -162,3 +162,5 @@ def test_world_size_mismatch_and_cpu_only_sharding_errors(runs, tmp_path):
     from unirank.training.distributed import run
     with pytest.raises(ConfigError, match="single-process options"):  # refused before any process group
         run(load_config("quickstart", ["train.mask_seen=true"]))
+    with pytest.raises(ConfigError, match="future_window"):
+        run(load_config("quickstart", ["train.future_window=2", "train.future_weight=0.2"]))
