@@ -216,12 +216,14 @@ def plot_curves(models: dict, path: Path, task: str = "prequery") -> None:
 
     curves = {name: m["tasks"].get(task, {}).get("validation_curve") for name, m in models.items()}
     curves = {name: c for name, c in curves.items() if c}
-    # The legend sits right of the axes (it grows with the number of runs); peers are dashed.
+    # The legend sits right of the axes (it grows with the number of runs); peers are dashed. Past 20
+    # runs the colours repeat, so the marker changes with each round of the palette.
     fig, ax = plt.subplots(figsize=(11, max(4.5, 0.22 * len(curves) + 1)))
-    colors = plt.get_cmap("tab20").colors
+    colors, markers = plt.get_cmap("tab20").colors, ".xs^vD"
     for i, (name, curve) in enumerate(curves.items()):
         peer = models[name].get("kind", "").startswith("peer")
-        ax.plot([s / 60 for s, _, _ in curve], [n for _, n, _ in curve], marker=".", label=name,
+        marker = markers[(i // len(colors)) % len(markers)]
+        ax.plot([s / 60 for s, _, _ in curve], [n for _, n, _ in curve], marker=marker, label=name,
                 color=colors[i % len(colors)], linestyle="--" if peer else "-", linewidth=2.2 if peer else 1.2)
     ax.set_xlabel("wall time since training start (min)")
     ax.set_ylabel(f"validation NDCG@10 ({task})")
