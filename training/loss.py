@@ -41,19 +41,21 @@ def softmax_loss(ranker: UnifiedRanker, batch: TrainBatch, num_negatives: int, i
     keep = targets > 0
     h, targets = hidden[:, 1:][keep], targets[keep]
     row_task = req.task.unsqueeze(1).expand_as(keep)[keep]
-    labels_k, weights_k = targets.unsqueeze(1), None
+    labels_k = weights_k = None  # [N, 1 + K] ids and weights of the soft targets (future_window)
     if future_window and future_weight:
         labels_k, weights_k = future_targets(batch, req, keep.shape[1], future_window, future_weight)
         labels_k, weights_k = labels_k[keep], weights_k[keep]
     seen = None
-    if mask_seen:
+    if mask_seen:  # a seen item that is one of the position's targets stays a candidate
         seen = seen_items(req, hidden.shape[1] - 1)[keep]
-        seen = torch.where((seen == targets.unsqueeze(1)) | (seen > n), torch.zeros_like(seen), seen)
+        own = targets.unsqueeze(1) if labels_k is None else labels_k
+        is_target = (seen.unsqueeze(2) == own.unsqueeze(1)).any(dim=2)
+        seen = torch.where(is_target | (seen > n), torch.zeros_like(seen), seen)
 
     if full:
         # Columns = ids 1..n only (padding and OOV rows are never candidates): label = id - 1.
         per_position = full_softmax_cross_entropy(ranker, h, ranker.all_item_embeddings()[1: n + 1],
-                                                  (labels_k - 1).clamp(min=0) if weights_k is not None else targets - 1,
+                                                  targets - 1 if labels_k is None else (labels_k - 1).clamp(min=0),
                                                   None if excluded_items is None else excluded_items - 1,
                                                   masked_ids=seen, label_weights=weights_k)
     else:
@@ -69,12 +71,11 @@ def softmax_loss(ranker: UnifiedRanker, batch: TrainBatch, num_negatives: int, i
         if seen is not None:
             hits |= id_mask(seen, n)[:, candidates]
         logits = logits.masked_fill(hits, -torch.inf)
-        if weights_k is None:
+        if labels_k is None:
             per_position = F.cross_entropy(logits, labels, reduction="none")
         else:  # every future target of a pre-query row is some position's target: it is a candidate
-            future_cols = torch.searchsorted(uniq_targets, labels_k).clamp(max=len(uniq_targets) - 1)
-            future_cols[:, 0] = labels
-            per_position = soft_cross_entropy(logits, future_cols, weights_k)
+            columns = torch.searchsorted(uniq_targets, labels_k).clamp(max=len(uniq_targets) - 1)
+            per_position = soft_cross_entropy(logits, columns, weights_k)
     per_task = {task: per_position[row_task == task].mean() for task in task_weights if (row_task == task).any()}
     total = sum(task_weights[t] * loss for t, loss in per_task.items())
     return total, per_task

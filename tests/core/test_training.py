@@ -263,6 +263,10 @@ def test_future_targets_spread_the_weight_over_the_next_items_of_prequery_rows(t
         _, plain = softmax_loss(ranker, batch, num_negatives, freq, torch.Generator().manual_seed(3), weights)
         for task in (Task.SEARCH, Task.SIMILAR):
             torch.testing.assert_close(soft[task], plain[task])
+        # With mask_seen too: a future item that repeats an earlier one stays a candidate (finite loss).
+        _, both = softmax_loss(ranker, batch, num_negatives, freq, torch.Generator().manual_seed(3), weights,
+                               mask_seen=True, future_window=window, future_weight=share)
+        assert all(torch.isfinite(loss) for loss in both.values())
         if num_negatives:  # the sampled path: a different loss on pre-query, same on the other tasks
             assert not torch.isclose(soft[Task.PREQUERY], plain[Task.PREQUERY])
             return
