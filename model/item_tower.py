@@ -166,6 +166,10 @@ class ItemTower(nn.Module):
         vec, query_vec = self.lookup(uniq, query, query_lengths)
         return vec[inverse].reshape(*item_ids.shape, self.dim), query_vec
 
+    def id_table(self) -> nn.Parameter:
+        """The item-id embedding weights (the table that only an item's own interactions train)."""
+        return self.ebc.embedding_bags["item_id"].weight
+
     def all_items(self) -> torch.Tensor:
         """[num_items + 2, dim]: row = item id (row 0 zeros, last row OOV)."""
         return self.lookup(torch.arange(self.num_items + 2))[0]

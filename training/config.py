@@ -42,7 +42,8 @@ class TrainConfig:
     task_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  # search, similar, prequery
     batch_size: int = 128
     lr: float = 1e-3
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW (decoupled) decay of every weight
+    id_weight_decay: Optional[float] = None  # decay of the item-id table alone; None = train.weight_decay
     lr_schedule: str = "constant"  # constant | cosine (decays to lr_min_ratio * lr at max_epochs)
     warmup_steps: int = 0  # linear warm-up from 0 over this many steps (both schedules)
     lr_min_ratio: float = 0.0  # cosine floor, as a fraction of lr
@@ -156,6 +157,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.warmup_steps must be >= 0 and train.lr_min_ratio in [0, 1]")
     if cfg.train.num_negatives < 0:
         raise ConfigError("train.num_negatives must be >= 0 (0 = full softmax)")
+    if cfg.train.weight_decay < 0 or (cfg.train.id_weight_decay is not None and cfg.train.id_weight_decay < 0):
+        raise ConfigError("train.weight_decay and train.id_weight_decay must be >= 0, got "
+                          f"{cfg.train.weight_decay} and {cfg.train.id_weight_decay}")
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay must be in [0, 1) (0 = off), got {cfg.train.ema_decay}")
     if cfg.train.future_window < 0 or not 0.0 <= cfg.train.future_weight < 1.0:

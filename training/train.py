@@ -85,11 +85,18 @@ def selection_score(metrics: dict[str, dict]) -> float:
 
 
 def parameter_groups(ranker: UnifiedRanker, cfg: Config) -> list[dict]:
-    """A fine-tuned pretrained encoder takes a much smaller step than the freshly initialised rest."""
+    """A fine-tuned pretrained encoder takes a much smaller step than the freshly initialised rest;
+    `train.id_weight_decay`, when set, gives the item-id table a decay of its own."""
     encoder = [p for n, p in ranker.named_parameters() if n.startswith("query_encoder.") and p.requires_grad]
-    ids = {id(p) for p in encoder}
+    id_table = [] if cfg.train.id_weight_decay is None else [ranker.item_tower.id_table()]
+    ids = {id(p) for p in encoder + id_table}
     rest = [p for p in ranker.parameters() if p.requires_grad and id(p) not in ids]
-    return [{"params": rest}] + ([{"params": encoder, "lr": cfg.train.encoder_lr}] if encoder else [])
+    return ([{"params": rest}] + ([{"params": encoder, "lr": cfg.train.encoder_lr}] if encoder else [])
+            + ([{"params": id_table, "weight_decay": cfg.train.id_weight_decay}] if id_table else []))
+
+
+def make_optimizer(ranker: UnifiedRanker, cfg: Config) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(parameter_groups(ranker, cfg), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
 
 def lr_factor(step: int, total_steps: int, cfg: Config) -> float:
@@ -157,7 +164,7 @@ def train(cfg: Config, prep: Prepared | None = None, quiet: bool = False) -> Tra
     item_freq = item_frequencies(prep.split.train, prep.data.num_items)
     generator = torch.Generator().manual_seed(cfg.train.seed)
     excluded = None if prep.excluded_items is None else torch.as_tensor(prep.excluded_items, dtype=torch.int64)
-    optimizer = torch.optim.AdamW(parameter_groups(ranker, cfg), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = make_optimizer(ranker, cfg)
     average = WeightAverage(ranker, cfg.train.ema_decay) if cfg.train.ema_decay else None
     base_lrs = [group["lr"] for group in optimizer.param_groups]  # the config's, even after a resume
     total_steps = cfg.train.max_epochs * examples.steps_per_epoch()

@@ -294,6 +294,29 @@ def test_future_targets_spread_the_weight_over_the_next_items_of_prequery_rows(t
             load_config(None, TINY + bad)
 
 
+def test_id_weight_decay_decays_the_item_id_table_alone(tmp_path):
+    """train.id_weight_decay: with zero gradients an AdamW step is the decoupled decay alone, so the
+    item-id table shrinks by 1 - lr * id_weight_decay and every other weight by 1 - lr * weight_decay."""
+    from unirank.training.train import make_optimizer
+
+    cfg = tiny_config(tmp_path, "train.lr=0.1", "train.weight_decay=0.2", "train.id_weight_decay=0.5")
+    prep = prepare(cfg)
+    ranker = build_ranker(cfg, prep)
+    before = {name: p.detach().clone() for name, p in ranker.named_parameters()}
+    optimizer = make_optimizer(ranker, cfg)
+    for p in ranker.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    id_table = ranker.item_tower.id_table()
+    for name, p in ranker.named_parameters():
+        decay = 0.5 if p is id_table else 0.2
+        torch.testing.assert_close(p.detach(), before[name] * (1 - 0.1 * decay), msg=name)
+    assert any(p is id_table for p in ranker.parameters())
+    for bad in (["train.weight_decay=-0.1"], ["train.id_weight_decay=-1"]):
+        with pytest.raises(ConfigError, match="weight_decay"):
+            load_config(None, TINY + bad)
+
+
 def test_weight_average_is_validated_and_saved_and_training_continues_on_live_weights(tmp_path):
     """train.ema_decay: the checkpoint holds the moving average (not the last weights), and swapping it
     in for validation gives the live weights back unchanged."""

@@ -164,3 +164,5 @@ def test_world_size_mismatch_and_cpu_only_sharding_errors(runs, tmp_path):
         run(load_config("quickstart", ["train.mask_seen=true"]))
     with pytest.raises(ConfigError, match="future_window"):
         run(load_config("quickstart", ["train.future_window=2", "train.future_weight=0.2"]))
+    with pytest.raises(ConfigError, match="id_weight_decay"):
+        run(load_config("quickstart", ["train.id_weight_decay=0.1"]))
