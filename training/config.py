@@ -42,7 +42,7 @@ class TrainConfig:
     task_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  # search, similar, prequery
     batch_size: int = 128
     lr: float = 1e-3
-    weight_decay: float = 0.0  # AdamW (decoupled) decay of every weight
+    weight_decay: float = 0.0  # AdamW (decoupled) decay: every weight in `unirank train`, dense ones under torchrun
     id_weight_decay: Optional[float] = None  # decay of the item-id table alone; None = train.weight_decay
     lr_schedule: str = "constant"  # constant | cosine (decays to lr_min_ratio * lr at max_epochs)
     warmup_steps: int = 0  # linear warm-up from 0 over this many steps (both schedules)

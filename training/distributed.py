@@ -330,8 +330,8 @@ def run(cfg: Config, eval_only: bool = False, quiet: bool = False) -> dict:
     if not eval_only and (cfg.train.mask_seen or cfg.train.ema_decay or cfg.train.future_window
                           or cfg.train.id_weight_decay is not None):
         raise ConfigError("train.mask_seen, train.ema_decay, train.future_window and train.id_weight_decay are "
-                          "single-process options "
-                          "(unirank train) in this version; the torchrun trainer does not implement them")
+                          "single-process options (unirank train) in this version; the torchrun trainer does "
+                          "not implement them")
     device = init_distributed(cfg)
     rank, world = dist.get_rank(), dist.get_world_size()
     t0 = time.time()
