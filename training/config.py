@@ -44,6 +44,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0  # AdamW (decoupled) decay: every weight in `unirank train`, dense ones under torchrun
     id_weight_decay: Optional[float] = None  # decay of the item-id table alone; None = train.weight_decay
+    decay_norms_and_biases: bool = True  # false: no decay on 1-D weights (LayerNorm gains, biases), as in GPT/BERT
     lr_schedule: str = "constant"  # constant | cosine (decays to lr_min_ratio * lr at max_epochs)
     warmup_steps: int = 0  # linear warm-up from 0 over this many steps (both schedules)
     lr_min_ratio: float = 0.0  # cosine floor, as a fraction of lr

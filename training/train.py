@@ -17,7 +17,7 @@ from tqdm import tqdm
 from unirank.model.ranker import RankerConfig, UnifiedRanker
 from unirank.model.request import TASK_NAMES, Task
 from unirank.model.tokenizer import Tokenizer
-from unirank.training.checkpoint import load_checkpoint, save_checkpoint
+from unirank.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from unirank.training.config import Config, to_yaml
 from unirank.training.datasets import InteractionData, load_dataset
 from unirank.training.evaluate import ModelScorer, evaluate_task
@@ -86,13 +86,18 @@ def selection_score(metrics: dict[str, dict]) -> float:
 
 def parameter_groups(ranker: UnifiedRanker, cfg: Config) -> list[dict]:
     """A fine-tuned pretrained encoder takes a much smaller step than the freshly initialised rest;
-    `train.id_weight_decay`, when set, gives the item-id table a decay of its own."""
+    `train.id_weight_decay`, when set, gives the item-id table a decay of its own;
+    `train.decay_norms_and_biases=false` takes the 1-D weights (LayerNorm gains, biases) out of the
+    decay, so it cannot shrink the scale of the normalised context and item vectors (the logits)."""
     encoder = [p for n, p in ranker.named_parameters() if n.startswith("query_encoder.") and p.requires_grad]
     id_table = [] if cfg.train.id_weight_decay is None else [ranker.item_tower.id_table()]
     ids = {id(p) for p in encoder + id_table}
     rest = [p for p in ranker.parameters() if p.requires_grad and id(p) not in ids]
+    no_decay = [] if cfg.train.decay_norms_and_biases else [p for p in rest if p.dim() <= 1]
+    rest = [p for p in rest if p.dim() > 1 or cfg.train.decay_norms_and_biases]
     return ([{"params": rest}] + ([{"params": encoder, "lr": cfg.train.encoder_lr}] if encoder else [])
-            + ([{"params": id_table, "weight_decay": cfg.train.id_weight_decay}] if id_table else []))
+            + ([{"params": id_table, "weight_decay": cfg.train.id_weight_decay}] if id_table else [])
+            + ([{"params": no_decay, "weight_decay": 0.0}] if no_decay else []))
 
 
 def make_optimizer(ranker: UnifiedRanker, cfg: Config) -> torch.optim.Optimizer:
@@ -170,9 +175,6 @@ def train(cfg: Config, prep: Prepared | None = None, quiet: bool = False) -> Tra
     total_steps = cfg.train.max_epochs * examples.steps_per_epoch()
 
     out = Path(cfg.train.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(to_yaml(cfg))
-    writer = SummaryWriter(str(out / "tensorboard"))
     ckpt = out / "best.pt"
     best, best_epoch, bad_rounds, history, step = -1.0, 0, 0, [], 0
     first_epoch = 1
@@ -182,10 +184,20 @@ def train(cfg: Config, prep: Prepared | None = None, quiet: bool = False) -> Tra
         loaded = load_checkpoint(cfg.train.init_from, expect=ranker.config)
         ranker.load_state_dict(loaded.ranker.state_dict())
         if loaded.optimizer_state:
-            optimizer.load_state_dict(loaded.optimizer_state)
+            try:
+                optimizer.load_state_dict(loaded.optimizer_state)
+            except ValueError as err:  # PyTorch's message names no option
+                raise CheckpointError(
+                    f"{cfg.train.init_from}: its optimizer state does not fit this run's parameter groups "
+                    f"({err}); train.id_weight_decay, train.decay_norms_and_biases and model.query_encoder "
+                    "must be set as in the run that wrote it") from err
         best_epoch = loaded.metadata.get("epoch", 0)
         best, first_epoch = selection_score(loaded.metadata["validation"]), best_epoch + 1
         step = best_epoch * examples.steps_per_epoch()  # the schedule continues where it was
+    # Written only once the resumed checkpoint has loaded, so a refused resume leaves its run as it was.
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    writer = SummaryWriter(str(out / "tensorboard"))
     best_row: dict = {"epoch": best_epoch, "score": best} if best_epoch else {}
     metadata = {"dataset": prep.data.name, "fingerprint": prep.data.fingerprint(), "tasks": cfg.train.tasks}
 

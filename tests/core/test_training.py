@@ -317,6 +317,46 @@ def test_id_weight_decay_decays_the_item_id_table_alone(tmp_path):
             load_config(None, TINY + bad)
 
 
+def test_decay_norms_and_biases_false_leaves_the_1d_weights_undecayed(tmp_path):
+    """train.decay_norms_and_biases=false: with zero gradients an AdamW step leaves every 1-D weight
+    (LayerNorm gains, biases) as it was and still decays the matrices and tables."""
+    from unirank.training.train import make_optimizer
+
+    cfg = tiny_config(tmp_path, "train.lr=0.1", "train.weight_decay=0.2", "train.id_weight_decay=0.5",
+                      "train.decay_norms_and_biases=false")
+    ranker = build_ranker(cfg, prepare(cfg))
+    before = {name: p.detach().clone() for name, p in ranker.named_parameters()}
+    optimizer = make_optimizer(ranker, cfg)
+    for p in ranker.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    id_table = ranker.item_tower.id_table()
+    names = {name for name, p in ranker.named_parameters() if p.dim() == 1}
+    assert any(n.endswith("ln_f.weight") for n in names)
+    for name, p in ranker.named_parameters():
+        decay = 0.0 if p.dim() == 1 else 0.5 if p is id_table else 0.2
+        torch.testing.assert_close(p.detach(), before[name] * (1 - 0.1 * decay), msg=name)
+
+
+def test_init_from_continues_a_run_and_refuses_other_parameter_groups_leaving_the_run_as_it_was(tmp_path):
+    """A resumed run continues at the next epoch. One whose optimizer groups differ from the
+    checkpoint's (here: norms and biases taken out of the decay) gets a CheckpointError naming the
+    options, before anything in its out_dir is written."""
+    from unirank.training.checkpoint import CheckpointError
+
+    first = train(tiny_config(tmp_path, "train.max_epochs=1", "train.weight_decay=0.1"), quiet=True)
+    resumed = train(tiny_config(tmp_path, "train.max_epochs=2", "train.weight_decay=0.1",
+                                f"train.init_from={first.checkpoint}", f"train.out_dir={tmp_path / 'resumed'}"),
+                    quiet=True)
+    assert [row["epoch"] for row in resumed.history] == [2]
+    written = (tmp_path / "run" / "config.yaml").read_text()
+    with pytest.raises(CheckpointError, match="decay_norms_and_biases"):
+        train(tiny_config(tmp_path, "train.max_epochs=2", "train.weight_decay=0.1",
+                          "train.decay_norms_and_biases=false", f"train.init_from={first.checkpoint}"), quiet=True)
+    assert (tmp_path / "run" / "config.yaml").read_text() == written
+    assert load_checkpoint(first.checkpoint).metadata["epoch"] == 1
+
+
 def test_weight_average_is_validated_and_saved_and_training_continues_on_live_weights(tmp_path):
     """train.ema_decay: the checkpoint holds the moving average (not the last weights), and swapping it
     in for validation gives the live weights back unchanged."""

@@ -166,3 +166,5 @@ def test_world_size_mismatch_and_cpu_only_sharding_errors(runs, tmp_path):
         run(load_config("quickstart", ["train.future_window=2", "train.future_weight=0.2"]))
     with pytest.raises(ConfigError, match="id_weight_decay"):
         run(load_config("quickstart", ["train.id_weight_decay=0.1"]))
+    with pytest.raises(ConfigError, match="decay_norms_and_biases"):
+        run(load_config("quickstart", ["train.decay_norms_and_biases=false"]))
