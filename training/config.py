@@ -58,6 +58,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # validate and save an exponential moving average of the weights (0 = off)
     future_window: int = 0  # pre-query positions also learn the K items after the next one (0 = off)
     future_weight: float = 0.0  # share of each pre-query target distribution given to those K items
+    label_smoothing: float = 0.0  # share of each target distribution spread uniformly over the candidates
     max_minutes: Optional[float] = None  # wall-clock budget
     init_from: Optional[str] = None  # continue a single-process run from its best.pt (weights + optimizer)
     seed: int = 42
@@ -166,6 +167,8 @@ def validate(cfg: Config) -> None:
     if cfg.train.future_window < 0 or not 0.0 <= cfg.train.future_weight < 1.0:
         raise ConfigError("train.future_window must be >= 0 and train.future_weight in [0, 1), got "
                           f"{cfg.train.future_window} and {cfg.train.future_weight}")
+    if not 0.0 <= cfg.train.label_smoothing < 1.0:
+        raise ConfigError(f"train.label_smoothing must be in [0, 1), got {cfg.train.label_smoothing}")
     if bool(cfg.train.future_window) != bool(cfg.train.future_weight):
         raise ConfigError("train.future_window and train.future_weight work together: set both (or neither), got "
                           f"{cfg.train.future_window} and {cfg.train.future_weight}")

@@ -17,7 +17,8 @@ CHUNK_BYTES = 16 << 20  # logits per chunk of the full softmax: below glibc's la
 def softmax_loss(ranker: UnifiedRanker, batch: TrainBatch, num_negatives: int, item_freq: torch.Tensor,
                  generator: torch.Generator, task_weights: dict[Task, float],
                  excluded_items: torch.Tensor | None = None, mask_seen: bool = False,
-                 future_window: int = 0, future_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+                 future_window: int = 0, future_weight: float = 0.0,
+                 label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:
     """(task-weighted loss, {task: mean cross-entropy}). `item_freq` [num_items + 2] is the training
     frequency of each id, for the probability that an item is among the in-batch targets.
     `excluded_items`: ids that are not in the catalogue at training time (never a negative).
@@ -26,7 +27,9 @@ def softmax_loss(ranker: UnifiedRanker, batch: TrainBatch, num_negatives: int, i
     an item equal to the position's own target stays a candidate.
     `future_window` K, `future_weight` a: a pre-query position's target becomes a distribution, 1 - a
     on the next item and a shared equally by the K items after it that the window holds (all of it on
-    the next item at the window's end); other tasks keep their one target."""
+    the next item at the window's end); other tasks keep their one target.
+    `label_smoothing` e: each row's target distribution gives e to the uniform distribution over that
+    row's candidates (the catalogue less excluded and masked items, or the sampled set)."""
     req, n = batch.request, ranker.num_items
     full = num_negatives == 0 or num_negatives >= n
     if full:
@@ -57,7 +60,8 @@ def softmax_loss(ranker: UnifiedRanker, batch: TrainBatch, num_negatives: int, i
         per_position = full_softmax_cross_entropy(ranker, h, ranker.all_item_embeddings()[1: n + 1],
                                                   targets - 1 if labels_k is None else (labels_k - 1).clamp(min=0),
                                                   None if excluded_items is None else excluded_items - 1,
-                                                  masked_ids=seen, label_weights=weights_k)
+                                                  masked_ids=seen, label_weights=weights_k,
+                                                  label_smoothing=label_smoothing)
     else:
         logits = ranker.similarity(h, cand_vec)
         # P(item in candidate set) ~ drawn among the batch's targets + drawn uniformly.
@@ -76,6 +80,7 @@ def softmax_loss(ranker: UnifiedRanker, batch: TrainBatch, num_negatives: int, i
         else:  # every future target of a pre-query row is some position's target: it is a candidate
             columns = torch.searchsorted(uniq_targets, labels_k).clamp(max=len(uniq_targets) - 1)
             per_position = soft_cross_entropy(logits, columns, weights_k)
+        per_position = smooth(per_position, logits, label_smoothing)
     per_task = {task: per_position[row_task == task].mean() for task in task_weights if (row_task == task).any()}
     total = sum(task_weights[t] * loss for t, loss in per_task.items())
     return total, per_task
@@ -84,13 +89,15 @@ def softmax_loss(ranker: UnifiedRanker, batch: TrainBatch, num_negatives: int, i
 def full_softmax_cross_entropy(ranker: UnifiedRanker, h: torch.Tensor, items: torch.Tensor, labels: torch.Tensor,
                                excluded_columns: torch.Tensor | None = None, chunk_bytes: int = CHUNK_BYTES,
                                masked_ids: torch.Tensor | None = None,
-                               label_weights: torch.Tensor | None = None) -> torch.Tensor:
+                               label_weights: torch.Tensor | None = None,
+                               label_smoothing: float = 0.0) -> torch.Tensor:
     """Per-row cross-entropy of h [N, d] against every row of `items` [C, d] (item ids 1..C), computed
     in row chunks of at most `chunk_bytes` of logits. Same values and gradients as one [N, C] matrix;
     the chunks stay in the allocator's heap instead of being mapped from and returned to the OS at
     every step (one [positions x catalogue] matrix is tens of MB; docs/TUNING.md has the measured
     speed-up). `masked_ids` [N, K]: per-row item ids left out of that row's softmax (0 = none).
-    `label_weights` [N, L]: `labels` is then [N, L] columns with these weights (a soft target)."""
+    `label_weights` [N, L]: `labels` is then [N, L] columns with these weights (a soft target).
+    `label_smoothing`: as in `softmax_loss`."""
     rows = max(1, chunk_bytes // (items.element_size() * max(1, items.shape[0])))
     out = []
     for start in range(0, h.shape[0], rows):
@@ -100,10 +107,22 @@ def full_softmax_cross_entropy(ranker: UnifiedRanker, h: torch.Tensor, items: to
         if masked_ids is not None:
             logits = logits.masked_fill(id_mask(masked_ids[start: start + rows], items.shape[0])[:, 1:], -torch.inf)
         if label_weights is None:
-            out.append(F.cross_entropy(logits, labels[start: start + rows], reduction="none"))
+            loss = F.cross_entropy(logits, labels[start: start + rows], reduction="none")
         else:
-            out.append(soft_cross_entropy(logits, labels[start: start + rows], label_weights[start: start + rows]))
+            loss = soft_cross_entropy(logits, labels[start: start + rows], label_weights[start: start + rows])
+        out.append(smooth(loss, logits, label_smoothing))
     return torch.cat(out) if out else h.new_zeros(0)
+
+
+def smooth(cross_entropy: torch.Tensor, logits: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """(1 - e) * cross_entropy + e * the cross-entropy against the uniform distribution over each
+    row's finite logits (-inf = not a candidate). PyTorch's own `label_smoothing` spreads e over every
+    column, -inf ones included, which makes the loss infinite."""
+    if not epsilon:
+        return cross_entropy
+    finite = torch.isfinite(logits)
+    mean = logits.masked_fill(~finite, 0.0).sum(dim=1) / finite.sum(dim=1).clamp(min=1)
+    return (1.0 - epsilon) * cross_entropy + epsilon * (torch.logsumexp(logits, dim=1) - mean)
 
 
 def soft_cross_entropy(logits: torch.Tensor, columns: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

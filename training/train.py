@@ -211,7 +211,8 @@ def train(cfg: Config, prep: Prepared | None = None, quiet: bool = False) -> Tra
                 group["lr"] = base * factor
             loss, losses = softmax_loss(ranker, batch, cfg.train.num_negatives, item_freq, generator, weights,
                                         excluded_items=excluded, mask_seen=cfg.train.mask_seen,
-                                        future_window=cfg.train.future_window, future_weight=cfg.train.future_weight)
+                                        future_window=cfg.train.future_window, future_weight=cfg.train.future_weight,
+                                        label_smoothing=cfg.train.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

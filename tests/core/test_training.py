@@ -209,6 +209,35 @@ def test_chunked_full_softmax_matches_one_matrix(chunk_bytes):
     torch.testing.assert_close(chunked, whole)
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want)
+    # Label smoothing spreads its share over the candidates only: PyTorch's own, on the matrix
+    # without the excluded column (with it, PyTorch's loss is infinite).
+    smoothed = full_softmax_cross_entropy(Dot, h, items, labels, excluded, chunk_bytes=chunk_bytes,
+                                          label_smoothing=0.2)
+    grads = torch.autograd.grad((smoothed * weights).sum(), (h, items))
+    whole = F.cross_entropy((h @ items.T)[:, :6], labels, reduction="none", label_smoothing=0.2)
+    expected = torch.autograd.grad((whole * weights).sum(), (h, items))
+    assert (smoothed > chunked.detach()).any()
+    torch.testing.assert_close(smoothed, whole)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("num_negatives", [0, 40])
+def test_label_smoothing_is_the_mix_of_the_target_and_the_uniform_cross_entropy(tmp_path, num_negatives):
+    """Through softmax_loss, on both paths: loss(e) = (1 - e) * loss(0) + e * loss(1), since the
+    smoothed loss is linear in e; the uniform part is finite (only candidates count) and larger."""
+    cfg, prep, ranker, batch, freq = first_batch(tmp_path)
+    weights = {t: 1.0 for t in Task}
+
+    def loss(e):
+        return softmax_loss(ranker, batch, num_negatives, freq, torch.Generator().manual_seed(3), weights,
+                            label_smoothing=e)[0]
+    plain, uniform, mixed = loss(0.0), loss(0.999999), loss(0.3)
+    assert torch.isfinite(uniform) and uniform > plain
+    torch.testing.assert_close(mixed, 0.7 * plain + 0.3 * uniform, rtol=1e-4, atol=1e-4)
+    for bad in ("train.label_smoothing=1.0", "train.label_smoothing=-0.1"):
+        with pytest.raises(ConfigError, match="label_smoothing"):
+            load_config(None, TINY + [bad])
 
 
 @pytest.mark.parametrize("num_negatives", [0, 40])
