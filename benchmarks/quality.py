@@ -4,14 +4,17 @@ against wall time.
 
     python benchmarks/quality.py --data ../shared/data/amazon-beauty --out docs/bench/quality_beauty.json \
         [--peers sasrec,bert4rec] [--peer-minutes 15] [--threads 1] \
-        [--ours-run runs/beauty/unified | --ours-config default --ours-minutes 20 | --no-ours] \
+        [--ours-run runs/beauty/unified [more runs: an ensemble] | --ours-config default --ours-minutes 20 | --no-ours] \
         [--merge] [--plot docs/bench/quality_beauty.png]
 
 The split is the trainer's own (`prepare(cfg)`). Peers run in .venv-peers (`make peers`) through
 benchmarks/peers/rectools_peer.py and return top-20 lists; their metrics are computed here from
 the target's position in the list (absent = miss), so their MRR is truncated: `mrr@20`. Peers get
 no query input, so search is marked not applicable for them. `--merge` adds the models of this
-run to an existing --out JSON (e.g. peers today, `--ours-run` later).
+run to an existing --out JSON (e.g. peers today, `--ours-run` later). Several `--ours-run`
+directories are evaluated as one ensemble (`EnsembleScorer`: the mean of their log-softmax scores),
+with test metrics and the validation metrics on the trainer's validation subset; an ensemble is
+an offline result (`unirank export` serves one ranker).
 """
 from __future__ import annotations
 
@@ -167,6 +170,45 @@ def ours_report(run_dir: Path, data_path: str, num_bootstrap: int) -> dict:
             "validation_users": cfg.train.eval_users, "tasks": tasks}
 
 
+def ensemble_report(run_dirs: list[Path], data_path: str, num_bootstrap: int) -> dict:
+    """Several finished runs as one ensemble: test metrics, and validation metrics on the first run's
+    validation subset (its train.eval_users and train.seed), every task."""
+    from unirank.model.request import TASK_NAMES, Task
+    from unirank.training.checkpoint import load_checkpoint
+    from unirank.training.config import load_config
+    from unirank.training.evaluate import EnsembleScorer, evaluate_all, evaluate_task
+    from unirank.training.train import prepare, ranker_config
+
+    configs = []
+    for run_dir in run_dirs:
+        for needed in ("best.pt", "config.yaml", "train_history.json"):
+            if not (run_dir / needed).is_file():
+                raise BenchmarkInputError(f"--ours-run {run_dir}: no {needed} (a directory written by `unirank train`)")
+        configs.append(load_config(str(run_dir / "config.yaml"), [f"data.path={data_path}",
+                                                                  f"eval.num_bootstrap={num_bootstrap}"]))
+    cfg, prep = configs[0], prepare(configs[0])
+    rankers, walls, epochs = [], [], []
+    for run_dir, run_cfg in zip(run_dirs, configs):
+        loaded = load_checkpoint(run_dir / "best.pt", expect=ranker_config(run_cfg, prep))
+        if loaded.metadata.get("fingerprint") not in (None, prep.data.fingerprint()):
+            raise BenchmarkInputError(f"--ours-run {run_dir}: trained on other data than {data_path}")
+        rankers.append(loaded.ranker)
+        history = json.loads((run_dir / "train_history.json").read_text())
+        walls.append(history[-1]["seconds"] if history else 0.0)
+        epochs.append(loaded.metadata.get("epoch"))
+    scorer = EnsembleScorer(rankers)
+    test = evaluate_all([scorer], prep.split.test, prep.builder, ks=cfg.eval.ks, num_bootstrap=num_bootstrap)
+    tasks = {}
+    for task in Task:
+        valid = evaluate_task(scorer, task, prep.split.valid, prep.builder, ks=cfg.eval.ks,
+                              max_users=cfg.train.eval_users, num_bootstrap=0, seed=cfg.train.seed)
+        name = TASK_NAMES[task]
+        tasks[name] = {"test": test[name]["unirank"], "validation": valid,
+                       "seconds_to_reach_validation_recall@10": {a: None for a in ANCHORS_R10}}
+    return {"kind": "ours-ensemble", "runs": [str(r) for r in run_dirs], "train_wall_seconds": sum(walls),
+            "epochs": epochs, "validation_users": cfg.train.eval_users, "tasks": tasks}
+
+
 def train_ours(args: argparse.Namespace) -> Path:
     from unirank.training.config import load_config
     from unirank.training.train import train
@@ -255,7 +297,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--peer-negatives", type=int, default=PEER_NEGATIVES, help="negatives of the sampled losses")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every model trained here")
     ours = parser.add_mutually_exclusive_group()
-    ours.add_argument("--ours-run", help="a finished `unirank train` directory (best.pt, train_history.json)")
+    ours.add_argument("--ours-run", nargs="+", help="a finished `unirank train` directory (best.pt, "
+                      "train_history.json); several: evaluated as one ensemble")
     ours.add_argument("--no-ours", action="store_true", help="peers only")
     parser.add_argument("--ours-config", default="default", help="config to train ours with (no --ours-run)")
     parser.add_argument("--ours-minutes", type=float, default=20.0)
@@ -286,8 +329,9 @@ def check_inputs(args: argparse.Namespace) -> None:
         raise BenchmarkInputError("--reuse-peers needs --work-dir (where the earlier run kept its lists)")
     if args.peer_list and not PEER_PYTHON.is_file():
         raise BenchmarkInputError(f"peers need {PEER_PYTHON.relative_to(ROOT)}: run `make peers` first")
-    if args.ours_run and not Path(args.ours_run).is_dir():
-        raise BenchmarkInputError(f"--ours-run {args.ours_run}: no such directory")
+    for run in args.ours_run or []:
+        if not Path(run).is_dir():
+            raise BenchmarkInputError(f"--ours-run {run}: no such directory")
     if args.merge and not Path(args.out).is_file():
         raise BenchmarkInputError(f"--merge: {args.out} does not exist yet (run once without --merge)")
     if not args.peer_list and args.no_ours:
@@ -317,8 +361,11 @@ def main(argv: list[str] | None = None) -> int:
                 run_peer(name, split_path, out, args)
             models[key] = peer_report(out, prep.split, valid_eval, args.num_bootstrap)
     if not args.no_ours:
-        run_dir = Path(args.ours_run) if args.ours_run else train_ours(args)
-        models[args.ours_name] = ours_report(run_dir, args.data, args.num_bootstrap)
+        if args.ours_run and len(args.ours_run) > 1:
+            models[args.ours_name] = ensemble_report([Path(r) for r in args.ours_run], args.data, args.num_bootstrap)
+        else:
+            run_dir = Path(args.ours_run[0]) if args.ours_run else train_ours(args)
+            models[args.ours_name] = ours_report(run_dir, args.data, args.num_bootstrap)
 
     run = run_metadata(" ".join(["python", "benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])]))
     run |= {"models": list(models), "cpu_cores": os.cpu_count(), "threads": args.threads, "note": args.note,

@@ -41,6 +41,33 @@ class ModelScorer:
         return self.ranker.score(ctx)
 
 
+class EnsembleScorer:
+    """Several trained rankers as one scorer: the mean of their log-softmax over the catalogue ids
+    (1..num_items), so rankers whose score scales differ (another width, another run) weigh the same.
+    Offline evaluation only: `unirank export` writes one ranker."""
+
+    tasks = (Task.SEARCH, Task.SIMILAR, Task.PREQUERY)
+
+    def __init__(self, rankers: list[UnifiedRanker], name: str = "unirank"):
+        if len(rankers) < 2:
+            raise ValueError(f"an ensemble needs at least 2 rankers, got {len(rankers)}")
+        sizes = {r.num_items for r in rankers}
+        if len(sizes) != 1:
+            raise ValueError(f"the rankers score different catalogues (num_items {sorted(sizes)})")
+        self.members, self.name = [ModelScorer(r) for r in rankers], name
+
+    @torch.no_grad()
+    def scores(self, task: Task, request: RankRequest) -> torch.Tensor:
+        total = None
+        for member in self.members:
+            s = member.scores(task, request)
+            ids = s[:, 1:-1]  # padding (0) and OOV (last) are never ranked
+            part = torch.full_like(s, -torch.inf)
+            part[:, 1:-1] = torch.log_softmax(ids, dim=1)
+            total = part if total is None else total + part
+        return total / len(self.members)
+
+
 def filter_seen(scores: torch.Tensor, task: Task, request: RankRequest, histories: list[np.ndarray]) -> torch.Tensor:
     """-inf for ids never ranked (padding 0, OOV) and for the items the protocol filters."""
     scores = scores.clone()

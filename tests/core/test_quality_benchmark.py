@@ -125,6 +125,40 @@ def test_ours_run_without_checkpoint_is_refused(tmp_path):
         quality.ours_report(tmp_path, "synthetic", 0)
 
 
+def test_several_ours_runs_are_one_ensemble_and_a_run_with_itself_ranks_as_the_run(tmp_path):
+    """--ours-run a b: one ensemble entry with test and validation metrics for every task; a run
+    ensembled with itself ranks exactly as the run alone (the mean log-softmax is monotone in its
+    scores), and runs of another width combine (each run loads with its own config)."""
+    from unirank.training.config import load_config
+    from unirank.training.train import train
+
+    tiny = ["data.synthetic.num_users=200", "data.synthetic.num_items=120", "model.max_history=10",
+            "model.num_layers=1", "train.batch_size=64", "train.max_epochs=2", "train.lr=0.005",
+            "eval.num_bootstrap=0", "train.threads=1"]
+    runs = []
+    for name, dim in (("a", 16), ("b", 24)):
+        train(load_config(None, tiny + [f"model.dim={dim}", f"train.out_dir={tmp_path / name}"]), quiet=True)
+        runs.append(str(tmp_path / name))
+    out = tmp_path / "q.json"
+    quality.main(["--data", "synthetic", "--out", str(out), "--peers", "", "--num-bootstrap", "0",
+                  "--ours-run", runs[0], "--ours-name", "a"])
+    quality.main(["--data", "synthetic", "--out", str(out), "--peers", "", "--num-bootstrap", "0", "--merge",
+                  "--ours-run", runs[0], runs[0], "--ours-name", "a+a"])
+    quality.main(["--data", "synthetic", "--out", str(out), "--peers", "", "--num-bootstrap", "0", "--merge",
+                  "--ours-run", *runs, "--ours-name", "a+b"])
+    models = json.loads(out.read_text())["models"]
+    assert models["a+b"]["kind"] == "ours-ensemble" and models["a+b"]["runs"] == runs
+    for task in quality.TASKS:
+        single, twice = models["a"]["tasks"][task]["test"], models["a+a"]["tasks"][task]["test"]
+        for metric in ("recall@10", "ndcg@10", "mrr"):
+            assert twice[metric]["mean"] == pytest.approx(single[metric]["mean"], abs=1e-9), (task, metric)
+        assert 0.0 < models["a+b"]["tasks"][task]["test"]["ndcg@10"]["mean"] < 1.0
+        assert "recall@10" in models["a+b"]["tasks"][task]["validation"]
+    with pytest.raises(ValueError, match="at least 2"):
+        from unirank.training.evaluate import EnsembleScorer
+        EnsembleScorer([])
+
+
 # ---------------------------------------------------------------- end to end (real rectools)
 
 
