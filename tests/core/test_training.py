@@ -323,48 +323,36 @@ def test_future_targets_spread_the_weight_over_the_next_items_of_prequery_rows(t
             load_config(None, TINY + bad)
 
 
-def test_id_weight_decay_decays_the_item_id_table_alone(tmp_path):
-    """train.id_weight_decay: with zero gradients an AdamW step is the decoupled decay alone, so the
-    item-id table shrinks by 1 - lr * id_weight_decay and every other weight by 1 - lr * weight_decay."""
+def decay_only_step(tmp_path, *overrides: str):
+    """(ranker after one AdamW step with zero gradients, {name: weight before}): lr 0.1, weight decay
+    0.2, id-table decay 0.5, so every weight moves by its decoupled decay alone."""
     from unirank.training.train import make_optimizer
 
-    cfg = tiny_config(tmp_path, "train.lr=0.1", "train.weight_decay=0.2", "train.id_weight_decay=0.5")
-    prep = prepare(cfg)
-    ranker = build_ranker(cfg, prep)
-    before = {name: p.detach().clone() for name, p in ranker.named_parameters()}
-    optimizer = make_optimizer(ranker, cfg)
-    for p in ranker.parameters():
-        p.grad = torch.zeros_like(p)
-    optimizer.step()
-    id_table = ranker.item_tower.id_table()
-    for name, p in ranker.named_parameters():
-        decay = 0.5 if p is id_table else 0.2
-        torch.testing.assert_close(p.detach(), before[name] * (1 - 0.1 * decay), msg=name)
-    assert any(p is id_table for p in ranker.parameters())
-    for bad in (["train.weight_decay=-0.1"], ["train.id_weight_decay=-1"]):
-        with pytest.raises(ConfigError, match="weight_decay"):
-            load_config(None, TINY + bad)
-
-
-def test_decay_norms_and_biases_false_leaves_the_1d_weights_undecayed(tmp_path):
-    """train.decay_norms_and_biases=false: with zero gradients an AdamW step leaves every 1-D weight
-    (LayerNorm gains, biases) as it was and still decays the matrices and tables."""
-    from unirank.training.train import make_optimizer
-
-    cfg = tiny_config(tmp_path, "train.lr=0.1", "train.weight_decay=0.2", "train.id_weight_decay=0.5",
-                      "train.decay_norms_and_biases=false")
+    cfg = tiny_config(tmp_path, "train.lr=0.1", "train.weight_decay=0.2", "train.id_weight_decay=0.5", *overrides)
     ranker = build_ranker(cfg, prepare(cfg))
     before = {name: p.detach().clone() for name, p in ranker.named_parameters()}
     optimizer = make_optimizer(ranker, cfg)
     for p in ranker.parameters():
         p.grad = torch.zeros_like(p)
     optimizer.step()
+    return ranker, before
+
+
+@pytest.mark.parametrize("decay_norms_and_biases", [True, False])
+def test_id_weight_decay_and_decay_norms_and_biases_set_each_weights_decay(tmp_path, decay_norms_and_biases):
+    """train.id_weight_decay: the item-id table shrinks by 1 - lr * id_weight_decay, every other weight
+    by 1 - lr * weight_decay; train.decay_norms_and_biases=false leaves every 1-D weight (LayerNorm
+    gains, biases) as it was."""
+    ranker, before = decay_only_step(tmp_path, f"train.decay_norms_and_biases={str(decay_norms_and_biases).lower()}")
     id_table = ranker.item_tower.id_table()
-    names = {name for name, p in ranker.named_parameters() if p.dim() == 1}
-    assert any(n.endswith("ln_f.weight") for n in names)
+    assert any(p is id_table for p in ranker.parameters())
+    assert any(name.endswith("ln_f.weight") for name, p in ranker.named_parameters() if p.dim() == 1)
     for name, p in ranker.named_parameters():
-        decay = 0.0 if p.dim() == 1 else 0.5 if p is id_table else 0.2
+        decay = 0.5 if p is id_table else 0.0 if p.dim() == 1 and not decay_norms_and_biases else 0.2
         torch.testing.assert_close(p.detach(), before[name] * (1 - 0.1 * decay), msg=name)
+    for bad in (["train.weight_decay=-0.1"], ["train.id_weight_decay=-1"]):
+        with pytest.raises(ConfigError, match="weight_decay"):
+            load_config(None, TINY + bad)
 
 
 def test_init_from_continues_a_run_and_refuses_other_parameter_groups_leaving_the_run_as_it_was(tmp_path):
