@@ -148,13 +148,9 @@ def peer_report(out: Path, split, valid_eval: np.ndarray, num_bootstrap: int) ->
 def ours_report(run_dir: Path, data_path: str, num_bootstrap: int) -> dict:
     """unirank from a finished run directory: test metrics of best.pt, the validation curve from
     train_history.json."""
-    from unirank.training.config import load_config
     from unirank.training.report import evaluate_checkpoint
 
-    for needed in ("best.pt", "config.yaml", "train_history.json"):
-        if not (run_dir / needed).is_file():
-            raise BenchmarkInputError(f"--ours-run {run_dir}: no {needed} (a directory written by `unirank train`)")
-    cfg = load_config(str(run_dir / "config.yaml"), [f"data.path={data_path}", f"eval.num_bootstrap={num_bootstrap}"])
+    cfg = run_config(run_dir, data_path, num_bootstrap)
     evaluated = evaluate_checkpoint(cfg, run_dir / "best.pt", baselines=False)
     history = json.loads((run_dir / "train_history.json").read_text())
     tasks = {}
@@ -170,28 +166,29 @@ def ours_report(run_dir: Path, data_path: str, num_bootstrap: int) -> dict:
             "validation_users": cfg.train.eval_users, "tasks": tasks}
 
 
+def run_config(run_dir: Path, data_path: str, num_bootstrap: int):
+    """The config of a finished `unirank train` directory, refused if a file the report reads is missing."""
+    from unirank.training.config import load_config
+
+    for needed in ("best.pt", "config.yaml", "train_history.json"):
+        if not (run_dir / needed).is_file():
+            raise BenchmarkInputError(f"--ours-run {run_dir}: no {needed} (a directory written by `unirank train`)")
+    return load_config(str(run_dir / "config.yaml"), [f"data.path={data_path}", f"eval.num_bootstrap={num_bootstrap}"])
+
+
 def ensemble_report(run_dirs: list[Path], data_path: str, num_bootstrap: int) -> dict:
     """Several finished runs as one ensemble: test metrics, and validation metrics on the first run's
     validation subset (its train.eval_users and train.seed), every task."""
     from unirank.model.request import TASK_NAMES, Task
-    from unirank.training.checkpoint import load_checkpoint
-    from unirank.training.config import load_config
     from unirank.training.evaluate import EnsembleScorer, evaluate_all, evaluate_task
-    from unirank.training.train import prepare, ranker_config
+    from unirank.training.report import load_trained
+    from unirank.training.train import prepare
 
-    configs = []
-    for run_dir in run_dirs:
-        for needed in ("best.pt", "config.yaml", "train_history.json"):
-            if not (run_dir / needed).is_file():
-                raise BenchmarkInputError(f"--ours-run {run_dir}: no {needed} (a directory written by `unirank train`)")
-        configs.append(load_config(str(run_dir / "config.yaml"), [f"data.path={data_path}",
-                                                                  f"eval.num_bootstrap={num_bootstrap}"]))
+    configs = [run_config(run_dir, data_path, num_bootstrap) for run_dir in run_dirs]
     cfg, prep = configs[0], prepare(configs[0])
     rankers, walls, epochs = [], [], []
     for run_dir, run_cfg in zip(run_dirs, configs):
-        loaded = load_checkpoint(run_dir / "best.pt", expect=ranker_config(run_cfg, prep))
-        if loaded.metadata.get("fingerprint") not in (None, prep.data.fingerprint()):
-            raise BenchmarkInputError(f"--ours-run {run_dir}: trained on other data than {data_path}")
+        loaded = load_trained(run_cfg, run_dir / "best.pt", prep)
         rankers.append(loaded.ranker)
         history = json.loads((run_dir / "train_history.json").read_text())
         walls.append(history[-1]["seconds"] if history else 0.0)

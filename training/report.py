@@ -38,14 +38,20 @@ def baseline_scorers(prep: Prepared) -> list:
             BM25(prep.data, prep.tokenizer)]
 
 
-def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, prep: Prepared | None = None,
-                        baselines: bool = True, split: str = "test", tasks=None) -> dict:
-    """Test metrics of the checkpoint (and the baselines) for every task (or `tasks`)."""
-    prep = prep or prepare(cfg)
+def load_trained(cfg: Config, checkpoint: str | Path, prep: Prepared):
+    """The checkpoint, loaded against `cfg`'s model config; refused if it was trained on other data."""
     loaded = load_checkpoint(checkpoint, expect=ranker_config(cfg, prep))
     if loaded.metadata.get("fingerprint") not in (None, prep.data.fingerprint()):
         raise ValueError(f"{checkpoint} was trained on other data than {cfg.data.path} "
                          f"(dataset fingerprint {loaded.metadata['fingerprint']} != {prep.data.fingerprint()})")
+    return loaded
+
+
+def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, prep: Prepared | None = None,
+                        baselines: bool = True, split: str = "test", tasks=None) -> dict:
+    """Test metrics of the checkpoint (and the baselines) for every task (or `tasks`)."""
+    prep = prep or prepare(cfg)
+    loaded = load_trained(cfg, checkpoint, prep)
     scorers = [ModelScorer(loaded.ranker, tasks=tasks)] + (baseline_scorers(prep) if baselines else [])
     cases = prep.split.test if split == "test" else prep.split.valid
     results = evaluate_all(scorers, cases, prep.builder, ks=cfg.eval.ks, num_bootstrap=cfg.eval.num_bootstrap)
