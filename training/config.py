@@ -59,6 +59,9 @@ class TrainConfig:
     future_window: int = 0  # pre-query positions also learn the K items after the next one (0 = off)
     future_weight: float = 0.0  # share of each pre-query target distribution given to those K items
     label_smoothing: float = 0.0  # share of each target distribution spread uniformly over the candidates
+    distill_from: list[str] = field(default_factory=list)  # finished runs (or best.pt files) that teach this one
+    distill_weight: float = 0.5  # share of each position's loss that is the teachers' (distill_from set)
+    distill_temperature: float = 1.0  # > 1 softens the teachers' and the student's distributions
     max_minutes: Optional[float] = None  # wall-clock budget
     init_from: Optional[str] = None  # continue a single-process run from its best.pt (weights + optimizer)
     seed: int = 42
@@ -169,6 +172,12 @@ def validate(cfg: Config) -> None:
                           f"{cfg.train.future_window} and {cfg.train.future_weight}")
     if not 0.0 <= cfg.train.label_smoothing < 1.0:
         raise ConfigError(f"train.label_smoothing must be in [0, 1), got {cfg.train.label_smoothing}")
+    if not 0.0 < cfg.train.distill_weight <= 1.0 or cfg.train.distill_temperature <= 0:
+        raise ConfigError("train.distill_weight must be in (0, 1] and train.distill_temperature > 0, got "
+                          f"{cfg.train.distill_weight} and {cfg.train.distill_temperature}")
+    if cfg.train.distill_from and cfg.train.num_negatives:
+        raise ConfigError("train.distill_from needs the full softmax (train.num_negatives=0): the teachers' "
+                          "distribution is over the whole catalogue")
     if bool(cfg.train.future_window) != bool(cfg.train.future_weight):
         raise ConfigError("train.future_window and train.future_weight work together: set both (or neither), got "
                           f"{cfg.train.future_window} and {cfg.train.future_weight}")

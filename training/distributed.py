@@ -329,9 +329,9 @@ def _check_resume_config(ckpt: Path, trainer: dict, ranker_cfg: dict) -> None:
 def run(cfg: Config, eval_only: bool = False, quiet: bool = False) -> dict:
     if not eval_only and (cfg.train.mask_seen or cfg.train.ema_decay or cfg.train.future_window
                           or cfg.train.id_weight_decay is not None or not cfg.train.decay_norms_and_biases
-                          or cfg.train.label_smoothing):
+                          or cfg.train.label_smoothing or cfg.train.distill_from):
         raise ConfigError("train.mask_seen, train.ema_decay, train.future_window, train.id_weight_decay, "
-                          "train.label_smoothing and train.decay_norms_and_biases=false are "
+                          "train.label_smoothing, train.distill_from and train.decay_norms_and_biases=false are "
                           "single-process options (unirank train) in this version; the torchrun trainer does "
                           "not implement them")
     device = init_distributed(cfg)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from unirank.model.ranker import UnifiedRanker
 from unirank.model.request import RankRequest, Task
+from unirank.training.distill import Teachers
 from unirank.training.examples import TrainBatch
 
 CHUNK_BYTES = 16 << 20  # logits per chunk of the full softmax: below glibc's largest mmap threshold (32 MB)
@@ -18,7 +19,7 @@ def softmax_loss(ranker: UnifiedRanker, batch: TrainBatch, num_negatives: int, i
                  generator: torch.Generator, task_weights: dict[Task, float],
                  excluded_items: torch.Tensor | None = None, mask_seen: bool = False,
                  future_window: int = 0, future_weight: float = 0.0,
-                 label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:
+                 label_smoothing: float = 0.0, teachers: Teachers | None = None) -> tuple[torch.Tensor, dict]:
     """(task-weighted loss, {task: mean cross-entropy}). `item_freq` [num_items + 2] is the training
     frequency of each id, for the probability that an item is among the in-batch targets.
     `excluded_items`: ids that are not in the catalogue at training time (never a negative).
@@ -29,9 +30,13 @@ def softmax_loss(ranker: UnifiedRanker, batch: TrainBatch, num_negatives: int, i
     on the next item and a shared equally by the K items after it that the window holds (all of it on
     the next item at the window's end); other tasks keep their one target.
     `label_smoothing` e: each row's target distribution gives e to the uniform distribution over that
-    row's candidates (the catalogue less excluded and masked items, or the sampled set)."""
+    row's candidates (the catalogue less excluded and masked items, or the sampled set).
+    `teachers` (full softmax only): each position's loss becomes (1 - w) * the loss above + w * the
+    distillation loss against the teachers' distribution (training/distill.py)."""
     req, n = batch.request, ranker.num_items
     full = num_negatives == 0 or num_negatives >= n
+    if teachers is not None and not full:
+        raise ValueError("distillation needs the full softmax (train.num_negatives=0)")
     if full:
         candidates = None
     else:
@@ -44,6 +49,8 @@ def softmax_loss(ranker: UnifiedRanker, batch: TrainBatch, num_negatives: int, i
     keep = targets > 0
     h, targets = hidden[:, 1:][keep], targets[keep]
     row_task = req.task.unsqueeze(1).expand_as(keep)[keep]
+    if teachers is not None:
+        teachers.observe(req, keep)
     labels_k = weights_k = None  # [N, 1 + K] ids and weights of the soft targets (future_window)
     if future_window and future_weight:
         labels_k, weights_k = future_targets(batch, req, keep.shape[1], future_window, future_weight)
@@ -61,7 +68,7 @@ def softmax_loss(ranker: UnifiedRanker, batch: TrainBatch, num_negatives: int, i
                                                   targets - 1 if labels_k is None else (labels_k - 1).clamp(min=0),
                                                   None if excluded_items is None else excluded_items - 1,
                                                   masked_ids=seen, label_weights=weights_k,
-                                                  label_smoothing=label_smoothing)
+                                                  label_smoothing=label_smoothing, teachers=teachers)
     else:
         logits = ranker.similarity(h, cand_vec)
         # P(item in candidate set) ~ drawn among the batch's targets + drawn uniformly.
@@ -90,14 +97,14 @@ def full_softmax_cross_entropy(ranker: UnifiedRanker, h: torch.Tensor, items: to
                                excluded_columns: torch.Tensor | None = None, chunk_bytes: int = CHUNK_BYTES,
                                masked_ids: torch.Tensor | None = None,
                                label_weights: torch.Tensor | None = None,
-                               label_smoothing: float = 0.0) -> torch.Tensor:
+                               label_smoothing: float = 0.0, teachers: Teachers | None = None) -> torch.Tensor:
     """Per-row cross-entropy of h [N, d] against every row of `items` [C, d] (item ids 1..C), computed
     in row chunks of at most `chunk_bytes` of logits. Same values and gradients as one [N, C] matrix;
     the chunks stay in the allocator's heap instead of being mapped from and returned to the OS at
     every step (one [positions x catalogue] matrix is tens of MB; docs/TUNING.md has the measured
     speed-up). `masked_ids` [N, K]: per-row item ids left out of that row's softmax (0 = none).
     `label_weights` [N, L]: `labels` is then [N, L] columns with these weights (a soft target).
-    `label_smoothing`: as in `softmax_loss`."""
+    `label_smoothing`, `teachers` (observed on h's rows): as in `softmax_loss`."""
     rows = max(1, chunk_bytes // (items.element_size() * max(1, items.shape[0])))
     out = []
     for start in range(0, h.shape[0], rows):
@@ -110,7 +117,10 @@ def full_softmax_cross_entropy(ranker: UnifiedRanker, h: torch.Tensor, items: to
             loss = F.cross_entropy(logits, labels[start: start + rows], reduction="none")
         else:
             loss = soft_cross_entropy(logits, labels[start: start + rows], label_weights[start: start + rows])
-        out.append(smooth(loss, logits, label_smoothing))
+        loss = smooth(loss, logits, label_smoothing)
+        if teachers is not None:
+            loss = (1.0 - teachers.weight) * loss + teachers.weight * teachers.loss(logits, slice(start, start + rows))
+        out.append(loss)
     return torch.cat(out) if out else h.new_zeros(0)
 
 

@@ -20,6 +20,7 @@ from unirank.model.tokenizer import Tokenizer
 from unirank.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from unirank.training.config import Config, to_yaml
 from unirank.training.datasets import InteractionData, load_dataset
+from unirank.training.distill import load_teachers
 from unirank.training.evaluate import ModelScorer, evaluate_task
 from unirank.training.examples import (RequestBuilder, Split, TrainingExamples, fit_tokenizer,
                                        item_word_ids, leave_one_out_split)
@@ -169,6 +170,11 @@ def train(cfg: Config, prep: Prepared | None = None, quiet: bool = False) -> Tra
     item_freq = item_frequencies(prep.split.train, prep.data.num_items)
     generator = torch.Generator().manual_seed(cfg.train.seed)
     excluded = None if prep.excluded_items is None else torch.as_tensor(prep.excluded_items, dtype=torch.int64)
+    teachers = None
+    if cfg.train.distill_from:
+        teachers = load_teachers(cfg.train.distill_from, cfg.train.distill_weight, cfg.train.distill_temperature,
+                                 fingerprint=prep.data.fingerprint(), num_items=prep.data.num_items,
+                                 tokenizer_state=prep.tokenizer.to_dict(), max_history=cfg.model.max_history)
     optimizer = make_optimizer(ranker, cfg)
     average = WeightAverage(ranker, cfg.train.ema_decay) if cfg.train.ema_decay else None
     base_lrs = [group["lr"] for group in optimizer.param_groups]  # the config's, even after a resume
@@ -212,7 +218,7 @@ def train(cfg: Config, prep: Prepared | None = None, quiet: bool = False) -> Tra
             loss, losses = softmax_loss(ranker, batch, cfg.train.num_negatives, item_freq, generator, weights,
                                         excluded_items=excluded, mask_seen=cfg.train.mask_seen,
                                         future_window=cfg.train.future_window, future_weight=cfg.train.future_weight,
-                                        label_smoothing=cfg.train.label_smoothing)
+                                        label_smoothing=cfg.train.label_smoothing, teachers=teachers)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -170,3 +170,5 @@ def test_world_size_mismatch_and_cpu_only_sharding_errors(runs, tmp_path):
         run(load_config("quickstart", ["train.decay_norms_and_biases=false"]))
     with pytest.raises(ConfigError, match="label_smoothing"):
         run(load_config("quickstart", ["train.label_smoothing=0.1"]))
+    with pytest.raises(ConfigError, match="distill_from"):
+        run(load_config("quickstart", ["train.distill_from=[runs/teacher]"]))
