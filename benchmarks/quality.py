@@ -288,7 +288,9 @@ def plot_curves(models: dict, path: Path, task: str = "prequery") -> None:
         marker = markers[(i // len(colors)) % len(markers)]
         ax.plot([s / 60 for s, _, _ in curve], [n for _, n, _ in curve], marker=marker, label=name,
                 color=colors[i % len(colors)], linestyle="--" if peer else "-", linewidth=2.2 if peer else 1.2)
-    ax.set_xlabel("wall time since training start (min)")
+    # Log time: minute budgets and hours-long runs (a distilled run counts its teachers' hours) both read.
+    ax.set_xscale("log")
+    ax.set_xlabel("wall time since training start (min, log scale)")
     ax.set_ylabel(f"validation NDCG@10 ({task})")
     ax.set_title("validation curve (validation users, not test); dashed = peers", fontsize=9)
     ax.grid(alpha=0.3)
