@@ -32,7 +32,8 @@ def softmax_loss(ranker: UnifiedRanker, batch: TrainBatch, num_negatives: int, i
     `label_smoothing` e: each row's target distribution gives e to the uniform distribution over that
     row's candidates (the catalogue less excluded and masked items, or the sampled set).
     `teachers` (full softmax only): each position's loss becomes (1 - w) * the loss above + w * the
-    distillation loss against the teachers' distribution (training/distill.py)."""
+    distillation loss against the teachers' distribution (training/distill.py); the per-task values
+    returned are then that mix."""
     req, n = batch.request, ranker.num_items
     full = num_negatives == 0 or num_negatives >= n
     if teachers is not None and not full:

@@ -30,12 +30,12 @@ def distill_loss(student, teachers, batch, freq, **kwargs):
 def test_loss_is_the_cross_entropy_against_the_teachers_geometric_mean(tmp_path, temperature):
     """Teachers.loss on observed positions = T^2 * (KL(target || student at T) + H(target)), where
     target = softmax(mean of the teachers' log-softmax / T), with the student's -inf columns left out
-    of every distribution."""
+    of every distribution; each teacher scores with its own metric and temperature."""
     cfg, prep, student, batch, _ = first_batch(tmp_path)
     rankers = []
-    for seed in (1, 2):
+    for seed, teacher_cfg in ((1, cfg), (2, tiny_config(tmp_path, "model.similarity=cosine", "model.temperature=0.1"))):
         torch.manual_seed(seed)
-        rankers.append(build_ranker(cfg, prep))
+        rankers.append(build_ranker(teacher_cfg, prep))  # a dot-product and a cosine teacher
     teachers = Teachers(rankers, weight=1.0, temperature=temperature)
     req = batch.request
     keep = batch.targets[:, : req.history.shape[1] + 1] > 0
