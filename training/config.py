@@ -175,6 +175,10 @@ def validate(cfg: Config) -> None:
     if not 0.0 < cfg.train.distill_weight <= 1.0 or cfg.train.distill_temperature <= 0:
         raise ConfigError("train.distill_weight must be in (0, 1] and train.distill_temperature > 0, got "
                           f"{cfg.train.distill_weight} and {cfg.train.distill_temperature}")
+    out = Path(cfg.train.out_dir).resolve()
+    if any(Path(t).resolve() in (out, out / "best.pt") for t in cfg.train.distill_from):
+        raise ConfigError(f"train.distill_from names this run's own train.out_dir {cfg.train.out_dir}: its best.pt "
+                          "would be overwritten by the student; give the student another out_dir")
     if cfg.train.distill_from and cfg.train.num_negatives:
         raise ConfigError("train.distill_from needs the full softmax (train.num_negatives=0): the teachers' "
                           "distribution is over the whole catalogue")

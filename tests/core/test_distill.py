@@ -120,6 +120,7 @@ def test_a_run_distils_from_finished_runs_and_refuses_teachers_that_cannot_teach
                           f"train.out_dir={tmp_path / 'refused'}"), quiet=True)
     assert not (tmp_path / "refused").exists()
     for bad in (["train.distill_weight=0"], ["train.distill_temperature=0"],
-                ["train.distill_from=[x]", "train.num_negatives=20"]):
+                ["train.distill_from=[x]", "train.num_negatives=20"],
+                ["train.distill_from=[runs/t]", "train.out_dir=runs/t"]):
         with pytest.raises(ConfigError, match="distill"):
             load_config(None, TINY + bad)
