@@ -153,15 +153,16 @@ def ours_report(run_dir: Path, data_path: str, num_bootstrap: int) -> dict:
     cfg = run_config(run_dir, data_path, num_bootstrap)
     evaluated = evaluate_checkpoint(cfg, run_dir / "best.pt", baselines=False)
     history = json.loads((run_dir / "train_history.json").read_text())
-    # A distilled run's clock starts when its teachers started: their training time is part of its cost.
+    # A distilled run's clock starts when its teachers started: their training time is part of its
+    # cost. Unknown (None): no curve, so no time to quality either.
     teachers = teachers_wall_seconds(cfg.train.distill_from) if cfg.train.distill_from else 0.0
     tasks = {}
     for task, by_method in evaluated["results"].items():
-        curve = [[row["seconds"] + (teachers or 0.0), round(row[f"{task}/ndcg@10"], 5), round(row[f"{task}/recall@10"], 5)]
-                 for row in history if f"{task}/ndcg@10" in row]
-        reach = seconds_to_reach(curve) if teachers is not None else {a: None for a in ANCHORS_R10}
-        tasks[task] = {"test": by_method["unirank"], "validation_curve": curve if teachers is not None else [],
-                       "seconds_to_reach_validation_recall@10": reach}
+        curve = [] if teachers is None else [
+            [row["seconds"] + teachers, round(row[f"{task}/ndcg@10"], 5), round(row[f"{task}/recall@10"], 5)]
+            for row in history if f"{task}/ndcg@10" in row]
+        tasks[task] = {"test": by_method["unirank"], "validation_curve": curve,
+                       "seconds_to_reach_validation_recall@10": seconds_to_reach(curve)}
     own = history[-1]["seconds"] if history else None
     report = {"kind": "ours", "run": str(run_dir),
               "train_wall_seconds": None if own is None or teachers is None else own + teachers,
