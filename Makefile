@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: setup quickstart test test-all peers
+.PHONY: setup quickstart test test-all peers gpu-check throughput
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,16 @@ test: setup
 
 test-all: setup
 	$(PY) -m pytest -q tests
+
+# On a machine with a GPU: the kernel tests compiled, 200 training steps on CUDA against the CPU,
+# samples/s with the kernels on and off (docs/DISTRIBUTED.md, "GPU check").
+gpu-check: setup
+	TRITON_INTERPRET=0 $(PY) benchmarks/gpu_check.py
+
+# samples/s of this tree's trainer beside another revision's, one epoch each (BASELINE=rev)
+BASELINE ?= HEAD~1
+throughput: setup
+	$(PY) benchmarks/train_throughput.py --baseline-rev $(BASELINE)
 
 # Peers for benchmarks/quality.py (rectools SASRec / BERT4Rec) in their own venv, so their
 # dependencies (pytorch-lightning, pandas, ...) cannot break ours. torch is pinned first: a plain

@@ -3,7 +3,7 @@ at 1 vs 2 ranks, plus the planner refusing 1 rank under the 4 GB per-rank budget
 
     python benchmarks/distributed_scale.py [--out docs/bench/distributed_scale.json] [key=value ...]
 
-Runs `torchrun --standalone` itself (OMP_NUM_THREADS=1 per rank, niced). The 1-rank run lifts the
+Runs `unirank train --nproc-per-node N` itself (OMP_NUM_THREADS=1 per rank, niced). The 1-rank run lifts the
 budget (distributed.memory_budget_gb=12) so there is a 1-rank number to compare with.
 """
 from __future__ import annotations
@@ -21,9 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def launch(nproc: int, out: Path, overrides: list[str]) -> tuple[int, str, float]:
-    cmd = ["nice", "-n", "10", sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", "-m", "unirank.training.distributed", "--config",
-           str(ROOT / "configs" / "scale.yaml"), "--quiet", f"train.out_dir={out}", *overrides]
+    cmd = ["nice", "-n", "10", sys.executable, "-m", "unirank.training.cli", "train", "--nproc-per-node", str(nproc),
+           "--config", str(ROOT / "configs" / "scale.yaml"), "--quiet", f"train.out_dir={out}", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     t0 = time.time()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -47,7 +46,7 @@ def main() -> int:
             if rc != 0:
                 print(log[-5000:], file=sys.stderr)
                 return 1
-            res = json.loads((out / "distributed_result.json").read_text())
+            res = json.loads((out / "train_result.json").read_text())
             report["runs"][str(nproc)] = {k: res[k] for k in ("samples_per_s", "train_seconds", "steps", "memory", "plan",
                                                               "best_score")} | {"wall_s": round(wall, 1)}
             print(f"{nproc} rank(s): {res['samples_per_s']} samples/s, memory {res['memory']}", flush=True)

@@ -25,3 +25,12 @@ def choose_impl(impl: str, tensor) -> str:
     if impl == "auto":
         return "triton" if triton_can_run else "reference"
     return impl
+
+
+def model_impl(impl: str, tensor) -> str:
+    """A model's implementation switch: "auto" is the Triton kernel on CUDA and the reference
+    elsewhere, also under TRITON_INTERPRET (the interpreter is for kernel tests, far too slow for
+    whole models); an explicit "triton" still runs under the interpreter on CPU."""
+    if impl == "auto":
+        return "triton" if tensor.is_cuda else "reference"
+    return choose_impl(impl, tensor)

@@ -1,20 +1,26 @@
 """Item tower: item-id embedding + pooled attribute bag + pooled content-word bag (+ semantic-ID
 codes + projected text-encoder vector, the LM features), summed.
 
-All sparse lookups go through ONE TorchRec EmbeddingBagCollection so the planner can shard them:
-one table per semantic-ID level (`sid_<l>`, feature `item_sid_<l>`) sits beside the id,
-attribute and word tables. The word table is shared between item content words and search-query
-words (feature `query_words`), so a query word and the same word on an item start from the same
-vector. The frozen text-encoder vectors of the items are a dense buffer (not trained) followed by
-a trained projection: content reaches items whose ids never appeared in training.
+All sparse lookups go through ONE embedding-bag collection (model/sparse_features.py) so the
+planner can shard them: one table per semantic-ID level (`sid_<l>`, feature `item_sid_<l>`) sits
+beside the id, attribute and word tables. The word table is shared between item content words and
+search-query words (feature `query_words`), so a query word and the same word on an item start
+from the same vector. The frozen text-encoder vectors of the items are a dense buffer (not trained)
+followed by a trained projection: content reaches items whose ids never appeared in training.
+
+`features()` (buffers only, no weights) turns ids and queries into the jagged batch and `pool()`
+looks it up, so the training data path can build the features of a step before the model runs
+(the input of a sharded collection's all-to-all); `lookup()` does both.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+
+from unirank.model.sparse_features import EmbeddingTables, JaggedFeatures, TableSpec
 
 ITEM_FEATURES = ("item_id", "item_attributes", "item_words")
+_MASK53 = (1 << 53) - 1
 
 
 def semantic_id_feature(level: int) -> str:
@@ -38,15 +44,27 @@ def gather_csr(offsets: torch.Tensor, values: torch.Tensor, rows: torch.Tensor) 
     """Lengths and concatenated values of CSR rows `rows` (vectorised, no Python loop)."""
     starts, lengths = offsets[rows], offsets[rows + 1] - offsets[rows]
     total = int(lengths.sum())
-    pos = torch.arange(total, dtype=torch.int64) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
-    return lengths, values[torch.repeat_interleave(starts, lengths) + pos]
+    pos = (torch.arange(total, dtype=torch.int64, device=rows.device)
+           - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths, output_size=total))
+    return lengths, values[torch.repeat_interleave(starts, lengths, output_size=total) + pos]
+
+
+def id_dropout_keep(item_ids: torch.Tensor, rate: float, seed: int) -> torch.Tensor:
+    """Bool [U]: which ids keep their id vector this step. A hash of (id, seed), not a draw from the
+    RNG: every rank of a sharded run that sees an item makes the same decision for it, so N ranks
+    drop exactly what one process drops."""
+    x = item_ids * -7046029254386353131 + torch.full_like(item_ids, seed) * -4658895280553007687  # wraps mod 2^64
+    x = x ^ (x >> 31)
+    x = x * -4265267296055464877
+    x = x ^ (x >> 29)
+    return (x & _MASK53).double() / float(1 << 53) >= rate
 
 
 class ItemTower(nn.Module):
     """Maps item ids (any shape) to vectors. Id 0 is padding (zero vector); ids outside
     [1, num_items] use the reserved OOV row num_items + 1.
 
-    `id_dropout`: in training, each item's id vector is dropped with this probability (per call),
+    `id_dropout`: in training, each item's id vector is dropped with this probability (per step),
     so the content features learn to stand in for ids (cold start).
 
     LM features (optional): `semantic_id_sizes` [rows per level] turns on one table per level,
@@ -57,11 +75,11 @@ class ItemTower(nn.Module):
 
     def __init__(self, num_items: int, item_attributes: list[list[int]], num_attributes: int,
                  item_words: list[list[int]], num_words: int, dim: int,
-                 use_attributes: bool = True, use_words: bool = True, bag_impl: str = "torchrec",
+                 use_attributes: bool = True, use_words: bool = True, bag_impl: str = "auto",
                  semantic_id_sizes: list[int] | None = None, item_codes: torch.Tensor | None = None,
                  text_dim: int = 0, item_text: torch.Tensor | None = None, id_dropout: float = 0.0):
         super().__init__()
-        self.num_items, self.dim, self.bag_impl = num_items, dim, bag_impl
+        self.num_items, self.dim = num_items, dim
         self.id_dropout = id_dropout
         rows = num_items + 2
         self.semantic_id_sizes = list(semantic_id_sizes or [])
@@ -86,44 +104,40 @@ class ItemTower(nn.Module):
         for name, (off, val) in {"attr": _csr(attrs), "word": _csr(words)}.items():
             self.register_buffer(f"{name}_offsets", off, persistent=False)
             self.register_buffer(f"{name}_values", val, persistent=False)
-        tables = [
-            EmbeddingBagConfig(name="item_id", embedding_dim=dim, num_embeddings=rows,
-                               feature_names=["item_id"], pooling=PoolingType.SUM),
-            EmbeddingBagConfig(name="attribute", embedding_dim=dim, num_embeddings=max(num_attributes, 1),
-                               feature_names=["item_attributes"], pooling=PoolingType.MEAN),
-            EmbeddingBagConfig(name="word", embedding_dim=dim, num_embeddings=max(num_words, 2),
-                               feature_names=["item_words", "query_words"], pooling=PoolingType.MEAN),
-        ] + [EmbeddingBagConfig(name=f"sid_{level}", embedding_dim=dim, num_embeddings=size,
-                                feature_names=[semantic_id_feature(level)], pooling=PoolingType.SUM)
-             for level, size in enumerate(self.semantic_id_sizes)]
-        self.ebc = EmbeddingBagCollection(tables=tables, device=torch.device("cpu"))
+        specs = [TableSpec("item_id", rows, dim, ("item_id",), "sum"),
+                 TableSpec("attribute", max(num_attributes, 1), dim, ("item_attributes",), "mean"),
+                 TableSpec("word", max(num_words, 2), dim, ("item_words", "query_words"), "mean")]
+        specs += [TableSpec(f"sid_{level}", size, dim, (semantic_id_feature(level),), "sum")
+                  for level, size in enumerate(self.semantic_id_sizes)]
+        self.table_specs = specs  # kept when the trainer swaps `ebc` for a sharded collection
+        self.ebc: nn.Module = EmbeddingTables(specs, impl=bag_impl)
         for table in self.ebc.embedding_bags.values():
             nn.init.normal_(table.weight, std=dim ** -0.5)
 
-    def lookup(self, item_ids: torch.Tensor, query: torch.Tensor | None = None,
-               query_lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Vectors for unique 1-D `item_ids` [U] and (optionally) pooled query-word bags [B].
-
-        Both go through one KJT so the shared word table is looked up once; KJT needs one stride
-        for all keys, so the shorter side is padded with empty bags.
-        """
+    def features(self, item_ids: torch.Tensor, query: torch.Tensor | None = None,
+                 query_lengths: torch.Tensor | None = None, id_dropout_seed: int | None = None) -> JaggedFeatures:
+        """The jagged batch of unique 1-D `item_ids` [U] and (optionally) query-word bags [B], from the
+        tower's buffers alone. One batch carries both, so the shared word table is looked up once;
+        it needs one stride for all keys, so the shorter side is padded with empty bags.
+        `id_dropout_seed` (training): drop id vectors with the tower's `id_dropout` rate."""
         item_ids = clamp_item_ids(item_ids, self.num_items)
+        dev = item_ids.device
         n_items = item_ids.numel()
         n_query = 0 if query is None else query.shape[0]
         stride = max(n_items, n_query, 1)
         pad_i, pad_q = stride - n_items, stride - n_query
-        zeros = lambda n: torch.zeros(n, dtype=torch.int64)  # noqa: E731
+        zeros = lambda n: torch.zeros(n, dtype=torch.int64, device=dev)  # noqa: E731
         attr_len, attr_val = gather_csr(self.attr_offsets, self.attr_values, item_ids)
         word_len, word_val = gather_csr(self.word_offsets, self.word_values, item_ids)
         id_len = (item_ids != 0).long()
-        if self.training and self.id_dropout > 0:
+        if id_dropout_seed is not None and self.id_dropout > 0:
             # DropoutNet-style: some items train on content alone, as a new item must be served
-            id_len = id_len * (torch.rand(n_items) >= self.id_dropout).long()
+            id_len = id_len * id_dropout_keep(item_ids, self.id_dropout, id_dropout_seed).long()
         if query is None:
             q_len, q_val = zeros(0), zeros(0)
         else:
             q_len = query_lengths.clamp(0, query.shape[1])
-            mask = torch.arange(query.shape[1]).unsqueeze(0) < q_len.unsqueeze(1)
+            mask = torch.arange(query.shape[1], device=dev).unsqueeze(0) < q_len.unsqueeze(1)
             q_val = query[mask]
         sid_keys, sid_len, sid_val = [], [], []
         if self.semantic_id_sizes:
@@ -136,28 +150,32 @@ class ItemTower(nn.Module):
         lengths = torch.cat([id_len, zeros(pad_i), attr_len, zeros(pad_i), word_len, zeros(pad_i),
                              q_len, zeros(pad_q), *sid_len])
         values = torch.cat([item_ids[id_len.bool()], attr_val, word_val, q_val, *sid_val])
-        item_keys = [*ITEM_FEATURES, *sid_keys]
-        kjt = KeyedJaggedTensor.from_lengths_sync(keys=[*ITEM_FEATURES, "query_words", *sid_keys],
-                                                  values=values, lengths=lengths)
-        pooled = self.ebc(kjt) if self.bag_impl == "torchrec" else self._kernel_bags(kjt)
-        vec = sum(pooled[f][:n_items] for f in item_keys)
+        return JaggedFeatures([*ITEM_FEATURES, "query_words", *sid_keys], values, lengths, stride)
+
+    def pool(self, features, item_ids: torch.Tensor, n_query: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Vectors of the `item_ids` [U] that `features` (JaggedFeatures, or its KJT for a sharded
+        collection) was built from, and the pooled query bags [n_query] (None for 0)."""
+        if isinstance(features, JaggedFeatures) and not isinstance(self.ebc, EmbeddingTables):
+            features = features.to_kjt()
+        pooled = self.ebc(features)
+        n_items = item_ids.numel()
+        keys = [*ITEM_FEATURES, *(semantic_id_feature(level) for level in range(len(self.semantic_id_sizes)))]
+        vec = sum(pooled[f][:n_items] for f in keys)
         if hasattr(self, "text_proj"):
-            vec = vec + self.text_proj(self.item_text[item_ids])
-        return vec, (pooled["query_words"][:n_query] if query is not None else None)
+            vec = vec + self.text_proj(self.item_text[clamp_item_ids(item_ids, self.num_items)])
+        return vec, (pooled["query_words"][:n_query] if n_query else None)
 
-    def _kernel_bags(self, kjt: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
-        """The EBC's lookup through kernels/embedding_bag (one launch for all features) on the
-        EBC's own weights: same parameters, same pooling (MEAN == SUM for the one-id item bag)."""
-        from unirank.kernels.embedding_bag import multi_embedding_bag
-
-        table_of = {f: name for name, cfg in zip(self.ebc.embedding_bags, self.ebc.embedding_bag_configs())
-                    for f in cfg.feature_names}
-        feats = kjt.to_dict()
-        keys = list(feats)
-        pooled = multi_embedding_bag(
-            [self.ebc.embedding_bags[table_of[k]].weight for k in keys], [feats[k].values() for k in keys],
-            [feats[k].offsets() for k in keys], mode="mean", impl="triton")
-        return dict(zip(keys, pooled))
+    def lookup(self, item_ids: torch.Tensor, query: torch.Tensor | None = None,
+               query_lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Vectors for unique 1-D `item_ids` [U] and (optionally) pooled query-word bags [B]."""
+        seed = None
+        if self.training and self.id_dropout > 0:
+            seed = int(torch.randint(1 << 62, (1,)))
+        features = self.features(item_ids, query, query_lengths, id_dropout_seed=seed)
+        vec, query_vec = self.pool(features, item_ids, 0 if query is None else query.shape[0])
+        if query is not None and query_vec is None:  # an empty query batch
+            query_vec = vec.new_zeros(0, self.dim)
+        return vec, query_vec
 
     def forward(self, item_ids: torch.Tensor, query: torch.Tensor | None = None,
                 query_lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -172,12 +190,12 @@ class ItemTower(nn.Module):
 
     def all_items(self) -> torch.Tensor:
         """[num_items + 2, dim]: row = item id (row 0 zeros, last row OOV)."""
-        return self.lookup(torch.arange(self.num_items + 2))[0]
+        return self.lookup(torch.arange(self.num_items + 2, device=self.attr_offsets.device))[0]
 
 
 class PrecomputedItemTower(nn.Module):
     """Export/serving form: the tower's output for every item as one constant table, and the query
-    word table as a plain nn.Embedding (masked mean = the EBC's MEAN pooling)."""
+    word table as a plain nn.Embedding (masked mean = the collection's MEAN pooling)."""
 
     def __init__(self, tower: ItemTower):
         super().__init__()
@@ -196,7 +214,7 @@ class PrecomputedItemTower(nn.Module):
         return self.table
 
     def _pool_query(self, query: torch.Tensor, query_lengths: torch.Tensor) -> torch.Tensor:
-        mask = (torch.arange(query.shape[1]).unsqueeze(0) < query_lengths.unsqueeze(1)).to(self.table.dtype)
+        positions = torch.arange(query.shape[1], device=query.device)
+        mask = (positions.unsqueeze(0) < query_lengths.unsqueeze(1)).to(self.table.dtype)
         summed = (self.words(query.clamp(0, self.words.num_embeddings - 1)) * mask.unsqueeze(-1)).sum(1)
         return summed / mask.sum(1, keepdim=True).clamp(min=1.0)
-

@@ -19,12 +19,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from unirank.kernels.attention import prefix_causal_attention
+from unirank.kernels.dispatch import model_impl
 from unirank.model.item_tower import ItemTower, PrecomputedItemTower
 from unirank.model.request import Task
 from unirank.model.tokenizer import OOV_TOKEN_ID
 
 NUM_PREFIX = 2  # TASK + CONTEXT
 NUM_TASKS = len(Task)
+IMPL_CHOICES = ("auto", "reference", "triton")
+BAG_IMPL_CHOICES = ("auto", "torch", "triton")
+
+
+@dataclass
+class ItemBatch:
+    """The item-tower input of one forward, built before the model runs (the training data path):
+    the jagged features of the unique ids (a KeyedJaggedTensor when the tables are sharded) and where
+    each id of the request (history, source items, then the extra items) sits among them."""
+
+    features: object  # JaggedFeatures | torchrec KeyedJaggedTensor
+    item_ids: torch.Tensor  # [U] unique ids
+    inverse: torch.Tensor  # [B * L + B + E] index into item_ids
+    num_queries: int
+
+    def to(self, device: torch.device | str) -> "ItemBatch":
+        return ItemBatch(self.features.to(device), self.item_ids.to(device), self.inverse.to(device), self.num_queries)
 
 
 @dataclass
@@ -43,8 +61,9 @@ class ModelConfig:
     use_words: bool = True
     similarity: str = "dot"  # "dot" or "cosine"
     temperature: float = 1.0  # divides the scores (cosine needs << 1)
-    attention_impl: str = "reference"  # "reference" (plain torch SDPA) or "triton" (kernels/attention)
-    embedding_bag_impl: str = "torchrec"  # "torchrec" (EBC) or "triton" (kernels/embedding_bag, unsharded)
+    # implementation switches (same weights, same numbers): "auto" = the Triton kernels on CUDA, plain torch on CPU
+    attention_impl: str = "auto"  # "auto" | "reference" (torch SDPA) | "triton" (kernels/attention)
+    embedding_bag_impl: str = "auto"  # "auto" | "torch" (F.embedding_bag) | "triton" (kernels/embedding_bag); unsharded tables
     # LM features (model/text_encoder.py, model/semantic_ids.py)
     tokenizer: str = "word"  # "word" (letter runs, vocabulary fitted on the catalogue) or "wordpiece" (the text encoder's)
     text_features: bool = False  # item tower adds a projection of the frozen text-encoder vector of the item's content
@@ -57,8 +76,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.dim % self.num_heads:
             raise ValueError(f"model.dim={self.dim} must be divisible by model.num_heads={self.num_heads}")
-        choices = {"block": ("prenorm", "ligr"), "similarity": ("dot", "cosine"), "attention_impl": ("reference", "triton"),
-                   "embedding_bag_impl": ("torchrec", "triton"), "tokenizer": ("word", "wordpiece"),
+        choices = {"block": ("prenorm", "ligr"), "similarity": ("dot", "cosine"), "attention_impl": IMPL_CHOICES,
+                   "embedding_bag_impl": BAG_IMPL_CHOICES, "tokenizer": ("word", "wordpiece"),
                    "query_encoder": ("none", "frozen", "finetune")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -103,7 +122,7 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         p = self.dropout if self.training else 0.0
         y = prefix_causal_attention(q, k, v, lengths, torch.full_like(lengths, NUM_PREFIX), dropout_p=p,
-                                    impl=self.impl)
+                                    impl=model_impl(self.impl, x))
         return self.out(y.transpose(1, 2).reshape(b, t, d))
 
 
@@ -183,29 +202,53 @@ class UnifiedRanker(nn.Module):
         if history.shape[1] <= keep:
             return history, lengths
         start = (lengths - keep).clamp(min=0).unsqueeze(1)
-        return history.gather(1, start + torch.arange(keep).unsqueeze(0)), lengths.clamp(max=keep)
+        return history.gather(1, start + torch.arange(keep, device=history.device).unsqueeze(0)), lengths.clamp(max=keep)
 
-    def encode(self, task: torch.Tensor, history: torch.Tensor, history_lengths: torch.Tensor,
-               query: torch.Tensor, query_lengths: torch.Tensor, source_item: torch.Tensor,
-               extra_items: torch.Tensor | None = None):
-        """Hidden states [B, T, d] for every position, sequence lengths [B], and the tower vectors
-        of `extra_items` (training targets/negatives share the same lookup), or None."""
+    def _clip(self, task, history, history_lengths, query, query_lengths):
+        """The request as the model reads it: the newest max_history items (none for similar-item),
+        padding zeroed, the query cut to max_query_len with unknown word ids mapped to OOV."""
         history, hist_len = self._last_items(history, history_lengths)
         hist_len = torch.where(task == Task.SIMILAR, torch.zeros_like(hist_len), hist_len)
-        b, n_hist = history.shape
-        valid = torch.arange(n_hist).unsqueeze(0) < hist_len.unsqueeze(1)
+        valid = torch.arange(history.shape[1], device=history.device).unsqueeze(0) < hist_len.unsqueeze(1)
         history = torch.where(valid, history, torch.zeros_like(history))
         query = query[:, : self.config.max_query_len]
         query_lengths = query_lengths.clamp(0, query.shape[1])
         query = torch.where((query >= 0) & (query < self.config.num_words), query, torch.full_like(query, OOV_TOKEN_ID))
+        return history, hist_len, valid, query, query_lengths
 
-        ids = [history.reshape(-1), source_item.reshape(-1)]
-        if extra_items is not None:
-            ids.append(extra_items.reshape(-1))
-        vecs, query_vec = self.item_tower(torch.cat(ids), query, query_lengths)
+    def item_batch(self, task: torch.Tensor, history: torch.Tensor, history_lengths: torch.Tensor,
+                   query: torch.Tensor, query_lengths: torch.Tensor, source_item: torch.Tensor,
+                   extra_items: torch.Tensor | None = None, id_dropout_seed: int | None = None) -> ItemBatch:
+        """The item-tower input of `encode` for this request (buffers only, no weights)."""
+        history, _, _, query, query_lengths = self._clip(task, history, history_lengths, query, query_lengths)
+        ids = [history.reshape(-1), source_item.reshape(-1)] + ([] if extra_items is None else [extra_items.reshape(-1)])
+        uniq, inverse = torch.unique(torch.cat(ids), return_inverse=True)
+        features = self.item_tower.features(uniq, query, query_lengths, id_dropout_seed=id_dropout_seed)
+        return ItemBatch(features, uniq, inverse, query.shape[0])
+
+    def encode(self, task: torch.Tensor, history: torch.Tensor, history_lengths: torch.Tensor,
+               query: torch.Tensor, query_lengths: torch.Tensor, source_item: torch.Tensor,
+               extra_items: torch.Tensor | None = None, items: ItemBatch | None = None):
+        """Hidden states [B, T, d] for every position, sequence lengths [B], and the tower vectors
+        of `extra_items` (training targets/negatives share the same lookup), or None. `items`: the
+        prebuilt tower input of this request and `extra_items` (item_batch); else built here."""
+        history, hist_len, valid, query, query_lengths = self._clip(task, history, history_lengths, query,
+                                                                    query_lengths)
+        b, n_hist = history.shape
+        if items is not None:
+            unique_vecs, query_vec = self.item_tower.pool(items.features, items.item_ids, items.num_queries)
+            vecs = unique_vecs[items.inverse]
+        else:
+            ids = [history.reshape(-1), source_item.reshape(-1)]
+            if extra_items is not None:
+                ids.append(extra_items.reshape(-1))
+            vecs, query_vec = self.item_tower(torch.cat(ids), query, query_lengths)
         hist_vec = vecs[: b * n_hist].view(b, n_hist, self.config.dim) * valid.unsqueeze(-1)
         source_vec = vecs[b * n_hist: b * n_hist + b]
-        extra_vec = vecs[b * n_hist + b:].view(*extra_items.shape, self.config.dim) if extra_items is not None else None
+        if extra_items is not None:
+            extra_vec = vecs[b * n_hist + b:].view(*extra_items.shape, self.config.dim)
+        else:  # with a prebuilt `items`, the extra ids it carries (flat), if any
+            extra_vec = vecs[b * n_hist + b:] if items is not None and len(vecs) > b * n_hist + b else None
 
         task = task.clamp(0, NUM_TASKS - 1)
         if hasattr(self, "query_encoder"):
@@ -233,7 +276,7 @@ class UnifiedRanker(nn.Module):
                 query: torch.Tensor, query_lengths: torch.Tensor, source_item: torch.Tensor) -> torch.Tensor:
         """Context vector [B, d] (the output at each row's last valid position)."""
         hidden, lengths, _ = self.encode(task, history, history_lengths, query, query_lengths, source_item)
-        return hidden[torch.arange(hidden.shape[0]), lengths - 1]
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]
 
     def similarity(self, context: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """context [..., d] x items [..., N, d] (or [N, d]) -> scores, with the configured metric."""
@@ -261,7 +304,7 @@ class UnifiedRanker(nn.Module):
         one table) and plain-torch attention."""
         plain = copy.deepcopy(self).eval()
         plain.item_tower = PrecomputedItemTower(plain.item_tower)
-        plain.config = replace(plain.config, attention_impl="reference")
+        plain.config = replace(plain.config, attention_impl="reference", embedding_bag_impl="torch")
         if hasattr(plain, "query_encoder"):
             plain.query_encoder.memoize = False  # the graph runs the encoder itself
         for block in plain.blocks:

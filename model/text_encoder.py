@@ -127,13 +127,13 @@ class SentenceEncoder(torch.nn.Module):
         return self
 
     def encode(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        b, q = ids.shape
+        (b, q), dev = ids.shape, ids.device
         lengths = lengths.clamp(0, q)
-        valid = torch.arange(q).unsqueeze(0) < lengths.unsqueeze(1)
-        full = torch.cat([torch.full((b, 1), self.cls_id, dtype=ids.dtype), torch.where(valid, ids, 0),
-                          torch.zeros(b, 1, dtype=ids.dtype)], dim=1)
-        full = full.scatter(1, (lengths + 1).unsqueeze(1), torch.full((b, 1), self.sep_id, dtype=ids.dtype))
-        mask = (torch.arange(q + 2).unsqueeze(0) < (lengths + 2).unsqueeze(1)).long()
+        valid = torch.arange(q, device=dev).unsqueeze(0) < lengths.unsqueeze(1)
+        full = torch.cat([torch.full((b, 1), self.cls_id, dtype=ids.dtype, device=dev), torch.where(valid, ids, 0),
+                          torch.zeros(b, 1, dtype=ids.dtype, device=dev)], dim=1)
+        full = full.scatter(1, (lengths + 1).unsqueeze(1), torch.full((b, 1), self.sep_id, dtype=ids.dtype, device=dev))
+        mask = (torch.arange(q + 2, device=dev).unsqueeze(0) < (lengths + 2).unsqueeze(1)).long()
         hidden = self.bert(input_ids=full, attention_mask=mask, token_type_ids=torch.zeros_like(full)).last_hidden_state
         return mean_pool(hidden, mask)
 
@@ -144,12 +144,13 @@ class SentenceEncoder(torch.nn.Module):
         missing = list(dict.fromkeys(k for k in keys if k not in self._memo))
         if missing:
             width = max(1, max(len(k) for k in missing))
-            new_ids = torch.tensor([list(k) + [0] * (width - len(k)) for k in missing], dtype=torch.int64)
+            new_ids = torch.tensor([list(k) + [0] * (width - len(k)) for k in missing], dtype=torch.int64,
+                                   device=ids.device)
             with torch.no_grad():
-                vectors = self.encode(new_ids, torch.tensor([len(k) for k in missing]))
+                vectors = self.encode(new_ids, torch.tensor([len(k) for k in missing], device=ids.device))
             self._memo.update(zip(missing, vectors))
         if not keys:
-            return torch.zeros(0, self.dim)
+            return torch.zeros(0, self.dim, device=ids.device)
         return torch.stack([self._memo[k] for k in keys])
 
 

@@ -7,6 +7,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import torch
 
@@ -31,13 +32,15 @@ class LoadedCheckpoint:
 
 def save_checkpoint(path: str | Path, ranker: UnifiedRanker, tokenizer: Tokenizer,
                     item_attributes: list[list[int]], item_words: list[list[int]], config_yaml: str,
-                    metadata: dict, optimizer: torch.optim.Optimizer | None = None) -> None:
+                    metadata: dict, optimizer: torch.optim.Optimizer | None = None,
+                    state_dict: dict | None = None) -> None:
+    """`state_dict`: the ranker's weights when they live elsewhere (a data-parallel DMP replica)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     bundle = {
         "format": FORMAT,
         "ranker_config": ranker.config.to_dict(),
-        "state_dict": ranker.state_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in (state_dict or ranker.state_dict()).items()},
         "tokenizer": tokenizer.to_dict(),
         # plain ints: weights_only loading refuses numpy scalars
         "item_features": {"attributes": [[int(a) for a in row] for row in item_attributes],
@@ -46,10 +49,18 @@ def save_checkpoint(path: str | Path, ranker: UnifiedRanker, tokenizer: Tokenize
         "metadata": metadata,
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
     }
+    atomic_write(path, lambda f: torch.save(bundle, f))
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """`write(file)` into a temp file beside `path`, fsync, rename over `path`: a reader (or a crash)
+    sees the old file or the new one, never half of one. Every file a checkpoint consists of is
+    written through here."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(bundle, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -76,14 +87,15 @@ def load_checkpoint(path: str | Path, expect: RankerConfig | None = None) -> Loa
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from err
     if not isinstance(bundle, dict) or bundle.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a unirank checkpoint (expected format {FORMAT})")
+    # implementation switches are not part of the weights: a loaded model picks them for its device
+    switches = {"attention_impl": "auto", "embedding_bag_impl": "auto"}
     try:
-        cfg = RankerConfig(**bundle["ranker_config"])
+        cfg = RankerConfig(**{**bundle["ranker_config"], **switches})
     except TypeError as err:
         raise CheckpointError(f"{path}: model config does not match this version of unirank: {err}") from err
     if expect is not None:
-        diff = {k: (v, getattr(expect, k)) for k, v in cfg.to_dict().items() if getattr(expect, k) != v}
-        for switch in ("attention_impl", "embedding_bag_impl"):  # implementation switches, same weights
-            diff.pop(switch, None)
+        diff = {k: (v, getattr(expect, k)) for k, v in cfg.to_dict().items()
+                if k not in switches and getattr(expect, k) != v}
         if diff:
             detail = ", ".join(f"{k}: checkpoint={a!r} config={b!r}" for k, (a, b) in diff.items())
             raise CheckpointError(f"{path}: checkpoint was trained with another model config ({detail})")

@@ -1,4 +1,4 @@
-"""`unirank` command line: train, evaluate, alignment-tax, cold-start, export, serve, quickstart.
+"""`unirank` command line: train, consolidate, evaluate, alignment-tax, cold-start, export, serve, quickstart.
 
 Configs: `--config FILE|NAME` (a YAML file or a packaged config: quickstart, default) plus
 `key=value` overrides, e.g. `unirank train --config default data.path=/data/Sports train.lr=0.002`.
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -21,11 +22,52 @@ def _config(args):
 
 
 def cmd_train(args) -> int:
+    if args.nproc_per_node is not None and "LOCAL_RANK" not in os.environ:
+        return launch_ranks(args)
     from unirank.training.train import train
 
-    result = train(_config(args), quiet=args.quiet)
-    print(json.dumps({"checkpoint": str(result.checkpoint), "best_epoch": result.best_epoch,
-                      "validation": result.best_validation, "seconds": round(result.seconds, 1)}))
+    cfg = _config(args)
+    result = train(cfg, quiet=args.quiet)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps({"checkpoint": str(result.checkpoint), "best_epoch": result.best_epoch,
+                          "validation": result.best_validation, "seconds": round(result.seconds, 1)}))
+    return 0
+
+
+def launch_ranks(args) -> int:
+    """`unirank train --nproc-per-node N ...`: torchrun's elastic launcher on this machine runs N
+    ranks of the same command (the config is checked once here, before any rank starts)."""
+    from torch.distributed.run import main as torchrun
+
+    if args.nproc_per_node < 1:
+        raise ValueError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
+    _config(args)
+    argv = [a for a in sys.argv[1:]]
+    flag = argv.index("--nproc-per-node") if "--nproc-per-node" in argv else None
+    if flag is not None:
+        del argv[flag: flag + 2]
+    else:
+        argv = [a for a in argv if not a.startswith("--nproc-per-node=")]
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc_per_node)))
+    try:
+        torchrun(["--standalone", f"--nproc-per-node={args.nproc_per_node}", "-m", "unirank.training.cli", *argv])
+    except SystemExit as exc:  # torchrun exits non-zero when a rank failed (its error is printed above)
+        return int(exc.code or 0)
+    except Exception as err:  # ChildFailedError: the ranks printed their own errors
+        print(f"unirank train: a rank failed: {type(err).__name__}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_consolidate(args) -> int:
+    from unirank.training import sharded_checkpoint as sc
+    from unirank.training.config import load_config
+
+    path = Path(args.checkpoint)
+    if (path / sc.LATEST).is_file():  # a checkpoint root: its latest checkpoint
+        path = sc.latest(path)
+    cfg = load_config(args.config, args.overrides) if args.config or args.overrides else None
+    print(json.dumps({"checkpoint": str(sc.consolidate(path, args.out, cfg))}))
     return 0
 
 
@@ -111,7 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true")
         return p
 
-    with_config(sub.add_parser("train", help="train the unified ranker")).set_defaults(func=cmd_train)
+    p = with_config(sub.add_parser("train", help="train the unified ranker (one process, or N ranks)"))
+    p.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                   help="run N ranks on this machine (torchrun, sharded tables); several machines: "
+                        "torchrun ... -m unirank.training.cli train ...")
+    p.set_defaults(func=cmd_train)
+    p = with_config(sub.add_parser("consolidate", help="resumable (sharded) checkpoint -> single-file checkpoint"))
+    p.add_argument("--checkpoint", required=True, help="a checkpoint directory, or the checkpoints/ root")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_consolidate)
     p = with_config(sub.add_parser("evaluate", help="per-task test metrics beside the baselines"))
     p.add_argument("--split", choices=("test", "valid"), default="test")
     p.add_argument("--out", default=None, help="report directory (default: train.out_dir)")

@@ -42,7 +42,7 @@ class TrainConfig:
     task_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  # search, similar, prequery
     batch_size: int = 128
     lr: float = 1e-3
-    weight_decay: float = 0.0  # AdamW (decoupled) decay: every weight in `unirank train`, dense ones under torchrun
+    weight_decay: float = 0.0  # AdamW (decoupled) decay of every weight, the tables' included
     id_weight_decay: Optional[float] = None  # decay of the item-id table alone; None = train.weight_decay
     decay_norms_and_biases: bool = True  # false: no decay on 1-D weights (LayerNorm gains, biases), as in GPT/BERT
     lr_schedule: str = "constant"  # constant | cosine (decays to lr_min_ratio * lr at max_epochs)
@@ -63,7 +63,13 @@ class TrainConfig:
     distill_weight: float = 0.5  # share of each position's loss that is the teachers' (distill_from set)
     distill_temperature: float = 1.0  # > 1 softens the teachers' and the student's distributions
     max_minutes: Optional[float] = None  # wall-clock budget
-    init_from: Optional[str] = None  # continue a single-process run from its best.pt (weights + optimizer)
+    init_from: Optional[str] = None  # start from a finished run's best.pt (weights + optimizer state)
+    resume: bool = True  # an out_dir with a run's checkpoints continues it exactly (false: refuse to touch it)
+    checkpoint_every: int = 0  # also write the resumable checkpoint every N steps (0 = end of each epoch only)
+    keep_checkpoints: int = 2  # resumable checkpoints kept besides the best one
+    stop_after_steps: Optional[int] = None  # stop (after checkpointing) at this global step: tests / demos
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda
+    precision: str = "auto"  # auto (bf16 autocast of the dense part on CUDA, fp32 on CPU) | fp32 | bf16
     seed: int = 42
     threads: Optional[int] = None
     out_dir: str = "runs/default"
@@ -88,22 +94,21 @@ class TableShardingConfig:
 
 @dataclass
 class DistributedConfig:
-    """torchrun training (unirank.training.distributed): sharding plan, sparse optimizer, sharded
-    checkpoints. Ignored by single-process `unirank train`."""
+    """Several ranks (`unirank train --nproc-per-node N`, or torchrun): the sharding plan of the
+    embedding tables (docs/DISTRIBUTED.md). One process ignores it."""
 
     backend: str = "auto"  # auto (nccl with CUDA, else gloo) | gloo | nccl
-    sharding_types: list[str] = field(default_factory=lambda: ["table_wise", "column_wise", "table_column_wise"])
-    tables: Dict[str, TableShardingConfig] = field(default_factory=dict)  # item_id | attribute | word
+    sharding_types: list[str] = field(default_factory=list)  # allowed ShardingType values; [] = what the table optimizer allows
+    tables: Dict[str, TableShardingConfig] = field(default_factory=dict)  # item_id | attribute | word | sid_<l>
     memory_budget_gb: Optional[float] = None  # per-rank embedding memory the planner may use; None = planner default
     expect_world_size: Optional[int] = None  # refuse to start on another world size
-    sparse_optimizer: str = "adagrad"  # fused into the embedding backward: adagrad | rowwise_adagrad | sgd (| adam on GPU)
-    sparse_lr: float = 0.05
+    # adamw: the tables take the dense part's AdamW (its param groups and decays): data_parallel tables
+    # on CPU (TorchRec's dense kernel), FBGEMM's fused Adam with decoupled decay on GPU (any sharding).
+    # adagrad | rowwise_adagrad | sgd: FBGEMM's fused CPU/GPU optimizers, for model-parallel tables on CPU.
+    sparse_optimizer: str = "adamw"
+    sparse_lr: float = 0.05  # learning rate of the fused adagrad / rowwise_adagrad / sgd tables
     checkpoint_dir: Optional[str] = None  # default <train.out_dir>/checkpoints
-    checkpoint_every: int = 0  # also checkpoint every N steps (0 = end of each epoch only)
-    keep_checkpoints: int = 2  # committed checkpoints kept besides the best one
-    resume: bool = True  # continue from the latest committed checkpoint in checkpoint_dir
-    consolidate: bool = True  # at the end, rank 0 writes <out_dir>/best.pt (single-file format)
-    stop_after_steps: Optional[int] = None  # stop (after checkpointing) at this global step: tests / demos
+    consolidate: bool = True  # sharded tables: at the end, rank 0 writes <out_dir>/best.pt (single-file format)
     timeout_s: int = 600  # collective timeout: a dead rank turns into an error, not a hang
 
 
@@ -175,6 +180,11 @@ def validate(cfg: Config) -> None:
     if not 0.0 < cfg.train.distill_weight <= 1.0 or cfg.train.distill_temperature <= 0:
         raise ConfigError("train.distill_weight must be in (0, 1] and train.distill_temperature > 0, got "
                           f"{cfg.train.distill_weight} and {cfg.train.distill_temperature}")
+    if cfg.train.device not in ("auto", "cpu", "cuda") or cfg.train.precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"train.device must be auto, cpu or cuda and train.precision auto, fp32 or bf16, got "
+                          f"{cfg.train.device!r} and {cfg.train.precision!r}")
+    if cfg.train.checkpoint_every < 0 or cfg.train.keep_checkpoints < 1:
+        raise ConfigError("train.checkpoint_every must be >= 0 and train.keep_checkpoints >= 1")
     out = Path(cfg.train.out_dir).resolve()
     if any(Path(t).resolve() in (out, out / "best.pt") for t in cfg.train.distill_from):
         raise ConfigError(f"train.distill_from names this run's own train.out_dir {cfg.train.out_dir}: its best.pt "

@@ -28,6 +28,12 @@ class Teachers:
         self._items: torch.Tensor | None = None  # [C, sum of the teachers' widths]
         self._context: torch.Tensor | None = None  # [observed positions, same width]
 
+    def to(self, device: torch.device | str) -> "Teachers":
+        for ranker in self.rankers:
+            ranker.to(device)
+        self._items = None
+        return self
+
     def _dot_space(self, ranker: UnifiedRanker, vectors: torch.Tensor, is_context: bool) -> torch.Tensor:
         """Vectors whose plain dot products are the ranker's similarity (its metric and temperature),
         divided by the number of teachers on the context side."""

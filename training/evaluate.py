@@ -36,9 +36,10 @@ class ModelScorer:
     @torch.no_grad()
     def scores(self, task: Task, request: RankRequest) -> torch.Tensor:
         self.ranker.eval()
-        ctx = self.ranker(request.task, request.history, request.history_lengths, request.query,
-                          request.query_lengths, request.source_item)
-        return self.ranker.score(ctx)
+        device = self.ranker.no_context.device
+        req = request.to(device)
+        ctx = self.ranker(req.task, req.history, req.history_lengths, req.query, req.query_lengths, req.source_item)
+        return self.ranker.score(ctx).float().cpu()
 
 
 class EnsembleScorer:

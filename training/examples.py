@@ -130,6 +130,9 @@ class TrainBatch:
     request: RankRequest
     targets: torch.Tensor
 
+    def to(self, device: torch.device | str) -> "TrainBatch":
+        return TrainBatch(self.request.to(device), self.targets.to(device, non_blocking=True))
+
 
 class TrainingExamples:
     """Per-epoch training batches from the training part of the split only. An epoch visits every

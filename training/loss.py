@@ -7,21 +7,37 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from unirank.model.ranker import UnifiedRanker
+from unirank.model.ranker import NUM_TASKS, UnifiedRanker
 from unirank.model.request import RankRequest, Task
 from unirank.training.distill import Teachers
+from unirank.training.batches import StepInputs, local_batch, step_inputs
 from unirank.training.examples import TrainBatch
 
 CHUNK_BYTES = 16 << 20  # logits per chunk of the full softmax: below glibc's largest mmap threshold (32 MB)
 
 
 def softmax_loss(ranker: UnifiedRanker, batch: TrainBatch, num_negatives: int, item_freq: torch.Tensor,
-                 generator: torch.Generator, task_weights: dict[Task, float],
-                 excluded_items: torch.Tensor | None = None, mask_seen: bool = False,
-                 future_window: int = 0, future_weight: float = 0.0,
-                 label_smoothing: float = 0.0, teachers: Teachers | None = None) -> tuple[torch.Tensor, dict]:
-    """(task-weighted loss, {task: mean cross-entropy}). `item_freq` [num_items + 2] is the training
-    frequency of each id, for the probability that an item is among the in-batch targets.
+                 generator: torch.Generator, task_weights: dict[Task, float], **options) -> tuple[torch.Tensor, dict]:
+    """One process's loss of a whole batch: (task-weighted loss, {task: mean cross-entropy}).
+    `item_freq` [num_items + 2] is the training frequency of each id, for the probability that an item
+    is among the in-batch targets; `options` are step_loss's."""
+    seed = int(torch.randint(1 << 62, (1,), generator=generator)) if ranker.training else None
+    inputs = step_inputs(ranker, batch, num_negatives=num_negatives, item_freq=item_freq, generator=generator,
+                         id_dropout_seed=seed)
+    total, sums = step_loss(ranker, inputs, task_weights, **options)
+    counts = inputs.task_counts
+    return total, {t: sums[int(t)] / counts[int(t)] for t in task_weights if counts[int(t)] > 0}
+
+
+def step_loss(ranker: UnifiedRanker, inputs: StepInputs, task_weights: dict[Task, float],
+              excluded_items: torch.Tensor | None = None, mask_seen: bool = False,
+              future_window: int = 0, future_weight: float = 0.0,
+              label_smoothing: float = 0.0, teachers: Teachers | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's share of the global batch's loss and its per-task cross-entropy sums [NUM_TASKS]
+    (detached). The global loss is sum_t w_t * mean over task t's positions; each rank returns
+    W * sum_t w_t * (sum over ITS positions of task t) / N_t with N_t the GLOBAL count, so the mean of
+    the ranks' gradients (DDP; TorchRec's pooled all-to-all divides table gradients by W too) is the
+    gradient of the global loss, and one process (W = 1) computes exactly the task-weighted mean.
     `excluded_items`: ids that are not in the catalogue at training time (never a negative).
     `mask_seen`: each position's softmax also skips the items the evaluation filters for it (the
     history before the target, the similar-item source), so training ranks what evaluation ranks;
@@ -34,18 +50,11 @@ def softmax_loss(ranker: UnifiedRanker, batch: TrainBatch, num_negatives: int, i
     `teachers` (full softmax only): each position's loss becomes (1 - w) * the loss above + w * the
     distillation loss against the teachers' distribution (training/distill.py); the per-task values
     returned are then that mix."""
-    req, n = batch.request, ranker.num_items
-    full = num_negatives == 0 or num_negatives >= n
-    if teachers is not None and not full:
+    req, n, batch = inputs.request, ranker.num_items, local_batch(inputs)
+    if teachers is not None and not inputs.full:
         raise ValueError("distillation needs the full softmax (train.num_negatives=0)")
-    if full:
-        candidates = None
-    else:
-        uniq_targets = torch.unique(batch.targets[batch.targets > 0])
-        negatives = torch.randint(1, n + 1, (num_negatives,), generator=generator)
-        candidates = torch.cat([uniq_targets, negatives])
-    hidden, _, cand_vec = ranker.encode(req.task, req.history, req.history_lengths, req.query,
-                                        req.query_lengths, req.source_item, extra_items=candidates)
+    hidden, _, cand_vec = ranker.encode(req.task, req.history, req.history_lengths, req.query, req.query_lengths,
+                                        req.source_item, items=inputs.items)
     targets = batch.targets[:, : hidden.shape[1] - 1]
     keep = targets > 0
     h, targets = hidden[:, 1:][keep], targets[keep]
@@ -63,21 +72,20 @@ def softmax_loss(ranker: UnifiedRanker, batch: TrainBatch, num_negatives: int, i
         is_target = (seen.unsqueeze(2) == own.unsqueeze(1)).any(dim=2)
         seen = torch.where(is_target | (seen > n), torch.zeros_like(seen), seen)
 
-    if full:
+    if inputs.full:
         # Columns = ids 1..n only (padding and OOV rows are never candidates): label = id - 1.
-        per_position = full_softmax_cross_entropy(ranker, h, ranker.all_item_embeddings()[1: n + 1],
+        per_position = full_softmax_cross_entropy(ranker, h, cand_vec,
                                                   targets - 1 if labels_k is None else (labels_k - 1).clamp(min=0),
                                                   None if excluded_items is None else excluded_items - 1,
                                                   masked_ids=seen, label_weights=weights_k,
                                                   label_smoothing=label_smoothing, teachers=teachers)
     else:
-        logits = ranker.similarity(h, cand_vec)
-        # P(item in candidate set) ~ drawn among the batch's targets + drawn uniformly.
-        q = (len(targets) * item_freq[candidates] + num_negatives / n).clamp(max=1.0)
-        logits = logits - torch.log(q).unsqueeze(0)
+        candidates = inputs.candidates
+        uniq_targets = candidates[: inputs.num_unique_targets]
+        logits = ranker.similarity(h, cand_vec) - inputs.logq.unsqueeze(0)
         labels = torch.searchsorted(uniq_targets, targets)
         hits = candidates.unsqueeze(0) == targets.unsqueeze(1)
-        hits[torch.arange(len(targets)), labels] = False  # the target also drawn as a negative
+        hits[torch.arange(len(targets), device=hits.device), labels] = False  # the target also drawn as a negative
         if excluded_items is not None:
             hits |= torch.isin(candidates, excluded_items).unsqueeze(0)
         if seen is not None:
@@ -89,9 +97,14 @@ def softmax_loss(ranker: UnifiedRanker, batch: TrainBatch, num_negatives: int, i
             columns = torch.searchsorted(uniq_targets, labels_k).clamp(max=len(uniq_targets) - 1)
             per_position = soft_cross_entropy(logits, columns, weights_k)
         per_position = smooth(per_position, logits, label_smoothing)
-    per_task = {task: per_position[row_task == task].mean() for task in task_weights if (row_task == task).any()}
-    total = sum(task_weights[t] * loss for t, loss in per_task.items())
-    return total, per_task
+    scale = torch.zeros(NUM_TASKS, device=h.device)
+    for task, weight in task_weights.items():
+        count = int(inputs.task_counts[int(task)])
+        if count:
+            scale[int(task)] = inputs.world * weight / count
+    loss = (per_position * scale[row_task]).sum() + 0.0 * hidden.sum()  # a rank with no position: still a graph
+    sums = torch.zeros(NUM_TASKS, device=h.device).index_add_(0, row_task, per_position.detach())
+    return loss, sums
 
 
 def full_softmax_cross_entropy(ranker: UnifiedRanker, h: torch.Tensor, items: torch.Tensor, labels: torch.Tensor,
@@ -162,7 +175,8 @@ def seen_items(req: RankRequest, positions: int) -> torch.Tensor:
     """[B, positions, W + 1] item ids the evaluation filters for the target at each output position
     (targets are aligned as in TrainBatch): the history before it, and the similar-item source; 0 = none."""
     history = req.history[:, : positions - 1]
-    before = torch.arange(positions).unsqueeze(1) > torch.arange(history.shape[1]).unsqueeze(0)  # [T, W]
+    dev = history.device
+    before = torch.arange(positions, device=dev).unsqueeze(1) > torch.arange(history.shape[1], device=dev).unsqueeze(0)  # [T, W]
     seen = torch.where(before.unsqueeze(0), history.unsqueeze(1), torch.zeros_like(history).unsqueeze(1))
     source = torch.where(req.task == Task.SIMILAR, req.source_item, torch.zeros_like(req.source_item))
     return torch.cat([seen, source.view(-1, 1, 1).expand(-1, positions, 1)], dim=2)
@@ -170,7 +184,7 @@ def seen_items(req: RankRequest, positions: int) -> torch.Tensor:
 
 def id_mask(ids: torch.Tensor, num_items: int) -> torch.Tensor:
     """[N, num_items + 1] bool, True at each row's ids (column = id; ids are 0 or 1..num_items)."""
-    return torch.zeros(ids.shape[0], num_items + 1, dtype=torch.bool).scatter_(1, ids, True)
+    return torch.zeros(ids.shape[0], num_items + 1, dtype=torch.bool, device=ids.device).scatter_(1, ids, True)
 
 
 def item_frequencies(train: list[np.ndarray], num_items: int) -> torch.Tensor:

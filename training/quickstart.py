@@ -3,6 +3,7 @@ a real tritonserver -> one gRPC query per task, checked against the PyTorch mode
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,8 @@ def quickstart(config: str = "quickstart", overrides: list[str] | None = None) -
 
     cfg = load_config(config, overrides)
     out = Path(cfg.train.out_dir)
+    if (out / "config.yaml").is_file():  # the demo trains from scratch each time: its last run is replaced
+        shutil.rmtree(out)
     prep = prepare(cfg)
     print(f"[1/5] training on {prep.data.name}: {len(prep.split.users)} users, {prep.data.num_items} items")
     result = train(cfg, prep, quiet=True)

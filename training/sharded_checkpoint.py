@@ -1,4 +1,6 @@
-"""Sharded checkpoints of a DistributedModelParallel ranker with torch.distributed.checkpoint (DCP).
+"""Resumable checkpoints of the training loop with torch.distributed.checkpoint (DCP), at every
+world size: one process writes plain tensors, N ranks write their shards of a
+DistributedModelParallel ranker (and replicated tensors once).
 
 Layout of a checkpoint root (distributed.checkpoint_dir):
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -36,7 +39,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from unirank.training.checkpoint import CheckpointError, save_checkpoint
+from unirank.training.checkpoint import CheckpointError, atomic_write, save_checkpoint
 
 COMMIT = "COMMIT"
 LATEST = "LATEST"
@@ -58,12 +61,7 @@ def _barrier() -> None:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -126,15 +124,10 @@ def latest(root: str | Path) -> Path | None:
     return path
 
 
-def _optimizer_state(optimizer) -> dict:
-    # Only the per-parameter state goes through DCP: param_groups hold the local parameter names,
-    # which differ between ranks under table-wise sharding; hyper-parameters come from the config.
-    return optimizer.state_dict()["state"]
-
-
-def save_sharded(root: str | Path, step: int, model: torch.nn.Module, optimizer, trainer_state: dict,
-                 rank_state: dict, config_yaml: str, keep: int = 2, protect: tuple[str, ...] = ()) -> Path:
-    """Collective: every rank calls it. Returns the committed directory."""
+def save_sharded(root: str | Path, step: int, state: dict, trainer_state: dict, rank_state: dict,
+                 config_yaml: str, keep: int = 2, protect: tuple[str, ...] = ()) -> Path:
+    """Collective: every rank calls it with its DCP `state` ({"model": ..., "optim": ..., ...}: plain,
+    replicated or sharded tensors keyed by name). Returns the committed directory."""
     root = Path(root)
     name = checkpoint_name(step)
     tmp, final = root / f"{TMP_PREFIX}{name}", root / name
@@ -144,13 +137,15 @@ def save_sharded(root: str | Path, step: int, model: torch.nn.Module, optimizer,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     _barrier()
-    dcp.save({"model": model.state_dict(), "optim": _optimizer_state(optimizer)}, checkpoint_id=str(tmp))
-    torch.save(rank_state, tmp / f"rank{rank}.pt")
+    with warnings.catch_warnings():  # one process: DCP warns that it saves without a process group
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, checkpoint_id=str(tmp))
+    atomic_write(tmp / f"rank{rank}.pt", lambda f: torch.save(rank_state, f))
     _barrier()  # every rank's files are on disk
     if rank == 0:
-        (tmp / "config.yaml").write_text(config_yaml)
+        _write_atomic(tmp / "config.yaml", config_yaml)
         _write_atomic(tmp / "trainer.json", json.dumps({**trainer_state, "world_size": _world()}, indent=1))
-        (tmp / COMMIT).write_text(json.dumps({"step": step, "world_size": _world()}))
+        _write_atomic(tmp / COMMIT, json.dumps({"step": step, "world_size": _world()}))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -172,21 +167,18 @@ def _prune(root: Path, keep: int, protect: set[str]) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def load_sharded(path: str | Path, model: torch.nn.Module, optimizer, dense_optimizer=None) -> dict:
-    """Collective: restore model + optimizer (resharding as needed) from a committed checkpoint;
-    returns {"trainer": trainer.json, "rank_state": this rank's RNG state or None}."""
+def load_sharded(path: str | Path, state: dict) -> dict:
+    """Collective: load a committed checkpoint INTO `state` (the same structure save_sharded was
+    given, built for the current model, optimizer and plan: DCP reshards as needed); returns
+    {"trainer": trainer.json, "rank_state": this rank's RNG state or None}."""
     path = Path(path)
     trainer = verify(path)
-    if dense_optimizer is not None and not dense_optimizer.state:
-        dense_optimizer.init_state()  # lazy Adam state -> tensors DCP can load into (weights reloaded below)
-    state = {"model": model.state_dict(), "optim": _optimizer_state(optimizer)}
     try:
-        dcp.load(state, checkpoint_id=str(path))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(path))
     except Exception as err:
         raise CheckpointError(f"{path}: cannot load into this model / plan ({type(err).__name__}: {err})") from err
-    model.load_state_dict(state["model"])
-    current = optimizer.state_dict()  # its param_groups (if it saves any) are this rank's own
-    optimizer.load_state_dict({**current, "state": state["optim"]})
     rank_file = path / f"rank{_rank()}.pt"
     rank_state = torch.load(rank_file, weights_only=False) if rank_file.is_file() else None
     return {"trainer": trainer, "rank_state": rank_state}

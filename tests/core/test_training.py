@@ -116,14 +116,14 @@ def test_sampled_softmax_trains(tmp_path):
 
 def test_single_task_mode_trains_only_that_task(tmp_path, monkeypatch):
     seen_tasks, seen_weights = set(), []
-    real_loss = train_module.softmax_loss
+    real_loss = train_module.step_loss
 
-    def spy(ranker, batch, num_negatives, item_freq, generator, task_weights, **kwargs):
-        seen_tasks.update(batch.request.task.unique().tolist())
+    def spy(ranker, inputs, task_weights, **kwargs):
+        seen_tasks.update(inputs.request.task.unique().tolist())
         seen_weights.append(set(task_weights))
-        return real_loss(ranker, batch, num_negatives, item_freq, generator, task_weights, **kwargs)
+        return real_loss(ranker, inputs, task_weights, **kwargs)
 
-    monkeypatch.setattr(train_module, "softmax_loss", spy)
+    monkeypatch.setattr(train_module, "step_loss", spy)
     cfg = tiny_config(tmp_path, "train.tasks=[prequery]", "train.max_epochs=2")
     result = train(cfg, quiet=True)
     assert seen_tasks == {int(Task.PREQUERY)}
@@ -168,19 +168,29 @@ def test_cosine_schedule_reaches_the_optimizer(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("num_negatives", [0, 32])
-def test_distributed_loss_equals_single_process_loss(tmp_path, num_negatives):
-    """The torchrun trainer's in-DDP loss (one rank) is the same task-weighted softmax as loss.softmax_loss."""
-    from unirank.training.distributed import RankerTrainModule, shard_batch
+def test_the_ranks_shares_average_to_the_one_process_loss_and_gradient(tmp_path, num_negatives):
+    """What DDP computes from W ranks' step_loss (the mean of their losses and gradients) is the one
+    process's task-weighted loss of the global batch and its gradient, on both softmax paths."""
+    from unirank.training.batches import step_inputs
+    from unirank.training.loss import step_loss
 
     cfg, prep, ranker, batch, freq = first_batch(tmp_path)
     weights = {Task.SEARCH: 1.0, Task.SIMILAR: 0.5, Task.PREQUERY: 2.0}
-    with torch.no_grad():
-        single, _ = softmax_loss(ranker, batch, num_negatives, freq, torch.Generator().manual_seed(3), weights)
-        inputs = shard_batch(batch, 0, 1, num_items=prep.data.num_items, max_history=cfg.model.max_history,
-                             num_negatives=num_negatives, item_freq=freq, generator=torch.Generator().manual_seed(3),
-                             weights=weights)
-        distributed, _ = RankerTrainModule(ranker)(**{k: v for k, v in inputs.items() if not k.startswith("_")})
-    torch.testing.assert_close(distributed, single, rtol=1e-5, atol=1e-6)
+
+    def loss_and_grad(rank, world):
+        ranker.zero_grad(set_to_none=True)
+        inputs = step_inputs(ranker, batch, num_negatives=num_negatives, item_freq=freq,
+                             generator=torch.Generator().manual_seed(3), rank=rank, world=world)
+        loss, sums = step_loss(ranker, inputs, weights, mask_seen=True, label_smoothing=0.1)
+        loss.backward()
+        return loss.detach(), sums, [p.grad.clone() for p in ranker.parameters()]
+
+    one, one_sums, one_grad = loss_and_grad(0, 1)
+    shares = [loss_and_grad(rank, 3) for rank in range(3)]
+    torch.testing.assert_close(sum(s[0] for s in shares) / 3, one, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sum(s[1] for s in shares), one_sums, rtol=1e-5, atol=1e-5)
+    for k, g in enumerate(one_grad):
+        torch.testing.assert_close(sum(s[2][k] for s in shares) / 3, g, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("chunk_bytes", [4 * 7 * 3, 4 * 7 * 1000])  # 3 rows per chunk, one chunk
@@ -366,11 +376,10 @@ def test_init_from_continues_a_run_and_refuses_other_parameter_groups_leaving_th
                                 f"train.init_from={first.checkpoint}", f"train.out_dir={tmp_path / 'resumed'}"),
                     quiet=True)
     assert [row["epoch"] for row in resumed.history] == [2]
-    written = (tmp_path / "run" / "config.yaml").read_text()
     with pytest.raises(CheckpointError, match="decay_norms_and_biases"):
-        train(tiny_config(tmp_path, "train.max_epochs=2", "train.weight_decay=0.1",
-                          "train.decay_norms_and_biases=false", f"train.init_from={first.checkpoint}"), quiet=True)
-    assert (tmp_path / "run" / "config.yaml").read_text() == written
+        train(tiny_config(tmp_path, "train.max_epochs=2", "train.weight_decay=0.1", "train.decay_norms_and_biases=false",
+                          f"train.init_from={first.checkpoint}", f"train.out_dir={tmp_path / 'refused'}"), quiet=True)
+    assert not (tmp_path / "refused").exists()
     assert load_checkpoint(first.checkpoint).metadata["epoch"] == 1
 
 
@@ -380,7 +389,7 @@ def test_weight_average_is_validated_and_saved_and_training_continues_on_live_we
     from unirank.training.train import WeightAverage
 
     model = torch.nn.Linear(3, 2)
-    average = WeightAverage(model, decay=0.5)
+    average = WeightAverage(dict(model.named_parameters()), decay=0.5)
     start = [p.detach().clone() for p in model.parameters()]
     with torch.no_grad():
         for p in model.parameters():
