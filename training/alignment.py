@@ -6,6 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from unirank.training.config import Config
+from unirank.training.evaluate import ZERO_SHOT
 from unirank.training.report import evaluate_checkpoint
 from unirank.training.train import TASK_BY_NAME, Prepared, prepare, train
 
@@ -39,14 +40,18 @@ def alignment_tax(cfg: Config, quiet: bool = True, unified: str | None = None,
         single_ckpt, single_seconds = _checkpoint(single_cfg, prep, single.get(task), quiet)
         single_eval = evaluate_checkpoint(single_cfg, single_ckpt, prep, baselines=False,
                                           tasks=[TASK_BY_NAME[task]])["results"]
-        u, s = unified_eval[task]["unirank"], single_eval[task]["unirank"]
-        rows[task] = {
-            "unified": {k: u[k] for k in METRICS}, "single_task": {k: s[k] for k in METRICS},
-            "delta": {k: u[k]["mean"] - s[k]["mean"] for k in METRICS},
-            "checkpoints": {"unified": unified_ckpt, "single_task": single_ckpt},
-            "train_seconds": {"unified": unified_seconds, "single_task": single_seconds},
-        }
+        # The single-task search model also answers the zero-shot queries: one more row.
+        for row in [task] + ([ZERO_SHOT] if task == "search" and ZERO_SHOT in single_eval else []):
+            rows[row] = _row(unified_eval[row]["unirank"], single_eval[row]["unirank"],
+                             (unified_ckpt, single_ckpt), (unified_seconds, single_seconds))
     return {"dataset": prep.data.name, "rows": rows}
+
+
+def _row(u: dict, s: dict, checkpoints: tuple, seconds: tuple) -> dict:
+    return {"unified": {k: u[k] for k in METRICS}, "single_task": {k: s[k] for k in METRICS},
+            "delta": {k: u[k]["mean"] - s[k]["mean"] for k in METRICS},
+            "checkpoints": dict(zip(("unified", "single_task"), checkpoints)),
+            "train_seconds": dict(zip(("unified", "single_task"), seconds))}
 
 
 def markdown(report: dict) -> str:

@@ -33,6 +33,9 @@ class DataConfig:
     path: str = "synthetic"  # a dataset directory, or "synthetic"
     format: str = "auto"  # auto | amazon | movielens | synthetic
     cache_dir: str = "~/.cache/unirank"  # text-encoder item vectors, keyed by a hash of model files + texts
+    # Zero-shot search (PROTOCOL.md): attribute names with crc32(name) % zero_shot_modulus == 0 never
+    # appear in a training query; test queries built from them alone form the zero-shot set. 0 = off.
+    zero_shot_modulus: int = 10
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -153,6 +156,8 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
 
 
 def validate(cfg: Config) -> None:
+    if cfg.data.zero_shot_modulus < 0:
+        raise ConfigError(f"data.zero_shot_modulus must be >= 0 (0 = no zero-shot split), got {cfg.data.zero_shot_modulus}")
     unknown = [t for t in cfg.train.tasks if t not in TASK_CHOICES]
     if unknown or not cfg.train.tasks:
         raise ConfigError(f"train.tasks must be a non-empty subset of {TASK_CHOICES}, got {cfg.train.tasks}")

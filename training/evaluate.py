@@ -85,9 +85,10 @@ def filter_seen(scores: torch.Tensor, task: Task, request: RankRequest, historie
 
 def evaluate_task(scorer: Scorer, task: Task, cases: EvalCases, builder: RequestBuilder,
                   ks=DEFAULT_KS, batch_size: int = 512, max_users: int | None = None,
-                  num_bootstrap: int = 1000, seed: int = 0) -> dict:
+                  num_bootstrap: int = 1000, seed: int = 0, queries: str = "all") -> dict:
     """Metrics (mean + 95% CI) of one scorer on one task; `max_users` evaluates a fixed random
-    subset (for quick validation during training), None = every user."""
+    subset (for quick validation during training), None = every user; `queries` is the search
+    query pool (`zero_shot`: queries of held-out attribute names only)."""
     idx = np.arange(len(cases))
     if max_users is not None and max_users < len(idx):
         idx = np.sort(np.random.default_rng(seed).choice(idx, max_users, replace=False))
@@ -95,7 +96,7 @@ def evaluate_task(scorer: Scorer, task: Task, cases: EvalCases, builder: Request
     for start in range(0, len(idx), batch_size):
         b = idx[start: start + batch_size]
         histories = [cases.histories[i] for i in b]
-        request = builder.build(task, cases.users[b], histories, cases.targets[b])
+        request = builder.build(task, cases.users[b], histories, cases.targets[b], queries=queries)
         scores = filter_seen(scorer.scores(task, request), task, request, histories)
         ranks.append(target_ranks(scores, torch.from_numpy(cases.targets[b])).numpy())
     per_user = metrics_from_ranks(np.concatenate(ranks) if ranks else np.zeros(0), list(ks))
@@ -104,11 +105,22 @@ def evaluate_task(scorer: Scorer, task: Task, cases: EvalCases, builder: Request
     return result
 
 
+ZERO_SHOT = "search_zero_shot"
+
+
 def evaluate_all(scorers: list[Scorer], cases: EvalCases, builder: RequestBuilder, **kwargs) -> dict:
-    """{task name: {scorer name: metrics}} for every scorer on every task it supports."""
+    """{task name: {scorer name: metrics}} for every scorer on every task it supports, plus
+    `search_zero_shot` (the users whose held-out-names query is non-empty, PROTOCOL.md) when the
+    builder holds names out."""
     out: dict[str, dict] = {}
     for task in Task:
         for scorer in scorers:
             if task in scorer.tasks:
                 out.setdefault(TASK_NAMES[task], {})[scorer.name] = evaluate_task(scorer, task, cases, builder, **kwargs)
+    zero_shot = builder.zero_shot_cases(cases) if builder.zero_shot_modulus else None
+    if zero_shot is not None and len(zero_shot):
+        for scorer in scorers:
+            if Task.SEARCH in scorer.tasks:
+                out.setdefault(ZERO_SHOT, {})[scorer.name] = evaluate_task(
+                    scorer, Task.SEARCH, zero_shot, builder, queries="zero_shot", **kwargs)
     return out

@@ -48,11 +48,25 @@ def leave_one_out_split(sequences: list[np.ndarray], min_length: int = 3) -> Spl
     )
 
 
-def build_search_query(data: InteractionData, user: int, item: int) -> str:
+QUERY_POOLS = ("all", "train", "zero_shot")
+
+
+def held_out_name(name: str, modulus: int) -> bool:
+    """The protocol's zero-shot rule, the same on every dataset: an attribute name is held out of
+    every training query when crc32(name) % modulus == 0 (modulus 0: nothing is held out)."""
+    return modulus > 0 and zlib.crc32(name.encode()) % modulus == 0
+
+
+def build_search_query(data: InteractionData, user: int, item: int, pool: str = "all", modulus: int = 0) -> str:
     """The protocol's query for (user, target item): 1..3 of the target's attribute names picked by
     an RNG seeded with (user id, item id), lowercased, split on non-letters, duplicate words dropped.
-    Never the title text (that would make search a lookup)."""
-    attrs = data.item_attributes[item]
+    Never the title text (that would make search a lookup). `pool` restricts the names drawn from:
+    `train` skips the held-out names (`held_out_name`), `zero_shot` uses only them."""
+    if pool not in QUERY_POOLS:
+        raise ValueError(f"query pool {pool!r}: expected one of {QUERY_POOLS}")
+    attrs = list(data.item_attributes[item])
+    if pool != "all":
+        attrs = [a for a in attrs if held_out_name(data.attribute_names[a], modulus) == (pool == "zero_shot")]
     if not attrs:
         return ""
     user_seed = zlib.crc32(data.user_keys[user].encode())
@@ -94,17 +108,27 @@ def pad(rows: list[np.ndarray], width: int | None = None) -> tuple[torch.Tensor,
 class RequestBuilder:
     """Turns (task, user, history, target) into the request schema with one tokenizer and limits."""
 
-    def __init__(self, data: InteractionData, tokenizer: Tokenizer, max_history: int, max_query_len: int):
+    def __init__(self, data: InteractionData, tokenizer: Tokenizer, max_history: int, max_query_len: int,
+                 zero_shot_modulus: int = 0):
         self.data, self.tokenizer = data, tokenizer
         self.max_history, self.max_query_len = max_history, max_query_len
+        self.zero_shot_modulus = zero_shot_modulus
 
-    def query_ids(self, user: int, item: int) -> np.ndarray:
-        text = build_search_query(self.data, user, item)
+    def query_ids(self, user: int, item: int, pool: str = "all") -> np.ndarray:
+        text = build_search_query(self.data, user, item, pool, self.zero_shot_modulus)
         return np.array(self.tokenizer.encode(text, max_length=self.max_query_len), dtype=np.int64)
 
+    def zero_shot_cases(self, cases: EvalCases) -> EvalCases:
+        """The users whose query built from held-out names only is non-empty (the zero-shot set)."""
+        keep = np.array([len(self.query_ids(int(u), int(t), "zero_shot")) > 0
+                         for u, t in zip(cases.users, cases.targets)], dtype=bool)
+        idx = np.flatnonzero(keep)
+        return EvalCases(cases.users[idx], [cases.histories[i] for i in idx], cases.targets[idx])
+
     def build(self, task: Task, users: np.ndarray, histories: list[np.ndarray], targets: np.ndarray,
-              width: int | None = None) -> RankRequest:
-        """Padded request; history width = `width` (default max_history), keeping the newest items."""
+              width: int | None = None, queries: str = "all") -> RankRequest:
+        """Padded request; history width = `width` (default max_history), keeping the newest items;
+        `queries` is the pool search queries are drawn from (`build_search_query`)."""
         b = len(users)
         empty = np.zeros(0, dtype=np.int64)
         if task == Task.SIMILAR:
@@ -112,9 +136,9 @@ class RequestBuilder:
             histories = [empty] * b
         else:
             source = torch.zeros(b, dtype=torch.int64)
-        queries = [self.query_ids(u, t) for u, t in zip(users, targets)] if task == Task.SEARCH else [empty] * b
+        rows = [self.query_ids(u, t, queries) for u, t in zip(users, targets)] if task == Task.SEARCH else [empty] * b
         history, history_lengths = pad(histories, self.max_history if width is None else width)
-        query, query_lengths = pad(queries, self.max_query_len)
+        query, query_lengths = pad(rows, self.max_query_len)
         return RankRequest(task=torch.full((b,), int(task), dtype=torch.int64), history=history,
                            history_lengths=history_lengths, query=query, query_lengths=query_lengths,
                            source_item=source)
@@ -179,7 +203,7 @@ class TrainingExamples:
             pos = (self.rng.random(len(rows)) * self.lengths[rows]).astype(np.int64)
         histories = [self.seqs[r][:p] for r, p in zip(rows, pos)]
         targets = np.array([self.seqs[r][p] for r, p in zip(rows, pos)], dtype=np.int64)
-        req = self.builder.build(task, self.users[rows], histories, targets, width=width)
+        req = self.builder.build(task, self.users[rows], histories, targets, width=width, queries="train")
         # The target sits at the row's last position: index = number of history tokens.
         aligned = torch.zeros(len(rows), width + 1, dtype=torch.int64)
         aligned[torch.arange(len(rows)), req.history_lengths] = torch.from_numpy(targets)

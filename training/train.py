@@ -67,7 +67,8 @@ def prepare(cfg: Config, data: InteractionData | None = None, fit_items: np.ndar
     if len(split.users) == 0:
         raise ValueError(f"{cfg.data.path}: no user has the 3 interactions leave-one-out needs")
     tokenizer = fit_tokenizer(data, cfg.model.tokenizer)
-    builder = RequestBuilder(data, tokenizer, cfg.model.max_history, cfg.model.max_query_len)
+    builder = RequestBuilder(data, tokenizer, cfg.model.max_history, cfg.model.max_query_len,
+                             cfg.data.zero_shot_modulus)
     lm = None
     if cfg.model.text_features or cfg.model.semantic_id_levels:
         lm = item_lm_features(data, cfg.data.cache_dir, cfg.model.semantic_id_levels, cfg.train.seed, fit_items)

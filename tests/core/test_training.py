@@ -88,12 +88,13 @@ def test_checkpoint_and_run_files(unified_run):
 def test_test_metrics_for_all_tasks_and_beat_popularity(unified_run):
     _, prep, _, _, report = unified_run
     results = report["results"]
-    assert set(results) == {"search", "similar", "prequery"}
-    assert set(results["search"]) == {"unirank", "popularity", "bm25"}
+    assert set(results) == {"search", "similar", "prequery", "search_zero_shot"}
+    assert set(results["search"]) == set(results["search_zero_shot"]) == {"unirank", "popularity", "bm25"}
+    assert 0 < results["search_zero_shot"]["unirank"]["num_users"] < results["search"]["unirank"]["num_users"]
     assert set(results["similar"]) == {"unirank", "popularity", "item-knn"}
     for task, by_method in results.items():
         m = by_method["unirank"]
-        assert m["num_users"] == len(prep.split.test)
+        assert m["num_users"] == len(prep.split.test) or task == "search_zero_shot"
         for key in ("recall@5", "recall@10", "recall@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr"):
             assert 0.0 <= m[key]["ci95"][0] <= m[key]["mean"] <= m[key]["ci95"][1] <= 1.0
     # The planted structure (sticky topics, follow-up items) is learnable in 4 epochs: on seeds 0-2
