@@ -198,9 +198,7 @@ def step_seed(seed: int, step: int) -> int:
 
 def _autocast(cfg: Config, device: torch.device):
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
-    if bf16 and device.type == "cpu":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
 def _check_resumable(out: Path, root: Path, cfg: Config) -> Path | None:
