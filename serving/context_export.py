@@ -16,7 +16,8 @@ from torch import nn
 
 from unirank.model.request import INPUT_NAMES
 from unirank.serving.export import _dynamic_shapes, _rewrite_bool_where, example_inputs, onnx_session
-from unirank.serving.item_index import CONTEXT_MODEL_FILE, CONTEXT_OUTPUTS, IndexOptions, ItemIndex, TwoStageRanker
+from unirank.serving.item_index import (CONTEXT_MODEL_FILE, CONTEXT_OUTPUTS, INDEX_FILES, IndexOptions, ItemIndex,
+                                        TwoStageRanker)
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,11 @@ def export_two_stage(plain_ranker: nn.Module, out_dir: str | Path, options: Inde
     index.save(out_dir)
     log.info("item index %s: %d items", options.kind, len(index))
     return index
+
+
+def remove_two_stage(out_dir: str | Path) -> None:
+    for name in (CONTEXT_MODEL_FILE, *INDEX_FILES):
+        (Path(out_dir) / name).unlink(missing_ok=True)
 
 
 def load_two_stage(directory: str | Path, top_k: int, threads: int = 1) -> TwoStageRanker:

@@ -238,10 +238,12 @@ def parity_max_abs_diff(module: TopKRanker, session, batches: list[dict[str, np.
 
 
 def export_model(checkpoint_path: str | Path, out_dir: str | Path, top_k: int = 100,
-                 parity_requests: int = 256, parity_tolerance: float = 1e-4, seed: int = 0) -> ExportReport:
+                 parity_requests: int = 256, parity_tolerance: float = 1e-4, seed: int = 0,
+                 index=None) -> ExportReport:
     """Checkpoint -> out_dir/{model.onnx, tokenizer.json, export.json}, then a parity check of ONNX
     Runtime against PyTorch on `parity_requests` random requests of every task (0 skips it).
-    Raises AssertionError when the max abs score difference exceeds `parity_tolerance`."""
+    Raises AssertionError when the max abs score difference exceeds `parity_tolerance`.
+    `index` (item_index.IndexOptions): also the two-stage files (context.onnx + the item index)."""
     from unirank.serving.synthetic_requests import random_batches
     from unirank.training.checkpoint import load_checkpoint
 
@@ -249,6 +251,11 @@ def export_model(checkpoint_path: str | Path, out_dir: str | Path, top_k: int = 
     loaded = load_checkpoint(checkpoint_path)
     plain = loaded.ranker.to_plain().eval()
     metadata = export_onnx(plain, out_dir, top_k=top_k, tokenizer=loaded.tokenizer)
+    from unirank.serving.context_export import export_two_stage, remove_two_stage
+
+    remove_two_stage(out_dir)  # a previous export's index must not be served with this model
+    if index is not None:
+        export_two_stage(plain, out_dir, index)
     diff = None
     if parity_requests:
         batches = random_batches(metadata, vocab_size=loaded.tokenizer.vocab_size, requests=parity_requests, seed=seed)

@@ -25,6 +25,7 @@ INDEX_FILE = "item_index.faiss"
 INDEX_META_FILE = "item_index.json"
 ADDED_FILE = "item_index_added.npy"  # exact vectors of items added after export (candidate scoring)
 KINDS = ("flat", "hnsw", "ivfpq")
+INDEX_FILES = (INDEX_FILE, INDEX_META_FILE, ADDED_FILE)
 SIMILAR = 1
 
 
@@ -161,10 +162,12 @@ class ItemIndex:
             np.save(directory / ADDED_FILE, self.added)
 
     @classmethod
-    def load(cls, directory: str | Path) -> "ItemIndex":
+    def load(cls, directory: str | Path, threads: int | None = None) -> "ItemIndex":
+        """`threads`: FAISS search threads (default: the build's)."""
         directory = Path(directory)
         meta = json.loads((directory / INDEX_META_FILE).read_text())
         added = np.load(directory / ADDED_FILE) if (directory / ADDED_FILE).exists() else None
+        _faiss().omp_set_num_threads(int(threads or meta["options"]["threads"]))
         return cls(_faiss().read_index(str(directory / INDEX_FILE)), meta, added)
 
 

@@ -5,6 +5,8 @@
                              for the bundled CPU tritonserver (no onnxruntime backend there);
   <out>/onnxruntime/<name>/  platform "onnxruntime_onnx" for the official Triton container.
 Both hold 1/model.onnx, tokenizer.json and export.json, with identical input/output names and dtypes.
+An export with an item index (serving/context_export.py) adds context.onnx and the index files to the
+python model's version directory: that model then answers in two stages (serving/item_index.py).
 Configs are built as `ModelConfig` protobuf messages, and `validate_model_repository` parses them back
 and cross-checks them against the ONNX graph.
 """
@@ -18,6 +20,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
 from unirank.serving.export import METADATA_FILE, MODEL_FILE, TOKENIZER_FILE, ExportMetadata
+from unirank.serving.item_index import CONTEXT_MODEL_FILE, INDEX_FILE, INDEX_FILES, INDEX_META_FILE
 from unirank.serving.request_arrays import ROW_FIELDS
 
 FLAVOURS = ("python", "onnxruntime")
@@ -107,6 +110,11 @@ def build_model_repository(export_dir: str | Path, out_dir: str | Path, name: st
         if flavour == "python":
             shutil.copy2(_HERE / "model.py.tmpl", version_dir / "model.py")
             shutil.copy2(_HERE / "request_arrays.py", version_dir / "request_arrays.py")
+            if (export_dir / INDEX_META_FILE).exists():  # two-stage: versioned with the model
+                shutil.copy2(_HERE / "item_index.py", version_dir / "item_index.py")
+                for extra in (CONTEXT_MODEL_FILE, *INDEX_FILES):
+                    if (export_dir / extra).exists():
+                        shutil.copy2(export_dir / extra, version_dir / extra)
         (model_dir / "config.pbtxt").write_text(text_format.MessageToString(model_config(spec, flavour)))
         validate_model_repository(root)
         repositories[flavour] = root
@@ -160,7 +168,9 @@ def _config_problems(config: pb.ModelConfig, model_dir: Path) -> list[str]:
     if not versions:
         return problems + ["no numeric version directory"]
     for version in versions:
-        problems += [f"{version.name}/{f} missing" for f in required if not (version / f).exists()]
+        two_stage = config.backend == "python" and (version / INDEX_META_FILE).exists()
+        needed = required + ([CONTEXT_MODEL_FILE, INDEX_FILE, "item_index.py"] if two_stage else [])
+        problems += [f"{version.name}/{f} missing" for f in needed if not (version / f).exists()]
         if (version / MODEL_FILE).exists():
             problems += _graph_problems(config, version / MODEL_FILE)
     return problems

@@ -123,7 +123,12 @@ def cmd_export(args) -> int:
     from unirank.serving.export import export_model
     from unirank.serving.model_repository import build_model_repository
 
-    report = export_model(args.checkpoint, args.out, top_k=args.top_k)
+    index = None
+    if args.index:
+        from unirank.serving.item_index import IndexOptions
+
+        index = IndexOptions(args.index, ef_search=args.ef_search, nprobe=args.nprobe)
+    report = export_model(args.checkpoint, args.out, top_k=args.top_k, index=index)
     repos = build_model_repository(args.out, Path(args.out) / "repository")
     print(json.dumps({"onnx": str(Path(args.out) / "model.onnx"), "parity_max_abs_diff": report.max_abs_diff,
                       "repositories": {k: str(v) for k, v in repos.items()}}))
@@ -179,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--top-k", type=int, default=100)
+    p.add_argument("--index", choices=("flat", "hnsw", "ivfpq"), default=None,
+                   help="two-stage serving: context graph + this item index (docs/SERVING.md); default: exact graph")
+    p.add_argument("--ef-search", type=int, default=128, help="hnsw search breadth")
+    p.add_argument("--nprobe", type=int, default=32, help="ivfpq lists searched")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("serve", help="run tritonserver on a model repository")
     p.add_argument("--repository", required=True)
