@@ -1,14 +1,15 @@
 """The one request schema shared by data, model, ONNX export, server and client.
 
-Field names are the ONNX input names and the client's argument names.
+Field names are the ONNX input names and the client's argument names. `RULES` is the request
+contract as plain data: the numpy checks (serving/request_arrays.py, used by the client and the
+python-backend model) and the checks built into the ONNX graph (serving/graph_checks.py) both read
+it. This file imports nothing outside the standard library: it is copied into model repositories.
 """
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, fields
 from typing import Optional
-
-import torch
 
 PAD_ID = 0  # item id / token id 0 is padding everywhere
 
@@ -37,21 +38,63 @@ class RankRequest:
     candidates      [B, C]  optional item ids to rank; None ranks the whole catalogue.
     """
 
-    task: torch.Tensor
-    history: torch.Tensor
-    history_lengths: torch.Tensor
-    query: torch.Tensor
-    query_lengths: torch.Tensor
-    source_item: torch.Tensor
-    candidates: Optional[torch.Tensor] = None
+    task: "torch.Tensor"  # noqa: F821 (torch is not imported here: see the module docstring)
+    history: "torch.Tensor"  # noqa: F821
+    history_lengths: "torch.Tensor"  # noqa: F821
+    query: "torch.Tensor"  # noqa: F821
+    query_lengths: "torch.Tensor"  # noqa: F821
+    source_item: "torch.Tensor"  # noqa: F821
+    candidates: Optional["torch.Tensor"] = None  # noqa: F821
 
     @property
     def batch_size(self) -> int:
         return int(self.task.shape[0])
 
-    def to(self, device: torch.device | str) -> "RankRequest":
+    def to(self, device) -> "RankRequest":
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         return RankRequest(**{k: (v.to(device) if v is not None else None) for k, v in moved.items()})
 
 
 INPUT_NAMES = [f.name for f in fields(RankRequest)]
+ROW_FIELDS = ("task", "history_lengths", "query_lengths", "source_item")
+SEQUENCE_LENGTHS = {"history": "history_lengths", "query": "query_lengths", "candidates": None}
+ID_FIELDS = ("history", "query", "source_item", "candidates")
+MAX_CANDIDATES = 10_000
+# Limits a rule may name; num_items is not one: unknown ids are scored with the OOV embedding.
+SEQUENCE_LIMITS = {"history": "max_history", "query": "max_query_len"}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One check of the request contract, applied in `RULES` order; the first broken one is reported
+    as "<field>: <message>" (numpy checks append the offending value).
+
+    kind          field must satisfy                          bound
+    batch         at least one row                            -
+    one_of        every value in bound                        tuple of ints
+    at_least      every value >= bound                        int
+    at_most       every value <= bound                        int, or a limit name (SEQUENCE_LIMITS values)
+    within_width  every value <= the width of sequence bound  sequence name
+    width_at_most the padded width <= bound                   int
+    set_for_task  value != 0 on rows whose task == bound      task id
+    """
+
+    kind: str
+    field: str
+    message: str
+    bound: object = None
+
+
+_TASK_LIST = ", ".join(f"{int(t)} {name}" for t, name in TASK_NAMES.items())
+RULES = (
+    Rule("batch", "task", "batch size 0 (send at least one row)"),
+    Rule("one_of", "task", f"unknown task id (expected {_TASK_LIST})", tuple(int(t) for t in Task)),
+    *(rule for sequence, limit in SEQUENCE_LIMITS.items() for rule in (
+        Rule("at_least", f"{sequence}_lengths", "negative length", 0),
+        Rule("within_width", f"{sequence}_lengths", f"length > padded {sequence} width", sequence),
+        Rule("at_most", f"{sequence}_lengths", f"{sequence} longer than the model limit {{limit}}", limit),
+    )),
+    Rule("width_at_most", "candidates", f"more candidates than the limit {MAX_CANDIDATES}", MAX_CANDIDATES),
+    *(Rule("at_least", name, "negative id", 0) for name in ID_FIELDS),
+    Rule("set_for_task", "source_item", "similar-item rows need a source item", Task.SIMILAR),
+)

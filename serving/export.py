@@ -9,11 +9,13 @@ Graph contract (also what Triton serves):
 Rules baked into the graph:
   - a row whose candidates are all padding ranks the whole catalogue (ids 1..num_items);
     otherwise it ranks exactly its non-zero candidates;
-  - search and pre-query rows never return items of the user's history; similar-item rows never
-    return the source item;
+  - each candidate id is ranked once (repeats are dropped);
+  - search and pre-query rows never return items of the user's history, known to the model or
+    not; similar-item rows never return the source item;
   - slots that cannot be filled (fewer candidates than K) have item_id 0 and score -inf;
   - unknown item ids (outside 1..num_items) are embedded with the model's OOV row, never crash.
-Lengths beyond the model's limits are rejected before the graph (see request_arrays.py).
+The request contract (model/request.py RULES) is checked inside the graph (graph_checks.py) and,
+with the same rules, by the client and the python-backend model (request_arrays.py).
 """
 from __future__ import annotations
 
@@ -27,8 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from unirank.model.request import INPUT_NAMES, Task
-from unirank.serving.request_arrays import ROW_FIELDS
+from unirank.model.request import INPUT_NAMES, ROW_FIELDS, Task
+from unirank.serving.graph_checks import add_request_checks
+from unirank.serving.request_arrays import RequestLimits
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +58,14 @@ class TopKRanker(nn.Module):
         catalogue_ids = torch.arange(1, self.num_items + 1, device=task.device).expand(batch, -1)
 
         use_catalogue = (candidates == 0).all(dim=1, keepdim=True)
-        cand_scores = cand_scores.masked_fill((candidates == 0) | use_catalogue, float("-inf"))
+        hidden_candidates = (candidates == 0) | use_catalogue | _repeated(candidates)
+        hidden_candidates = hidden_candidates | self._seen_candidates(candidates, task, history, history_lengths, source_item)
+        cand_scores = cand_scores.masked_fill(hidden_candidates, float("-inf"))
         catalogue_scores = catalogue_scores.masked_fill(~use_catalogue, float("-inf"))
+        seen = self._seen_catalogue(task, history, history_lengths, source_item)[:, 1:]
+        catalogue_scores = catalogue_scores.masked_fill(seen, float("-inf"))
         ids = torch.cat([candidates, catalogue_ids], dim=1)
         scores = torch.cat([cand_scores, catalogue_scores], dim=1)
-        scores = scores.masked_fill(self._already_seen(ids, task, history, history_lengths, source_item), float("-inf"))
 
         top_scores, top_index = scores.topk(self.top_k, dim=1)
         top_ids = ids.gather(1, top_index).masked_fill(top_scores == float("-inf"), 0)
@@ -69,20 +75,38 @@ class TopKRanker(nn.Module):
         """ids inside the catalogue, others (padding, unknown) mapped to 0."""
         return torch.where((ids >= 1) & (ids <= self.num_items), ids, torch.zeros_like(ids))
 
-    def _already_seen(self, ids, task, history, history_lengths, source_item) -> torch.Tensor:
-        """[B, n] True where ids[b, i] must not be shown: history items (search, pre-query) or the
-        source item (similar-item). A per-row table over the catalogue keeps this O(B * num_items)."""
+    @staticmethod
+    def _hidden_ids(task, history, history_lengths, source_item) -> torch.Tensor:
+        """[B, L + 1] ids that must not be shown, 0 elsewhere: the valid history (search, pre-query)
+        or the source item (similar-item)."""
         positions = torch.arange(history.shape[1], device=history.device)
         in_history = positions[None, :] < history_lengths[:, None]
         personalized = (task != int(Task.SIMILAR))[:, None]
-        hidden_history = torch.where(in_history & personalized, self._known(history), torch.zeros_like(history))
-        hidden_source = torch.where(~personalized, self._known(source_item[:, None]), torch.zeros_like(source_item[:, None]))
-        hidden = torch.cat([hidden_history, hidden_source], dim=1)
+        hidden_history = torch.where(in_history & personalized, history, torch.zeros_like(history))
+        hidden_source = torch.where(~personalized, source_item[:, None], torch.zeros_like(source_item[:, None]))
+        return torch.cat([hidden_history, hidden_source], dim=1)
+
+    def _seen_catalogue(self, task, history, history_lengths, source_item) -> torch.Tensor:
+        """[B, num_items + 1] True for catalogue ids that must not be shown; a per-row table keeps
+        this O(B * num_items) whatever the history length."""
+        hidden = self._known(self._hidden_ids(task, history, history_lengths, source_item))
         table = torch.zeros(task.shape[0], self.num_items + 1, device=task.device)
         table = table.scatter(1, hidden, torch.ones_like(hidden, dtype=table.dtype))
         # Column 0 collected padding and unknown ids: it never marks anything as seen.
-        table = table * (torch.arange(self.num_items + 1, device=task.device) > 0).to(table.dtype)
-        return table.gather(1, self._known(ids)) > 0
+        return (table * (torch.arange(self.num_items + 1, device=task.device) > 0).to(table.dtype)) > 0
+
+    def _seen_candidates(self, candidates, task, history, history_lengths, source_item) -> torch.Tensor:
+        """[B, C] True for candidates that must not be shown, compared id by id so that ids unknown
+        to the model are filtered too (O(B * C * L))."""
+        hidden = self._hidden_ids(task, history, history_lengths, source_item)
+        return ((candidates[:, :, None] == hidden[:, None, :]) & (hidden[:, None, :] != 0)).any(dim=2)
+
+
+def _repeated(ids: torch.Tensor) -> torch.Tensor:
+    """[B, C] True on every copy of an id but one, so that duplicate candidates are ranked once."""
+    ordered, order = ids.sort(dim=1)
+    repeat = torch.cat([torch.zeros_like(ordered[:, :1]), (ordered[:, 1:] == ordered[:, :-1]).long()], dim=1)
+    return torch.zeros_like(ids).scatter(1, order, repeat) > 0
 
 
 @dataclass
@@ -161,6 +185,7 @@ def export_onnx(ranker: nn.Module, out_dir: str | Path, top_k: int = 100, tokeni
         )
     program.save(str(out_dir / MODEL_FILE))
     _rewrite_bool_where(out_dir / MODEL_FILE)
+    add_request_checks(out_dir / MODEL_FILE, RequestLimits(module.num_items, *limits))
     metadata = ExportMetadata(
         num_items=module.num_items,
         max_history=limits[0],

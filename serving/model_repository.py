@@ -19,9 +19,10 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
+from unirank.model import request as request_schema
+from unirank.model.request import ROW_FIELDS
 from unirank.serving.export import METADATA_FILE, MODEL_FILE, TOKENIZER_FILE, ExportMetadata
 from unirank.serving.item_index import CONTEXT_MODEL_FILE, INDEX_FILE, INDEX_FILES, INDEX_META_FILE
-from unirank.serving.request_arrays import ROW_FIELDS
 
 FLAVOURS = ("python", "onnxruntime")
 _HERE = Path(__file__).parent
@@ -66,9 +67,12 @@ def model_config(spec: EndpointSpec, flavour: str) -> pb.ModelConfig:
     for name in spec.metadata.input_names:
         tensor = config.input.add(name=name, data_type=pb.TYPE_INT64)
         if name in ROW_FIELDS:
-            # One value per row: clients send [B, 1], the model sees [B].
+            # One value per row: clients send [B, 1]; the graph sees [B] (reshape, or the python model
+            # squeezes them). Without a reshape Triton itself refuses a batch of 0 rows, which would
+            # otherwise reach the python backend as all-empty inputs and crash tritonserver (SIGSEGV).
             tensor.dims.append(1)
-            tensor.reshape.SetInParent()
+            if not python:
+                tensor.reshape.SetInParent()
         else:
             tensor.dims.append(-1)
             # The ONNX Runtime backend cannot pad: its batcher only merges equal shapes.
@@ -110,6 +114,7 @@ def build_model_repository(export_dir: str | Path, out_dir: str | Path, name: st
         if flavour == "python":
             shutil.copy2(_HERE / "model.py.tmpl", version_dir / "model.py")
             shutil.copy2(_HERE / "request_arrays.py", version_dir / "request_arrays.py")
+            shutil.copy2(request_schema.__file__, version_dir / "request_schema.py")
             if (export_dir / INDEX_META_FILE).exists():  # two-stage: versioned with the model
                 shutil.copy2(_HERE / "item_index.py", version_dir / "item_index.py")
                 for extra in (CONTEXT_MODEL_FILE, *INDEX_FILES):
@@ -159,7 +164,7 @@ def _config_problems(config: pb.ModelConfig, model_dir: Path) -> list[str]:
     if config.name and config.name != model_dir.name:
         problems.append(f"config name {config.name!r} != directory name")
     if config.backend == "python":
-        required = ["model.py", "request_arrays.py", MODEL_FILE]
+        required = ["model.py", "request_arrays.py", "request_schema.py", MODEL_FILE]
     elif config.platform == "onnxruntime_onnx":
         required = [MODEL_FILE]
     else:
@@ -195,6 +200,8 @@ def _graph_problems(config: pb.ModelConfig, onnx_path: Path) -> list[str]:
             if _ONNX_TO_TRITON.get(onnx_type.elem_type) != dtype:
                 problems.append(f"{kind} {tensor.name}: {dtype} but ONNX elem_type {onnx_type.elem_type}")
             shape = list(tensor.reshape.shape) if tensor.HasField("reshape") else list(tensor.dims)
+            if config.backend == "python" and tensor.name in ROW_FIELDS:
+                shape = []  # the python model squeezes [B, 1] to [B] (request_arrays.as_request)
             rank = len(shape) + (1 if config.max_batch_size > 0 else 0)
             if rank != len(onnx_type.shape.dim):
                 problems.append(f"{kind} {tensor.name}: rank {rank} but ONNX rank {len(onnx_type.shape.dim)}")

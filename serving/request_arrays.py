@@ -1,7 +1,9 @@
-"""Request schema as numpy arrays: validation and ragged-batch padding, numpy only.
+"""Request schema as numpy arrays: the contract's checks (model/request.py RULES) and ragged-batch
+padding, numpy only.
 
-Shared by the client, the Triton python-backend model (the file is copied next to its model.py so
-the model repository needs nothing but numpy and onnxruntime) and the tests.
+Shared by the client, the Triton python-backend model and the tests. The model repository holds a
+copy of this file and of model/request.py (as request_schema.py) next to its model.py, so that it
+needs nothing but numpy and onnxruntime.
 """
 from __future__ import annotations
 
@@ -9,11 +11,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-ROW_FIELDS = ("task", "history_lengths", "query_lengths", "source_item")
-SEQUENCE_FIELDS = {"history": "history_lengths", "query": "query_lengths", "candidates": None}
-FIELDS = ("task", "history", "history_lengths", "query", "query_lengths", "source_item", "candidates")
-TASK_IDS = {0: "search", 1: "similar", 2: "prequery"}
-SIMILAR = 1
+try:  # inside a model repository
+    from request_schema import INPUT_NAMES, MAX_CANDIDATES, ROW_FIELDS, RULES, SEQUENCE_LENGTHS, TASK_NAMES, Rule
+except ImportError:
+    from unirank.model.request import INPUT_NAMES, MAX_CANDIDATES, ROW_FIELDS, RULES, SEQUENCE_LENGTHS, TASK_NAMES, Rule
+
+FIELDS = tuple(INPUT_NAMES)
+SEQUENCE_FIELDS = SEQUENCE_LENGTHS
+TASK_IDS = {int(task): name for task, name in TASK_NAMES.items()}
 
 
 class RequestError(ValueError):
@@ -29,7 +34,11 @@ class RequestLimits:
     num_items: int
     max_history: int
     max_query_len: int
-    max_candidates: int = 10_000
+    max_candidates: int = MAX_CANDIDATES
+
+    def resolve(self, bound):
+        """A rule's bound as a number (limit names are attributes of this object)."""
+        return getattr(self, bound) if isinstance(bound, str) and hasattr(self, bound) else bound
 
 
 def as_request(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -54,33 +63,42 @@ def as_request(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return request
 
 
-def check_request(arrays: dict[str, np.ndarray], limits: RequestLimits) -> dict[str, np.ndarray]:
-    """Validates one (batched) request; returns it with trailing all-padding columns dropped.
+def broken_value(rule: Rule, request: dict[str, np.ndarray], limits: RequestLimits):
+    """None when the request keeps the rule, else the first offending value (for the message)."""
+    value = request[rule.field]
+    bound = limits.resolve(rule.bound)
+    if rule.kind == "batch":
+        return 0 if value.shape[0] < 1 else None
+    if rule.kind == "width_at_most":
+        return value.shape[1] if value.shape[1] > bound else None
+    if rule.kind == "set_for_task":
+        bad = (request["task"] == bound) & (value == 0)
+    elif rule.kind == "one_of":
+        bad = ~np.isin(value, bound)
+    elif rule.kind == "at_least":
+        bad = value < bound
+    elif rule.kind == "at_most":
+        bad = value > bound
+    elif rule.kind == "within_width":
+        bad = value > request[bound].shape[1]
+    else:
+        raise ValueError(f"unknown rule kind {rule.kind!r}")
+    return value[bad].flat[0] if bad.any() else None
 
-    Rules: task in {0, 1, 2}; lengths within [0, padded length] and the model's limits (the client
-    keeps the most recent `max_history` items and the first `max_query_len` tokens); ids >= 0;
-    ids above num_items are allowed (scored with the OOV embedding); similar-item rows need a
-    source item. Empty history (pre-query for a new user) and empty query are valid.
-    """
+
+def rule_message(rule: Rule, limits: RequestLimits) -> str:
+    return rule.message.format(limit=limits.resolve(rule.bound))
+
+
+def check_request(arrays: dict[str, np.ndarray], limits: RequestLimits) -> dict[str, np.ndarray]:
+    """Validates one (batched) request against RULES; returns it with trailing all-padding columns
+    dropped. Ids above num_items are allowed (scored with the OOV embedding); empty history
+    (pre-query for a new user) and empty query are valid."""
     request = as_request(arrays)
-    unknown = sorted(set(request["task"].tolist()) - set(TASK_IDS))
-    if unknown:
-        raise RequestError("task", f"unknown task id {unknown[0]} (expected 0 search, 1 similar, 2 prequery)")
-    for sequence, limit in (("history", limits.max_history), ("query", limits.max_query_len)):
-        lengths = request[f"{sequence}_lengths"]
-        if (lengths < 0).any():
-            raise RequestError(f"{sequence}_lengths", f"negative length {int(lengths.min())}")
-        if (lengths > request[sequence].shape[1]).any():
-            raise RequestError(f"{sequence}_lengths", f"length {int(lengths.max())} > padded {sequence} length {request[sequence].shape[1]}")
-        if (lengths > limit).any():
-            raise RequestError(sequence, f"{int(lengths.max())} entries exceed the model limit {limit}")
-    if request["candidates"].shape[1] > limits.max_candidates:
-        raise RequestError("candidates", f"{request['candidates'].shape[1]} candidates exceed the limit {limits.max_candidates}")
-    for name in ("history", "query", "source_item", "candidates"):
-        if request[name].size and request[name].min() < 0:
-            raise RequestError(name, f"negative id {int(request[name].min())}")
-    if ((request["task"] == SIMILAR) & (request["source_item"] == 0)).any():
-        raise RequestError("source_item", "similar-item rows need a source item (got 0)")
+    for rule in RULES:
+        value = broken_value(rule, request, limits)
+        if value is not None:
+            raise RequestError(rule.field, f"{rule_message(rule, limits)}, got {int(value)}")
     return _drop_trailing_padding(request)
 
 

@@ -76,3 +76,21 @@ def torch_topk(plain_topk: TopKRanker, arrays: dict[str, np.ndarray]) -> tuple[n
     with torch.no_grad():
         ids, scores = plain_topk(*(torch.from_numpy(np.asarray(arrays[n])) for n in INPUT_NAMES))
     return ids.numpy(), scores.numpy()
+
+
+def raw_inputs(arrays: dict[str, np.ndarray]) -> list:
+    """gRPC inputs of any dtype/shape, as given; 1-D row fields go as [B, 1] like the typed client sends them."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    from unirank.model.request import ROW_FIELDS
+
+    inputs = []
+    for name, value in arrays.items():
+        value = np.ascontiguousarray(value)
+        if name in ROW_FIELDS and value.ndim == 1:
+            value = value[:, None]
+        tensor = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    return inputs

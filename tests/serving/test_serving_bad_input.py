@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+from tritonclient.utils import InferenceServerException
 
-from conftest import NUM_ITEMS, NUM_WORDS, torch_topk
-from unirank.serving.request_arrays import ROW_FIELDS, pad_and_stack
+from conftest import NUM_ITEMS, NUM_WORDS, raw_inputs, torch_topk
+from unirank.serving.request_arrays import pad_and_stack
 from unirank.serving.synthetic_requests import random_request
 
 MAX_BATCH, MAX_HISTORY, MAX_QUERY = 32, 12, 6
@@ -19,19 +19,6 @@ MAX_BATCH, MAX_HISTORY, MAX_QUERY = 32, 12, 6
 def grpc(server):
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
         yield client
-
-
-def raw_inputs(arrays):
-    """Any dtype/shape, as given; 1-D row fields go as [B, 1] like the typed client sends them."""
-    inputs = []
-    for name, value in arrays.items():
-        value = np.ascontiguousarray(value)
-        if name in ROW_FIELDS and value.ndim == 1:
-            value = value[:, None]
-        tensor = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
-        tensor.set_data_from_numpy(value)
-        inputs.append(tensor)
-    return inputs
 
 
 def send(grpc, arrays):

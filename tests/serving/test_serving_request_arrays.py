@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from unirank.model.request import INPUT_NAMES, TASK_NAMES, Task
-from unirank.serving.request_arrays import FIELDS, SIMILAR, TASK_IDS, RequestError, RequestLimits, check_request, pad_and_stack
+from unirank.model.request import INPUT_NAMES, TASK_NAMES
+from unirank.serving.request_arrays import FIELDS, TASK_IDS, RequestError, RequestLimits, check_request, pad_and_stack
 
 LIMITS = RequestLimits(num_items=100, max_history=4, max_query_len=3)
 
@@ -18,13 +18,17 @@ def request(**fields):
 
 
 @pytest.mark.parametrize("fields, field, message", [
-    ({"task": [7]}, "task", "unknown task id 7"),
+    ({"task": [7]}, "task", r"unknown task id \(expected 0 search, 1 similar, 2 prequery\), got 7"),
+    ({"task": [2, -1], "history_lengths": [2, 2], "query_lengths": [0, 0], "source_item": [0, 0],
+      "history": [[3, 4, 0]] * 2, "query": [[0]] * 2, "candidates": [[0]] * 2}, "task", "unknown task id .*got -1"),
     ({"task": [1]}, "source_item", "need a source item"),
-    ({"history": [[1, 2, 3, 4, 5]], "history_lengths": [5]}, "history", "exceed the model limit 4"),
-    ({"query": [[1, 2, 3, 4]], "query_lengths": [4]}, "query", "exceed the model limit 3"),
-    ({"history_lengths": [3 + 1]}, "history_lengths", "> padded history length 3"),
+    ({"history": [[1, 2, 3, 4, 5]], "history_lengths": [5]}, "history_lengths", "history longer than the model limit 4, got 5"),
+    ({"query": [[1, 2, 3, 4]], "query_lengths": [4]}, "query_lengths", "query longer than the model limit 3, got 4"),
+    ({"history_lengths": [3 + 1]}, "history_lengths", "length > padded history width, got 4"),
     ({"query_lengths": [-1]}, "query_lengths", "negative length"),
-    ({"candidates": [[5, -2]]}, "candidates", "negative id -2"),
+    ({"candidates": [[5, -2]]}, "candidates", "negative id, got -2"),
+    ({"candidates": np.ones((1, 10_001))}, "candidates", "more candidates than the limit 10000, got 10001"),
+    ({k: np.zeros((0, 1) if k in ("history", "query", "candidates") else (0,)) for k in INPUT_NAMES}, "task", "batch size 0"),
     ({"source_item": [[1, 2]]}, "source_item", "expected rank 1"),
     ({"history_lengths": [2, 2]}, "history_lengths", "batch dimension 2"),
 ])
@@ -63,7 +67,22 @@ def test_valid_requests_are_trimmed_and_padded_into_one_batch():
     check_request(request(history=[[0]], history_lengths=[0], candidates=[[1000]]), LIMITS)
 
 
-def test_fields_mirror_the_request_schema():
-    """request_arrays.py is copied into the model repository, so it cannot import the schema."""
+def test_fields_come_from_the_request_schema():
     assert list(FIELDS) == INPUT_NAMES
-    assert TASK_IDS == {int(t): name for t, name in TASK_NAMES.items()} and SIMILAR == Task.SIMILAR
+    assert TASK_IDS == {int(t): name for t, name in TASK_NAMES.items()}
+
+
+def test_schema_and_rules_import_without_torch_or_numpy(tmp_path):
+    """The model repository runs request_arrays.py beside a copy of model/request.py."""
+    import shutil
+    import subprocess
+    import sys
+
+    from unirank.model import request
+    from unirank.serving import request_arrays
+
+    shutil.copy2(request.__file__, tmp_path / "request_schema.py")
+    shutil.copy2(request_arrays.__file__, tmp_path / "request_arrays.py")
+    code = ("import sys; import request_arrays; "
+            "assert 'torch' not in sys.modules and 'unirank' not in sys.modules, sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, env={"PYTHONPATH": str(tmp_path)})

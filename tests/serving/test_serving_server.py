@@ -102,7 +102,7 @@ def test_only_unavailable_is_retried(monkeypatch, client, repositories):
     sleeps.clear()
     arrays = client.builder.build(2, [1])
     arrays["task"] = np.array([9])  # server-side INVALID_ARGUMENT: not retried
-    with pytest.raises(InferenceServerException, match="task: unknown task id 9") as err:
+    with pytest.raises(InferenceServerException, match=r"task: unknown task id .*got 9") as err:
         client.rank(arrays)
     assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and sleeps == []
 
@@ -125,7 +125,7 @@ def test_deadline_is_not_retried(monkeypatch, repositories):
 def test_candidate_buckets_stay_within_the_server_limit(client):
     arrays = client.builder.build(2, [1], candidates=list(range(1, 10_001)))
     assert arrays["candidates"].shape == (1, 10_000)
-    with pytest.raises(ValueError, match="candidates: 10001 candidates exceed the limit 10000"):
+    with pytest.raises(ValueError, match="candidates: more candidates than the limit 10000, got 10001"):
         client.builder.build(2, [1], candidates=list(range(1, 10_002)))
 
 
