@@ -6,8 +6,10 @@ the wheel, so each server gets its own backend directory in a run folder (see SE
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -46,6 +48,56 @@ def port_in_use(port: int, host: str = HOST) -> bool:
         except OSError:
             return True
     return False
+
+
+def port_owner(port: int) -> str | None:
+    """"pid N (command line)" of the process listening on a local TCP port, when /proc tells."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # 0A: LISTEN
+                inodes.add(f"socket:[{fields[9]}]")
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) in inodes for fd in (proc / "fd").iterdir()):
+                command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+                return f"pid {proc.name} ({command[:200]})"
+        except OSError:
+            continue
+    return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_shm() -> list[str]:
+    """Removes python-backend shared memory of servers whose launcher is gone (a kill -9 leaves it)."""
+    removed = []
+    for path in SHM_DIR.glob(f"{SHM_PREFIX}unirank_*"):
+        match = re.match(rf"{SHM_PREFIX}unirank_(\d+)_", path.name)
+        if match and not _pid_alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the launcher dies, so that no tritonserver outlives it."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
 
 
 def free_port() -> int:
@@ -95,7 +147,8 @@ class Server:
         self._own_run_dir = run_dir is None
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.process: subprocess.Popen | None = None
-        self._shm_prefix = f"{SHM_PREFIX}unirank_{uuid.uuid4().hex[:8]}_"
+        # The launcher's pid in the prefix lets a later launcher remove what a killed one left.
+        self._shm_prefix = f"{SHM_PREFIX}unirank_{os.getpid()}_{uuid.uuid4().hex[:8]}_"
 
     @property
     def grpc_url(self) -> str:
@@ -126,6 +179,9 @@ class Server:
             f"--metrics-address={HOST}", f"--metrics-port={self.ports['metrics']}",
             "--allow-gpu-metrics=false",
             "--exit-on-error=true",
+            # Explicit control: the supervisor (serving/supervisor.py) reloads models (new version,
+            # dead stub) through the API while the old version keeps answering.
+            "--model-control-mode=explicit", "--load-model=*",
             "--exit-timeout-secs=10",
             f"--log-verbose={self.log_verbose}",
         ]
@@ -133,7 +189,9 @@ class Server:
     def start(self) -> "Server":
         """Validates the repository, checks the ports, launches, and waits for readiness."""
         validate_model_repository(self.repository)
-        taken = [f"{kind} port {port}" for kind, port in self.ports.items() if port_in_use(port)]
+        remove_stale_shm()
+        taken = [f"{kind} port {port}" + (f" (held by {owner})" if (owner := port_owner(port)) else "")
+                 for kind, port in self.ports.items() if port_in_use(port)]
         if taken:
             raise ServerError(f"{', '.join(taken)} already in use on {HOST}; choose other ports "
                               f"(e.g. --grpc-port/--http-port/--metrics-port) or stop the other server")
@@ -145,7 +203,8 @@ class Server:
         log.info("starting %s", " ".join(command))
         with open(self.log_path, "wb") as log_file:
             self.process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
-                                            env=_server_environment(home), start_new_session=True)
+                                            env=_server_environment(home), start_new_session=True,
+                                            preexec_fn=_die_with_parent)
         try:
             self._wait_until_ready()
         except BaseException:
@@ -205,24 +264,25 @@ class Server:
 
 
 def serve(repository: str | Path, grpc_port: int = 8001, http_port: int = 8000, metrics_port: int = 8002,
-          startup_timeout_s: float = 120.0, log_verbose: int = 0) -> int:
-    """Blocking: start tritonserver, print the endpoints, run until Ctrl-C / SIGTERM, stop cleanly.
-    Returns the server's exit code (0 after a requested shutdown)."""
+          startup_timeout_s: float = 120.0, log_verbose: int = 0, poll_s: float = 0.5) -> int:
+    """Blocking: start tritonserver under a Supervisor (restarts, stub reloads, new versions; see
+    serving/supervisor.py), print the endpoints, run until Ctrl-C / SIGTERM, stop cleanly. Returns 0."""
+    import threading
+
+    from unirank.serving.supervisor import supervise
+
     server = Server(repository, grpc_port, http_port, metrics_port, startup_timeout_s, log_verbose)
+    stop = threading.Event()
 
     def _terminate(signum, frame):
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        with server:
-            print(f"tritonserver ready: gRPC {server.grpc_url}, HTTP {server.http_url}, metrics {server.metrics_url}",
-                  flush=True)
-            code = server.process.wait()
-            print(f"tritonserver exited with code {code}:\n{server.log_excerpt()}", file=sys.stderr)
-            return code
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM, also while starting: `with` has stopped the server
+        supervise(server, stop, poll_s)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM, also while starting
         print("tritonserver stopped", flush=True)
-        return 0
     finally:
         signal.signal(signal.SIGTERM, previous)
+        server.stop()
+    return 0

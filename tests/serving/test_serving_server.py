@@ -3,6 +3,7 @@ observability endpoints, and clear errors for a taken port or a repository that 
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import socket
 import urllib.request
@@ -135,7 +136,7 @@ def test_port_taken_is_reported_before_launch(repositories):
         taken.listen()
         port = taken.getsockname()[1]
         server = Server(repositories["python"], grpc_port=free_port(), http_port=port, metrics_port=free_port())
-        with pytest.raises(ServerError, match=f"http port {port} already in use"):
+        with pytest.raises(ServerError, match=rf"http port {port} \(held by pid {os.getpid()} \(.*pytest.*\)\) already in use"):
             server.start()
         assert server.process is None
 

@@ -1,0 +1,157 @@
+"""`unirank serve` under faults, through the real tritonserver: kill -9 of a python-backend stub and
+of tritonserver are healed (correct answers again within RECOVERY_S), a new model version copied
+into the repository is served with requests succeeding throughout, and kill -9 of the launcher
+leaves no tritonserver, stub or bound port behind (its shared memory is removed by the next start)."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from conftest import TOP_K, make_ranker, raw_inputs
+from unirank.serving.export import MODEL_FILE, export_onnx, onnx_session
+from unirank.serving.request_arrays import pad_and_stack
+from unirank.serving.server import SHM_DIR, Server, free_port, port_in_use
+from unirank.serving.supervisor import child_pids, stub_pids
+from unirank.serving.synthetic_requests import random_request
+
+RECOVERY_S = 60  # measured on the loaded 2-core CI box: a few seconds (stub) to ~15 s (server restart)
+REQUEST = pad_and_stack([random_request(np.random.default_rng(3), 2, 300, 60, 12, 6)])
+
+
+def ask(url: str) -> np.ndarray:
+    with grpcclient.InferenceServerClient(url) as client:
+        return client.infer("unirank", raw_inputs(REQUEST), client_timeout=10).as_numpy("item_ids")
+
+
+def wait_for(url: str, expected: np.ndarray, timeout_s: float = RECOVERY_S) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        try:
+            if np.array_equal(ask(url), expected):
+                return time.monotonic() - started
+        except Exception:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"no correct answer within {timeout_s} s")
+
+
+def tritonserver_pid(launcher: subprocess.Popen) -> int:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for pid in child_pids(launcher.pid):
+            if "tritonserver" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+                return pid
+        time.sleep(0.2)
+    raise AssertionError("no tritonserver child")
+
+
+def gone(pid: int, timeout_s: float = 30) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+        except OSError:
+            return True
+        if state == "Z":
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.fixture(scope="module")
+def second_version(tmp_path_factory):
+    """model.onnx of another ranker with the same limits: version 2 answers differently."""
+    out = tmp_path_factory.mktemp("export_v2")
+    export_onnx(make_ranker(seed=1).to_plain(), out, top_k=TOP_K)
+    return out / MODEL_FILE
+
+
+def copy_in_version(repository: Path, onnx_path: Path) -> None:
+    staging = repository / "unirank" / "2"
+    shutil.copytree(repository / "unirank" / "1", staging, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(onnx_path, staging / MODEL_FILE)
+
+
+def test_faults_are_healed_and_versions_swap(tmp_path, repositories, session, second_version):
+    repository = tmp_path / "repo"
+    shutil.copytree(repositories["python"], repository)
+    ports = [free_port() for _ in range(3)]
+    url = f"127.0.0.1:{ports[0]}"
+    code = (f"import logging, sys; logging.basicConfig(level=logging.INFO); from unirank.serving.server import serve; "
+            f"sys.exit(serve({str(repository)!r}, {ports[0]}, {ports[1]}, {ports[2]}, poll_s=0.3))")
+    log_file = open(tmp_path / "serve.log", "w")
+    launcher = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=log_file, text=True)
+    try:
+        assert "supervised" in launcher.stdout.readline()
+        expected_v1 = session.run(["item_ids"], REQUEST)[0]
+        assert np.array_equal(ask(url), expected_v1)
+
+        server_pid = tritonserver_pid(launcher)
+        stubs = stub_pids(server_pid)
+        assert stubs
+        os.kill(next(iter(stubs)), signal.SIGKILL)
+        print("stub kill -9 -> correct after %.1f s" % wait_for(url, expected_v1))
+
+        busy = subprocess.run([sys.executable, "-m", "unirank.training.cli", "serve", "--repository", str(repository),
+                               "--grpc-port", str(ports[0]), "--http-port", str(ports[1]), "--metrics-port", str(ports[2])],
+                              capture_output=True, text=True, timeout=120)
+        assert busy.returncode != 0 and "held by pid" in busy.stderr + busy.stdout and "tritonserver" in busy.stderr + busy.stdout
+
+        os.kill(server_pid, signal.SIGKILL)
+        assert gone(server_pid)
+        print("tritonserver kill -9 -> correct after %.1f s" % wait_for(url, expected_v1))
+
+        expected_v2 = onnx_session(second_version).run(["item_ids"], REQUEST)[0]
+        assert not np.array_equal(expected_v1, expected_v2)
+        answers, errors, stop = [], [], threading.Event()
+
+        def keep_asking():
+            while not stop.is_set():
+                try:
+                    answers.append(ask(url))
+                except Exception as err:  # counted, must stay 0
+                    errors.append(err)
+
+        asker = threading.Thread(target=keep_asking)
+        asker.start()
+        try:
+            time.sleep(1)
+            copy_in_version(repository, second_version)
+            deadline = time.monotonic() + RECOVERY_S
+            while time.monotonic() < deadline and not (answers and np.array_equal(answers[-1], expected_v2)):
+                time.sleep(0.2)
+            time.sleep(1)
+        finally:
+            stop.set()
+            asker.join()
+        assert not errors, errors[:3]
+        assert all(np.array_equal(a, expected_v1) or np.array_equal(a, expected_v2) for a in answers)
+        assert np.array_equal(answers[-1], expected_v2) and len(answers) > 20
+
+        server_pid = tritonserver_pid(launcher)
+        stubs = stub_pids(server_pid)
+        launcher.kill()
+        launcher.wait()
+        assert gone(server_pid) and all(gone(stub) for stub in stubs)
+        deadline = time.monotonic() + 30
+        while any(port_in_use(p) for p in ports) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(port_in_use(p) for p in ports)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        log_file.close()
+        print((tmp_path / "serve.log").read_text()[-3000:])
+    leftovers = list(SHM_DIR.glob(f"triton_python_backend_shm_region_unirank_{launcher.pid}_*"))
+    with Server(repository, *(free_port() for _ in range(3)), startup_timeout_s=90):
+        assert not any(p.exists() for p in leftovers)  # removed by the next start
