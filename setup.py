@@ -21,6 +21,11 @@ CPU_STACK = [
     "torchmetrics==1.0.3",
     "tqdm",
     "pyre-extensions",
+    # training, evaluation and reports
+    "omegaconf>=2.3",
+    "tensorboard",
+    "matplotlib",
+    "bm25s",
 ]
 
 setup(
@@ -33,13 +38,11 @@ setup(
     package_data={"unirank.configs": ["*.yaml"], "unirank.serving": ["*.py.tmpl"]},
     install_requires=[
         "numpy<2",  # the tritonserver python backend in nvidia-pytriton needs numpy<2
-        "omegaconf>=2.3",
-        "tensorboard",
-        "matplotlib",
-        "bm25s",
     ],
     extras_require={
         "cpu": CPU_STACK,
+        # the typed gRPC client alone (unirank.serving.client): no torch
+        "client": ["tritonclient[grpc]"],
         "serving": [
             "onnx",
             "onnxscript",

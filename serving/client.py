@@ -1,14 +1,19 @@
 """Typed gRPC client for the unirank Triton endpoint: search, similar-item and recommendations.
 
-Query text is tokenized here with the model's own tokenizer (tokenizer.json from the model
-repository). Requests follow the model's rules before they leave: the most recent `max_history`
-items, the first `max_query_len` query tokens; lengths are padded to a few buckets so the
-onnxruntime backend's batcher (equal shapes only) can merge requests. Calls time out after
-`timeout_s`; only UNAVAILABLE (server restarting, connection refused) is retried.
+Needs only numpy and tritonclient (`pip install unirank[client]`; no torch). Limits, names and the
+tokenizer come from the server (`from_server`: the model config's parameters) or from a model
+directory (`from_model_dir`). Query text is tokenized here with the model's own tokenizer.
+Requests follow the model's rules before they leave: the most recent `max_history` items, the first
+`max_query_len` query tokens; lengths are padded to a few buckets so the onnxruntime backend's
+batcher (equal shapes only) can merge requests. Calls time out after `timeout_s`; UNAVAILABLE
+(server restarting, connection refused) and an unhealthy model (a python-backend stub being
+replaced) are retried with jittered exponential backoff. Optional TLS; optional version pinning.
 """
 from __future__ import annotations
 
 import asyncio
+import json
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +25,23 @@ import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
 from unirank.model.request import Task
-from unirank.model.tokenizer import Tokenizer, load_tokenizer
-from unirank.serving.export import METADATA_FILE, OUTPUT_NAMES, TOKENIZER_FILE, ExportMetadata
+from unirank.model.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_dict
+from unirank.serving.metadata import (METADATA_FILE, METADATA_PARAMETER, OUTPUT_NAMES, TOKENIZER_FILE,
+                                      TOKENIZER_PARAMETER, ExportMetadata)
 from unirank.serving.request_arrays import FIELDS, ROW_FIELDS, RequestLimits, check_request
 
 RETRYABLE = "StatusCode.UNAVAILABLE"
+UNHEALTHY = ("is not healthy",)  # INTERNAL while the supervisor replaces a dead python-backend stub
+
+
+def retryable(err: InferenceServerException) -> bool:
+    return err.status() == RETRYABLE or (err.status() == "StatusCode.INTERNAL"
+                                         and any(m in (err.message() or "") for m in UNHEALTHY))
+
+
+def backoff_s(base_s: float, attempt: int) -> float:
+    """Exponential, with +-50% jitter so that clients cut off together do not come back together."""
+    return base_s * 2**attempt * random.uniform(0.5, 1.5)
 
 
 @dataclass
@@ -100,20 +117,46 @@ def _load_model_files(model_dir: str | Path) -> tuple[Tokenizer, ExportMetadata]
     return load_tokenizer(model_dir / TOKENIZER_FILE), ExportMetadata.load(model_dir / METADATA_FILE)
 
 
+def model_files_from_server(url: str, model_name: str = "unirank", model_version: str = "",
+                            tls: dict | None = None) -> tuple[Tokenizer, ExportMetadata]:
+    """Tokenizer and limits from the model config's parameters (written by build_model_repository)."""
+    with grpcclient.InferenceServerClient(url, **(tls or {})) as client:
+        config = client.get_model_config(model_name, model_version, as_json=True)["config"]
+    parameters = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+    missing = [p for p in (METADATA_PARAMETER, TOKENIZER_PARAMETER) if not parameters.get(p)]
+    if missing:
+        raise ValueError(f"model {model_name!r} config has no {missing} parameters (rebuild its repository)")
+    return (tokenizer_from_dict(json.loads(parameters[TOKENIZER_PARAMETER])),
+            ExportMetadata(**json.loads(parameters[METADATA_PARAMETER])))
+
+
 class _TypedCalls:
     """Construction and the per-task surface, shared by the sync and async clients (`_call` differs)."""
 
     def __init__(self, url: str, tokenizer: Tokenizer, metadata: ExportMetadata, model_name: str = "unirank",
-                 timeout_s: float = 2.0, retries: int = 3, retry_backoff_s: float = 0.1):
-        self.url, self.model_name = url, model_name
+                 timeout_s: float = 2.0, retries: int = 3, retry_backoff_s: float = 0.1, model_version: str = "",
+                 tls: dict | None = None):
+        """`model_version` "" lets the server pick (the newest loaded); "2" pins version 2. `tls`:
+        tritonclient's TLS arguments, e.g. {"ssl": True, "root_certificates": "ca.pem"}."""
+        self.url, self.model_name, self.model_version = url, model_name, model_version
         self.builder = RequestBuilder(tokenizer, metadata)
         self.timeout_s, self.retries, self.retry_backoff_s = timeout_s, retries, retry_backoff_s
-        self._client = self._connect(url)
+        self._client = self._connect(url, tls or {})
 
     @classmethod
     def from_model_dir(cls, url: str, model_dir: str | Path, **kwargs):
         """Tokenizer and limits from a model directory of the repository (e.g. repo/python/unirank)."""
         return cls(url, *_load_model_files(model_dir), model_name=Path(model_dir).name, **kwargs)
+
+    @classmethod
+    def from_server(cls, url: str, model_name: str = "unirank", model_version: str = "", tls: dict | None = None, **kwargs):
+        """Tokenizer and limits read from the served model's config: nothing local needed."""
+        return cls(url, *model_files_from_server(url, model_name, model_version, tls), model_name=model_name,
+                   model_version=model_version, tls=tls, **kwargs)
+
+    def _infer_arguments(self, arrays) -> dict:
+        return dict(model_name=self.model_name, inputs=infer_inputs(arrays), model_version=self.model_version,
+                    outputs=[grpcclient.InferRequestedOutput(n) for n in OUTPUT_NAMES], client_timeout=self.timeout_s)
 
     def _check_k(self, k: int) -> int:
         if not 1 <= k <= self.builder.metadata.top_k:
@@ -141,8 +184,8 @@ class RankerClient(_TypedCalls):
     """Synchronous client: `RankerClient.from_model_dir("127.0.0.1:8001", "repo/python/unirank")`."""
 
     @staticmethod
-    def _connect(url: str):
-        return grpcclient.InferenceServerClient(url)
+    def _connect(url: str, tls: dict):
+        return grpcclient.InferenceServerClient(url, **tls)
 
     def _one(self, arrays, k):
         return self._call(arrays, self._check_k(k))[0]
@@ -150,13 +193,11 @@ class RankerClient(_TypedCalls):
     def _call(self, arrays, k):
         for attempt in range(self.retries + 1):
             try:
-                result = self._client.infer(self.model_name, infer_inputs(arrays), outputs=[
-                    grpcclient.InferRequestedOutput(n) for n in OUTPUT_NAMES], client_timeout=self.timeout_s)
-                return rankings(result, k)
+                return rankings(self._client.infer(**self._infer_arguments(arrays)), k)
             except InferenceServerException as err:
-                if err.status() != RETRYABLE or attempt == self.retries:
+                if not retryable(err) or attempt == self.retries:
                     raise
-                time.sleep(self.retry_backoff_s * 2**attempt)
+                time.sleep(backoff_s(self.retry_backoff_s, attempt))
 
     def close(self) -> None:
         self._client.close()
@@ -172,8 +213,8 @@ class AsyncRankerClient(_TypedCalls):
     """asyncio client over tritonclient.grpc.aio; the typed calls are coroutines."""
 
     @staticmethod
-    def _connect(url: str):
-        return aioclient.InferenceServerClient(url)
+    def _connect(url: str, tls: dict):
+        return aioclient.InferenceServerClient(url, **tls)
 
     async def _one(self, arrays, k):
         return (await self._call(arrays, self._check_k(k)))[0]
@@ -181,13 +222,11 @@ class AsyncRankerClient(_TypedCalls):
     async def _call(self, arrays, k):
         for attempt in range(self.retries + 1):
             try:
-                result = await self._client.infer(self.model_name, infer_inputs(arrays), outputs=[
-                    grpcclient.InferRequestedOutput(n) for n in OUTPUT_NAMES], client_timeout=self.timeout_s)
-                return rankings(result, k)
+                return rankings(await self._client.infer(**self._infer_arguments(arrays)), k)
             except InferenceServerException as err:
-                if err.status() != RETRYABLE or attempt == self.retries:
+                if not retryable(err) or attempt == self.retries:
                     raise
-                await asyncio.sleep(self.retry_backoff_s * 2**attempt)
+                await asyncio.sleep(backoff_s(self.retry_backoff_s, attempt))
 
     async def close(self) -> None:
         await self._client.close()

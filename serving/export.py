@@ -19,10 +19,9 @@ with the same rules, by the client and the python-backend model (request_arrays.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +30,11 @@ from torch import nn
 
 from unirank.model.request import INPUT_NAMES, ROW_FIELDS, Task
 from unirank.serving.graph_checks import add_request_checks
+from unirank.serving.metadata import METADATA_FILE, MODEL_FILE, OUTPUT_NAMES, TOKENIZER_FILE, ExportMetadata  # noqa: F401
 from unirank.serving.request_arrays import RequestLimits
 
 log = logging.getLogger(__name__)
 
-OUTPUT_NAMES = ["item_ids", "scores"]
-MODEL_FILE = "model.onnx"
-TOKENIZER_FILE = "tokenizer.json"
-METADATA_FILE = "export.json"
 
 
 class TopKRanker(nn.Module):
@@ -107,26 +103,6 @@ def _repeated(ids: torch.Tensor) -> torch.Tensor:
     ordered, order = ids.sort(dim=1)
     repeat = torch.cat([torch.zeros_like(ordered[:, :1]), (ordered[:, 1:] == ordered[:, :-1]).long()], dim=1)
     return torch.zeros_like(ids).scatter(1, order, repeat) > 0
-
-
-@dataclass
-class ExportMetadata:
-    """What the server, client and model repository need to know about an exported graph."""
-
-    num_items: int
-    max_history: int
-    max_query_len: int
-    top_k: int
-    input_names: list[str]
-    output_names: list[str]
-    onnx_opset: int
-
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=2))
-
-    @classmethod
-    def load(cls, path: str | Path) -> "ExportMetadata":
-        return cls(**json.loads(Path(path).read_text()))
 
 
 @dataclass

@@ -12,8 +12,9 @@ and cross-checks them against the ONNX graph.
 """
 from __future__ import annotations
 
+import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -21,7 +22,8 @@ from tritonclient.grpc import model_config_pb2 as pb
 
 from unirank.model import request as request_schema
 from unirank.model.request import ROW_FIELDS
-from unirank.serving.export import METADATA_FILE, MODEL_FILE, TOKENIZER_FILE, ExportMetadata
+from unirank.serving.metadata import (METADATA_FILE, METADATA_PARAMETER, MODEL_FILE, TOKENIZER_FILE,
+                                      TOKENIZER_PARAMETER, ExportMetadata)
 from unirank.serving.item_index import CONTEXT_MODEL_FILE, INDEX_FILE, INDEX_FILES, INDEX_META_FILE
 
 FLAVOURS = ("python", "onnxruntime")
@@ -46,6 +48,7 @@ class EndpointSpec:
     device: str = "cpu"  # "cpu" or "gpu" (onnxruntime flavour only; the python model is CPU)
     ort_threads: int = 1
     preferred_batch_sizes: list[int] = field(default_factory=list)
+    tokenizer_json: str = ""  # served in the config's parameters, for clients (RankerClient.from_server)
 
     def __post_init__(self):
         if self.device not in ("cpu", "gpu"):
@@ -88,6 +91,10 @@ def model_config(spec: EndpointSpec, flavour: str) -> pb.ModelConfig:
     threads = str(spec.ort_threads)
     config.parameters["intra_op_thread_count"].string_value = threads
     config.parameters["inter_op_thread_count"].string_value = "1"
+    # What a client needs (limits, names, tokenizer), readable through the model config API.
+    config.parameters[METADATA_PARAMETER].string_value = json.dumps(asdict(spec.metadata))
+    if spec.tokenizer_json:
+        config.parameters[TOKENIZER_PARAMETER].string_value = spec.tokenizer_json
     return config
 
 
@@ -97,8 +104,10 @@ def build_model_repository(export_dir: str | Path, out_dir: str | Path, name: st
                            flavours: tuple[str, ...] = FLAVOURS) -> dict[str, Path]:
     """Export dir (model.onnx, tokenizer.json, export.json) -> {flavour: repository root}; validated."""
     export_dir, out_dir = Path(export_dir), Path(out_dir)
+    tokenizer = export_dir / TOKENIZER_FILE
     spec = EndpointSpec(ExportMetadata.load(export_dir / METADATA_FILE), name, max_batch_size, dynamic_batching,
-                        max_queue_delay_us, instance_count, device, ort_threads)
+                        max_queue_delay_us, instance_count, device, ort_threads,
+                        tokenizer_json=tokenizer.read_text() if tokenizer.exists() else "")
     repositories = {}
     for flavour in flavours:
         root = out_dir / flavour

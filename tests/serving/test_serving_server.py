@@ -92,6 +92,43 @@ def test_health_metadata_statistics_and_metrics(server, client):
         assert response.status == 200
 
 
+def test_client_imports_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; import unirank.serving.client; "
+            "heavy = {'torch', 'onnxruntime', 'onnx'} & set(sys.modules); assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_client_reads_limits_and_tokenizer_from_the_server(server, client, repositories):
+    with RankerClient.from_server(server.grpc_url, timeout_s=10) as remote:
+        assert remote.builder.metadata == client.builder.metadata
+        assert remote.builder.tokenizer.to_dict() == client.builder.tokenizer.to_dict()
+        ranking = remote.search([4, 8], "waa wab", k=5)
+        assert ranking.item_ids.tolist() == client.search([4, 8], "waa wab", k=5).item_ids.tolist()
+    with RankerClient.from_server(server.grpc_url, model_version="1", timeout_s=10) as pinned:
+        assert pinned.recommend([3], k=3).item_ids.tolist() == client.recommend([3], k=3).item_ids.tolist()
+        pinned.model_version = "7"  # not in the repository: refused, not retried
+        with pytest.raises(InferenceServerException, match="unirank"):
+            pinned.recommend([3], k=3)
+
+
+def test_unhealthy_model_is_retried(monkeypatch, client):
+    """Fault injection: the first call fails as a dead python-backend stub makes Triton answer."""
+    sleeps, real_infer = [], client._client.infer
+    monkeypatch.setattr(client_module.time, "sleep", sleeps.append)
+    failures = [InferenceServerException("Stub process 'unirank_0_0' is not healthy.", status="StatusCode.INTERNAL")]
+
+    def flaky(**kwargs):
+        if failures:
+            raise failures.pop()
+        return real_infer(**kwargs)
+
+    monkeypatch.setattr(client._client, "infer", flaky)
+    assert len(client.recommend([3], k=3).item_ids) == 3 and len(sleeps) == 1
+
+
 def test_only_unavailable_is_retried(monkeypatch, client, repositories):
     sleeps = []
     monkeypatch.setattr(client_module.time, "sleep", sleeps.append)
@@ -99,7 +136,8 @@ def test_only_unavailable_is_retried(monkeypatch, client, repositories):
                                          retries=2, retry_backoff_s=0.01, timeout_s=2)
     with pytest.raises(InferenceServerException) as err:
         nobody.recommend([1])
-    assert err.value.status() == "StatusCode.UNAVAILABLE" and sleeps == [0.01, 0.02]
+    assert err.value.status() == "StatusCode.UNAVAILABLE" and len(sleeps) == 2
+    assert 0.005 <= sleeps[0] <= 0.015 and 0.01 <= sleeps[1] <= 0.03  # jittered exponential backoff
     sleeps.clear()
     arrays = client.builder.build(2, [1])
     arrays["task"] = np.array([9])  # server-side INVALID_ARGUMENT: not retried
