@@ -7,7 +7,8 @@ Kinds (`IndexOptions.kind`):
   flat   exact inner product over every item: the in-graph answer, for small catalogues and tests;
   hnsw   HNSW graph over the full vectors (IndexHNSWFlat): fast, ~ (4 d + 8 m) bytes per item;
   ivfpq  inverted lists of product-quantized codes (IndexIVFPQ): pq_m bytes per item (+ 8 for the
-         id); the scores of its answers are the PQ estimates of the model's scores.
+         id); its scores are PQ estimates, unless `refine` > 0: then refine * k PQ hits are re-scored
+         exactly from the full vectors (IndexRefineFlat, + 4 d bytes per item).
 Scores match the model's: dot, or cosine (vectors and queries L2-normalized), divided by temperature.
 Rules, as in the exact graph: search / pre-query rows never return a history item, similar-item rows
 never the source item; a row with candidates ranks exactly its candidates, scored exactly; unfilled
@@ -32,7 +33,8 @@ SIMILAR = 1
 @dataclass
 class IndexOptions:
     """How the index is built and searched. Recommended settings (docs/SERVING.md, "Catalogue scale"):
-    hnsw m=32, ef_construction=200, ef_search=128; ivfpq nlist ~ 4 sqrt(N), nprobe=32, pq_m = d / 2."""
+    hnsw m=32, ef_construction=100, ef_search=256; ivfpq nlist ~ 4 sqrt(N), nprobe=64, pq_m = d / 2,
+    refine=4."""
 
     kind: str = "flat"
     hnsw_m: int = 32
@@ -42,6 +44,7 @@ class IndexOptions:
     nprobe: int = 32
     pq_m: int = 0  # 0: dim // 2 sub-quantizers of 8 bits
     train_size: int = 200_000  # vectors used to train the IVF-PQ quantizers
+    refine: int = 0  # ivfpq: re-score refine * k PQ hits exactly (0 = PQ scores only)
     threads: int = 1
 
     def __post_init__(self):
@@ -72,7 +75,7 @@ class ItemIndex:
     def __init__(self, index, meta: dict, added: np.ndarray | None = None):
         self.index, self.meta = index, meta
         self.added = np.zeros((0, meta["dim"] + 1), np.float32) if added is None else added  # [id, vector...]
-        self.configure(meta["options"].get("ef_search"), meta["options"].get("nprobe"))
+        self.configure(meta["options"].get("ef_search"), meta["options"].get("nprobe"), meta["options"].get("refine"))
 
     @classmethod
     def build(cls, vectors: np.ndarray, similarity: str = "dot", temperature: float = 1.0,
@@ -101,16 +104,22 @@ class ItemIndex:
             inner = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, pq_m, 8, faiss.METRIC_INNER_PRODUCT)
             sample = np.random.default_rng(0).choice(n, size=min(n, options.train_size), replace=False)
             inner.train(data[np.sort(sample)])
+            if options.refine:
+                inner = faiss.IndexRefineFlat(inner)
         index = faiss.IndexIDMap2(inner)
         index.add_with_ids(data, ids)
         meta = {"kind": options.kind, "similarity": similarity, "temperature": float(temperature), "dim": dim,
                 "num_items": int(ids.max(initial=0)), "options": asdict(options)}
         return cls(index, meta)
 
-    def configure(self, ef_search: int | None = None, nprobe: int | None = None) -> None:
-        """Search-time knobs (HNSW efSearch, IVF nprobe); ignored by the other kinds."""
+    def configure(self, ef_search: int | None = None, nprobe: int | None = None, refine: int | None = None) -> None:
+        """Search-time knobs (HNSW efSearch, IVF nprobe, refine factor); ignored by the other kinds."""
         faiss = _faiss()
         inner = faiss.downcast_index(self.index.index)
+        if isinstance(inner, faiss.IndexRefine):
+            if refine:
+                inner.k_factor = float(refine)
+            inner = faiss.downcast_index(inner.base_index)
         if ef_search and isinstance(inner, faiss.IndexHNSW):
             inner.hnsw.efSearch = int(ef_search)
         if nprobe and isinstance(inner, faiss.IndexIVF):

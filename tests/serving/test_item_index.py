@@ -73,12 +73,15 @@ def test_cosine_model_flat_index_equals_the_exact_graph(tmp_path):
         assert_same_answer(answer(batch), torch_topk(reference, batch))
 
 
-@pytest.mark.parametrize("kind", ["hnsw", "ivfpq"])
-def test_approximate_kinds_recall_the_exact_top_items(kind, ranker):
+@pytest.mark.parametrize("kind,refine", [("hnsw", 0), ("ivfpq", 0), ("ivfpq", 4)])
+def test_approximate_kinds_recall_the_exact_top_items(kind, refine, ranker, tmp_path):
     vectors = item_vectors(ranker.to_plain())
     queries = np.random.default_rng(0).normal(size=(64, vectors.shape[1])).astype(np.float32)
-    exact_ids, _ = ItemIndex.build(vectors).search(queries, 10)
-    ids, scores = ItemIndex.build(vectors, options=IndexOptions(kind, nprobe=16)).search(queries, 10)
+    exact_ids, exact_scores = ItemIndex.build(vectors).search(queries, 10)
+    ItemIndex.build(vectors, options=IndexOptions(kind, nprobe=16, refine=refine)).save(tmp_path)
+    ids, scores = ItemIndex.load(tmp_path).search(queries, 10)
+    if refine:  # re-scored exactly: the scores of the returned items are the model's
+        np.testing.assert_allclose(scores[ids == exact_ids], exact_scores[ids == exact_ids], rtol=1e-5)
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids.tolist(), exact_ids.tolist())])
     assert recall >= 0.8, recall
     assert (np.diff(scores, axis=1) <= 1e-6).all()  # best first
