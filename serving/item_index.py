@@ -10,9 +10,9 @@ Kinds (`IndexOptions.kind`):
          id); its scores are PQ estimates, unless `refine` > 0: then refine * k PQ hits are re-scored
          exactly from the full vectors (IndexRefineFlat, + 4 d bytes per item).
 Scores match the model's: dot, or cosine (vectors and queries L2-normalized), divided by temperature.
-Rules, as in the exact graph: search / pre-query rows never return a history item, similar-item rows
-never the source item; a row with candidates ranks exactly its candidates, scored exactly; unfilled
-slots are (0, -inf).
+Rules, as in the exact graph: search / pre-query rows never return a history item (known or not),
+similar-item rows never the source item; a row with candidates ranks exactly its candidates (each
+once), scored exactly; unfilled slots are (0, -inf).
 """
 from __future__ import annotations
 
@@ -194,7 +194,9 @@ def hidden_ids(request: dict[str, np.ndarray]) -> list[set[int]]:
 
 
 def _top_k_of(ids: np.ndarray, scores: np.ndarray, hidden: set[int], k: int) -> tuple[np.ndarray, np.ndarray]:
-    keep = np.array([i != 0 and i not in hidden for i in ids.tolist()], dtype=bool)
+    """The best k of one row's ids: padding, hidden ids and repeats (an id is ranked once) dropped."""
+    seen = set(hidden) | {0}
+    keep = np.array([i not in seen and not seen.add(i) for i in ids.tolist()], dtype=bool)
     ids, scores = ids[keep], np.where(np.isnan(scores[keep]), -np.inf, scores[keep])
     order = np.argsort(-scores, kind="stable")[:k]
     out_ids, out_scores = np.zeros(k, np.int64), np.full(k, -np.inf, np.float32)

@@ -53,14 +53,14 @@ def test_exclusions_and_candidates_follow_the_graph_rules(flat_dir, plain_topk):
     answer = load_two_stage(flat_dir, TOP_K)
     exact = torch_topk(plain_topk, pad_and_stack([_row(2)]))[0][0]
     rows = [_row(2, history=exact[:12]),  # every history item is a top item: over-fetch must cover them
-            _row(0, history=[7, 9], candidates=[7, 8, 9, 10, 0, 11]),
+            _row(0, history=[7, 9], candidates=[7, 8, 9, 10, 0, 11, 8, NUM_ITEMS + 3, 9]),
             _row(1, history=[3], source=int(exact[0]), candidates=[int(exact[0]), 4, 5]),
             _row(1, source=int(exact[1]))]
     batch = pad_and_stack([{k: v.astype(np.int64) for k, v in r.items()} for r in rows])
     ids, scores = answer(batch)
     assert_same_answer((ids, scores), torch_topk(plain_topk, batch))
     assert not set(exact[:12].tolist()) & set(ids[0].tolist()) and (ids[0] != 0).all()
-    assert sorted(ids[1][ids[1] != 0].tolist()) == [8, 10, 11]
+    assert sorted(ids[1][ids[1] != 0].tolist()) == [8, 10, 11, NUM_ITEMS + 3]  # 8 once; unknown id kept
     assert sorted(ids[2][ids[2] != 0].tolist()) == [4, 5]
 
 
