@@ -4,7 +4,10 @@ from setuptools import setup
 SUBPACKAGES = {
     "unirank.model": "model",
     "unirank.training": "training",
-    "unirank.training.datasets": "training/datasets",
+    "unirank.data": "data",
+    "unirank.data.datasets": "data/datasets",
+    "unirank.evaluation": "evaluation",
+    "unirank.cli": "cli",
     "unirank.serving": "serving",
     "unirank.kernels": "kernels",
     "unirank.kernels.attention": "kernels/attention",
@@ -56,5 +59,5 @@ setup(
         "kernels": ["triton>=3"],
         "dev": ["pytest", "pytest-timeout"],
     },
-    entry_points={"console_scripts": ["unirank=unirank.training.cli:main"]},
+    entry_points={"console_scripts": ["unirank=unirank.cli.main:main"]},
 )

@@ -59,7 +59,7 @@ def ranks_from_top_k(lists: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 def top_k_metrics(lists: np.ndarray, targets: np.ndarray, ks=(5, 10, 20), num_bootstrap: int = 1000) -> dict:
     """Protocol metrics (mean + bootstrap CI) from top-K lists; MRR is cut at K: `mrr@K`."""
-    from unirank.training.metrics import metrics_from_ranks, summarize
+    from unirank.evaluation.metrics import metrics_from_ranks, summarize
 
     if max(ks) > lists.shape[1]:
         raise BenchmarkInputError(f"metrics @{max(ks)} need top-{max(ks)} lists, got top-{lists.shape[1]}")
@@ -148,7 +148,7 @@ def peer_report(out: Path, split, valid_eval: np.ndarray, num_bootstrap: int) ->
 def ours_report(run_dir: Path, data_path: str, num_bootstrap: int) -> dict:
     """unirank from a finished run directory: test metrics of best.pt, the validation curve from
     train_history.json."""
-    from unirank.training.report import evaluate_checkpoint
+    from unirank.evaluation.report import evaluate_checkpoint
 
     cfg = run_config(run_dir, data_path, num_bootstrap)
     evaluated = evaluate_checkpoint(cfg, run_dir / "best.pt", baselines=False)
@@ -205,8 +205,8 @@ def ensemble_report(run_dirs: list[Path], data_path: str, num_bootstrap: int) ->
     """Several finished runs as one ensemble: test metrics, and validation metrics on the first run's
     validation subset (its train.eval_users and train.seed), every task."""
     from unirank.model.request import TASK_NAMES, Task
-    from unirank.training.evaluate import EnsembleScorer, evaluate_all, evaluate_task
-    from unirank.training.report import load_trained
+    from unirank.evaluation.evaluate import EnsembleScorer, evaluate_all, evaluate_task
+    from unirank.evaluation.report import load_trained
     from unirank.training.train import prepare
 
     configs = [run_config(run_dir, data_path, num_bootstrap) for run_dir in run_dirs]
@@ -365,7 +365,7 @@ def check_inputs(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from unirank.training.config import load_config
-    from unirank.training.report import run_metadata
+    from unirank.evaluation.report import run_metadata
     from unirank.training.train import prepare
 
     cfg = load_config("default", [f"data.path={args.data}"])

@@ -22,9 +22,9 @@ from omegaconf import OmegaConf
 from unirank.model.semantic_ids import SemanticIdConfig, semantic_id_stats, semantic_ids
 from unirank.model.text_encoder import SentenceEncoder, TextEncoder
 from unirank.model.tokenizer import WordPieceTokenizer
-from unirank.training.datasets import load_dataset
-from unirank.training.examples import build_search_query, pad
-from unirank.training.lm_features import item_texts
+from unirank.data.datasets import load_dataset
+from unirank.data.examples import build_search_query, pad
+from unirank.data.lm_features import item_texts
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -29,7 +29,7 @@ DRIVER = r"""
 import json, sys, time, tempfile
 sys.path.insert(0, sys.argv[1]) if sys.argv[1] else None
 from unirank.training.config import load_config
-from unirank.training.examples import TrainingExamples
+from unirank.data.examples import TrainingExamples
 from unirank.training.train import TASK_BY_NAME, prepare, train
 import unirank.training.train as module
 cfg = load_config(sys.argv[2], json.loads(sys.argv[3]) + [f"train.out_dir={tempfile.mkdtemp()}/run"])

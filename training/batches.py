@@ -16,7 +16,7 @@ import torch
 
 from unirank.model.ranker import NUM_TASKS, ItemBatch, UnifiedRanker
 from unirank.model.request import RankRequest
-from unirank.training.examples import TrainBatch
+from unirank.data.examples import TrainBatch
 
 
 @dataclass

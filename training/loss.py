@@ -11,7 +11,7 @@ from unirank.model.ranker import NUM_TASKS, UnifiedRanker
 from unirank.model.request import RankRequest, Task
 from unirank.training.distill import Teachers
 from unirank.training.batches import StepInputs, local_batch, step_inputs
-from unirank.training.examples import TrainBatch
+from unirank.data.examples import TrainBatch
 
 CHUNK_BYTES = 16 << 20  # logits per chunk of the full softmax: below glibc's largest mmap threshold (32 MB)
 

@@ -30,12 +30,12 @@ from unirank.training import sharded_checkpoint as sc
 from unirank.training.batches import StepInputs, step_inputs
 from unirank.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from unirank.training.config import Config, ConfigError, load_config, to_yaml
-from unirank.training.datasets import InteractionData, load_dataset
+from unirank.data.datasets import InteractionData, load_dataset
 from unirank.training.distill import load_teachers
-from unirank.training.evaluate import ModelScorer, evaluate_task
-from unirank.training.examples import (RequestBuilder, Split, TrainingExamples, fit_tokenizer,
+from unirank.evaluation.evaluate import ModelScorer, evaluate_task
+from unirank.data.examples import (RequestBuilder, Split, TrainingExamples, fit_tokenizer,
                                        item_word_ids, leave_one_out_split)
-from unirank.training.lm_features import ItemLMFeatures, item_lm_features
+from unirank.data.lm_features import ItemLMFeatures, item_lm_features
 from unirank.training.loss import item_frequencies, step_loss
 from unirank.training.run_state import RunState, optimizer_state, rng_state, set_rng_state, trainable
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from unirank.training.datasets import InteractionData
+from unirank.data.datasets import InteractionData
 
 REPO = Path(__file__).resolve().parents[2]
 # CI clones the repository with shared/ beside it: <clone>/../shared/data.

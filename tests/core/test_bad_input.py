@@ -11,7 +11,7 @@ import torch
 from unirank.model.ranker import RankerConfig, UnifiedRanker
 from unirank.model.tokenizer import WordTokenizer
 from unirank.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from unirank.training.cli import main
+from unirank.cli.main import main
 from unirank.training.config import ConfigError, load_config
 
 # ---------------------------------------------------------------- config

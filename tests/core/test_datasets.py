@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from unirank.training.datasets import DatasetError, load_dataset
-from unirank.training.datasets.synthetic import generate
+from unirank.data.datasets import DatasetError, load_dataset
+from unirank.data.datasets.synthetic import generate
 
 from core_data import shared_dataset
 

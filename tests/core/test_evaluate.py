@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from unirank.model.request import RankRequest, Task
-from unirank.training.evaluate import evaluate_task, filter_seen
-from unirank.training.examples import RequestBuilder, fit_tokenizer, leave_one_out_split
+from unirank.evaluation.evaluate import evaluate_task, filter_seen
+from unirank.data.examples import RequestBuilder, fit_tokenizer, leave_one_out_split
 
 from core_data import hand_data
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from unirank.training.metrics import metrics_from_ranks, summarize, target_ranks
+from unirank.evaluation.metrics import metrics_from_ranks, summarize, target_ranks
 
 INF = float("inf")
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from core_data import REPO
-from unirank.training.examples import leave_one_out_split
+from unirank.data.examples import leave_one_out_split
 
 SPEC = importlib.util.spec_from_file_location("quality_benchmark", REPO / "benchmarks" / "quality.py")
 quality = importlib.util.module_from_spec(SPEC)
@@ -155,7 +155,7 @@ def test_several_ours_runs_are_one_ensemble_and_a_run_with_itself_ranks_as_the_r
         assert 0.0 < models["a+b"]["tasks"][task]["test"]["ndcg@10"]["mean"] < 1.0
         assert "recall@10" in models["a+b"]["tasks"][task]["validation"]
     with pytest.raises(ValueError, match="at least 2"):
-        from unirank.training.evaluate import EnsembleScorer
+        from unirank.evaluation.evaluate import EnsembleScorer
         EnsembleScorer([])
 
 

@@ -12,8 +12,8 @@ import numpy as np
 
 from unirank.model.request import Task
 from unirank.model.tokenizer import split_words
-from unirank.training.datasets.synthetic import generate
-from unirank.training.examples import RequestBuilder, build_search_query, fit_tokenizer
+from unirank.data.datasets.synthetic import generate
+from unirank.data.examples import RequestBuilder, build_search_query, fit_tokenizer
 
 from core_data import REPO, hand_data
 
@@ -100,7 +100,7 @@ def test_same_queries_in_another_process_with_another_hash_seed():
     code = (
         "import json, sys; sys.path.insert(0, sys.argv[1]);"
         "from test_queries import _data, NUM_USERS;"
-        "from unirank.training.examples import build_search_query;"
+        "from unirank.data.examples import build_search_query;"
         "d = _data(); print(json.dumps([build_search_query(d, u, 1) for u in range(NUM_USERS)]))"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}

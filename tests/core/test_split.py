@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from unirank.training.examples import leave_one_out_split
+from unirank.data.examples import leave_one_out_split
 
 
 def _lists(arrays):

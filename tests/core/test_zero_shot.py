@@ -10,9 +10,9 @@ import pytest
 from unirank.model.request import Task
 from unirank.model.tokenizer import split_words
 from unirank.training.config import ConfigError, load_config
-from unirank.training.datasets.synthetic import generate
-from unirank.training.evaluate import ZERO_SHOT, evaluate_all
-from unirank.training.examples import (RequestBuilder, TrainingExamples, build_search_query, fit_tokenizer,
+from unirank.data.datasets.synthetic import generate
+from unirank.evaluation.evaluate import ZERO_SHOT, evaluate_all
+from unirank.data.examples import (RequestBuilder, TrainingExamples, build_search_query, fit_tokenizer,
                                        held_out_name, leave_one_out_split)
 
 MODULUS = 3  # a third of the synthetic names held out, so both sides are well populated

@@ -26,7 +26,7 @@ MIXED_PLAN = ["distributed.sparse_optimizer=adagrad",
 def train_cmd(nproc: int | None, out: Path, *overrides: str) -> list[str]:
     """`unirank train` as one process (nproc None) or with --nproc-per-node."""
     launch = [] if nproc is None else ["--nproc-per-node", str(nproc)]
-    return ["nice", "-n", "10", sys.executable, "-m", "unirank.training.cli", "train", *launch, "--config",
+    return ["nice", "-n", "10", sys.executable, "-m", "unirank.cli.main", "train", *launch, "--config",
             "quickstart", "--quiet", *TINY, f"train.out_dir={out}", *overrides]
 
 

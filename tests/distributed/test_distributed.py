@@ -130,7 +130,7 @@ def test_a_finished_run_or_another_config_in_the_out_dir_is_refused(runs):
 
 def test_consolidated_checkpoint_is_the_single_file_format(runs):
     from unirank.training.checkpoint import load_checkpoint
-    from unirank.training.cli import main
+    from unirank.cli.main import main
 
     score = _validation_score(runs["fused2"] / "best.pt", 2)  # consolidated from the sharded tables
     assert abs(score - result(runs["fused2"])["best_score"]) <= METRIC_ATOL

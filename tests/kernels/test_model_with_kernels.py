@@ -7,7 +7,7 @@ import torch
 
 from unirank.model.ranker import UnifiedRanker
 from unirank.training.config import load_config
-from unirank.training.examples import TrainingExamples
+from unirank.data.examples import TrainingExamples
 from unirank.training.loss import item_frequencies, softmax_loss
 from unirank.training.train import TASK_BY_NAME, prepare, ranker_config
 

@@ -13,7 +13,7 @@ from unirank.model.text_encoder import SentenceEncoder, TextEncoder
 from unirank.model.tokenizer import WordPieceTokenizer, tokenizer_from_dict
 from unirank.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from unirank.training.config import load_config
-from unirank.training.examples import pad
+from unirank.data.examples import pad
 
 QUERIES = ["hair care styling tools", "makeup", "nail polish red", "skin care face moisturizers"]
 N, DIM, TEXT_DIM = 40, 16, 8
@@ -124,7 +124,7 @@ def test_frozen_query_encoder_in_search_context(wordpiece):
 
 
 def test_excluded_items_are_never_negatives(tmp_path):
-    from unirank.training.examples import TrainingExamples
+    from unirank.data.examples import TrainingExamples
     from unirank.training.loss import item_frequencies, softmax_loss
     from unirank.training.train import build_ranker, prepare
 
@@ -148,7 +148,7 @@ def test_excluded_items_are_never_negatives(tmp_path):
 
 
 def test_cold_start_run_on_synthetic(tmp_path):
-    from unirank.training.cold_start import run_cold_start
+    from unirank.evaluation.cold_start import run_cold_start
 
     cfg = load_config("quickstart", [f"train.out_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}",
                                      "train.max_epochs=2", "train.tasks=[prequery]", "model.text_features=true",
@@ -185,7 +185,7 @@ def test_finetuned_encoder_gets_its_own_learning_rate(wordpiece):
 def test_cold_start_evaluates_a_given_checkpoint(tmp_path):
     from dataclasses import replace
 
-    from unirank.training.cold_start import run_cold_start
+    from unirank.evaluation.cold_start import run_cold_start
 
     cfg = load_config("quickstart", [f"train.out_dir={tmp_path}", "train.max_epochs=1", "train.tasks=[prequery]",
                                      "eval.num_bootstrap=0", "train.threads=1"])

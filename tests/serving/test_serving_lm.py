@@ -8,7 +8,7 @@ import json
 import onnx
 import pytest
 
-from unirank.training.quickstart import quickstart
+from unirank.cli.quickstart import quickstart
 
 LM = ["model.tokenizer=wordpiece", "model.query_encoder=frozen", "model.text_features=true",
       "model.semantic_id_levels=2"]

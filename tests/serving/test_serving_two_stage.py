@@ -14,7 +14,7 @@ from unirank.serving.export import TopKRanker
 from unirank.serving.item_index import INDEX_META_FILE, ItemIndex
 from unirank.serving.model_repository import InvalidModelRepository, validate_model_repository
 from unirank.serving.server import Server, free_port
-from unirank.training.cli import main as cli
+from unirank.cli.main import main as cli
 
 pytest.importorskip("faiss")
 NEW_ITEM = NUM_ITEMS + 7

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from unirank.training.datasets.catalog import DatasetError, InteractionData
+from unirank.data.datasets.catalog import DatasetError, InteractionData
 
 
 def _rows(path: Path, fields: int):

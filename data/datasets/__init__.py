@@ -1,4 +1,4 @@
 """Dataset loaders: every format produces the same `InteractionData`."""
-from unirank.training.datasets.catalog import DatasetError, InteractionData, load_dataset
+from unirank.data.datasets.catalog import DatasetError, InteractionData, load_dataset
 
 __all__ = ["DatasetError", "InteractionData", "load_dataset"]

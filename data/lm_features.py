@@ -10,7 +10,7 @@ import torch
 
 from unirank.model.semantic_ids import SemanticIdConfig, SemanticIdTable, semantic_ids
 from unirank.model.text_encoder import TextEncoder, format_item_text
-from unirank.training.datasets import InteractionData
+from unirank.data.datasets import InteractionData
 
 
 @dataclass

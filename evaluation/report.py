@@ -13,10 +13,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from unirank.training.baselines import BM25, ItemKNN, Popularity  # noqa: E402
+from unirank.evaluation.baselines import BM25, ItemKNN, Popularity  # noqa: E402
 from unirank.training.checkpoint import load_checkpoint  # noqa: E402
 from unirank.training.config import Config, to_yaml  # noqa: E402
-from unirank.training.evaluate import ModelScorer, evaluate_all  # noqa: E402
+from unirank.evaluation.evaluate import ModelScorer, evaluate_all  # noqa: E402
 from unirank.training.train import Prepared, prepare, ranker_config  # noqa: E402
 
 HEADLINE = ("recall@10", "ndcg@10")

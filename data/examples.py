@@ -11,7 +11,7 @@ import torch
 
 from unirank.model.request import RankRequest, Task
 from unirank.model.tokenizer import Tokenizer, WordPieceTokenizer, WordTokenizer, split_words
-from unirank.training.datasets import InteractionData
+from unirank.data.datasets import InteractionData
 
 
 @dataclass

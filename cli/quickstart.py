@@ -12,9 +12,9 @@ import torch
 from unirank.model.request import TASK_NAMES, Task
 from unirank.training.checkpoint import load_checkpoint
 from unirank.training.config import load_config
-from unirank.training.evaluate import ModelScorer, filter_seen
-from unirank.training.examples import build_search_query
-from unirank.training.report import evaluate_checkpoint, markdown_table, write_report
+from unirank.evaluation.evaluate import ModelScorer, filter_seen
+from unirank.data.examples import build_search_query
+from unirank.evaluation.report import evaluate_checkpoint, markdown_table, write_report
 from unirank.training.train import prepare, train
 
 

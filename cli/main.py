@@ -50,7 +50,7 @@ def launch_ranks(args) -> int:
         argv = [a for a in argv if not a.startswith("--nproc-per-node=")]
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc_per_node)))
     try:
-        torchrun(["--standalone", f"--nproc-per-node={args.nproc_per_node}", "-m", "unirank.training.cli", *argv])
+        torchrun(["--standalone", f"--nproc-per-node={args.nproc_per_node}", "-m", "unirank.cli.main", *argv])
     except SystemExit as exc:  # torchrun exits non-zero when a rank failed (its error is printed above)
         return int(exc.code or 0)
     except Exception as err:  # ChildFailedError: the ranks printed their own errors
@@ -72,7 +72,7 @@ def cmd_consolidate(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from unirank.training.report import evaluate_checkpoint, markdown_table, run_metadata, write_report
+    from unirank.evaluation.report import evaluate_checkpoint, markdown_table, run_metadata, write_report
 
     cfg = _config(args)
     checkpoint = cfg.eval.checkpoint or str(Path(cfg.train.out_dir) / "best.pt")
@@ -85,8 +85,8 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_alignment_tax(args) -> int:
-    from unirank.training.alignment import alignment_tax, markdown
-    from unirank.training.report import run_metadata
+    from unirank.evaluation.alignment import alignment_tax, markdown
+    from unirank.evaluation.report import run_metadata
 
     cfg = _config(args)
     bad = [pair for pair in args.single if "=" not in pair]
@@ -104,8 +104,8 @@ def cmd_alignment_tax(args) -> int:
 
 
 def cmd_cold_start(args) -> int:
-    from unirank.training.cold_start import run_cold_start
-    from unirank.training.report import run_metadata
+    from unirank.evaluation.cold_start import run_cold_start
+    from unirank.evaluation.report import run_metadata
 
     cfg = _config(args)
     report = run_cold_start(cfg, fraction=args.fraction, split_seed=args.split_seed, quiet=args.quiet)
@@ -142,7 +142,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_quickstart(args) -> int:
-    from unirank.training.quickstart import quickstart
+    from unirank.cli.quickstart import quickstart
 
     return quickstart(args.config or "quickstart", args.overrides)
 
@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("train", help="train the unified ranker (one process, or N ranks)"))
     p.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
                    help="run N ranks on this machine (torchrun, sharded tables); several machines: "
-                        "torchrun ... -m unirank.training.cli train ...")
+                        "torchrun ... -m unirank.cli.main train ...")
     p.set_defaults(func=cmd_train)
     p = with_config(sub.add_parser("consolidate", help="resumable (sharded) checkpoint -> single-file checkpoint"))
     p.add_argument("--checkpoint", required=True, help="a checkpoint directory, or the checkpoints/ root")

@@ -13,8 +13,8 @@ import torch
 
 from unirank.model.request import RankRequest, Task
 from unirank.model.tokenizer import Tokenizer, split_words
-from unirank.training.datasets import InteractionData
-from unirank.training.examples import item_content_text
+from unirank.data.datasets import InteractionData
+from unirank.data.examples import item_content_text
 
 
 def _padded_ids(num_items: int) -> int:

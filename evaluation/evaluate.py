@@ -10,8 +10,8 @@ import torch
 
 from unirank.model.request import TASK_NAMES, RankRequest, Task
 from unirank.model.ranker import UnifiedRanker
-from unirank.training.examples import EvalCases, RequestBuilder
-from unirank.training.metrics import metrics_from_ranks, summarize, target_ranks
+from unirank.data.examples import EvalCases, RequestBuilder
+from unirank.evaluation.metrics import metrics_from_ranks, summarize, target_ranks
 
 DEFAULT_KS = (5, 10, 20)
 

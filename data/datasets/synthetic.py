@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from unirank.training.datasets.catalog import InteractionData
+from unirank.data.datasets.catalog import InteractionData
 
 _SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "pa", "qu", "do"]
 

@@ -26,13 +26,13 @@ import numpy as np
 import torch
 
 from unirank.model.ranker import UnifiedRanker
-from unirank.training.baselines import Popularity, TextKNN
+from unirank.evaluation.baselines import Popularity, TextKNN
 from unirank.training.checkpoint import load_checkpoint
 from unirank.training.config import Config
-from unirank.training.datasets import load_dataset
-from unirank.training.evaluate import ModelScorer, evaluate_all
-from unirank.training.examples import EvalCases
-from unirank.training.lm_features import item_lm_features
+from unirank.data.datasets import load_dataset
+from unirank.evaluation.evaluate import ModelScorer, evaluate_all
+from unirank.data.examples import EvalCases
+from unirank.data.lm_features import item_lm_features
 from unirank.training.train import TASK_BY_NAME, prepare, ranker_config, train
 
 

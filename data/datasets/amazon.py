@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from unirank.training.datasets.catalog import DatasetError, InteractionData
+from unirank.data.datasets.catalog import DatasetError, InteractionData
 
 
 def _read_json(path: Path) -> dict:

@@ -45,7 +45,7 @@ class InteractionData:
 
 def load_dataset(path: str, fmt: str = "auto", **synthetic_kwargs) -> InteractionData:
     """Load a dataset directory (Amazon S3-Rec layout or MovieLens csv/dat) or `synthetic`."""
-    from unirank.training.datasets import amazon, movielens, synthetic
+    from unirank.data.datasets import amazon, movielens, synthetic
 
     if fmt == "synthetic" or (fmt == "auto" and path == "synthetic"):
         return synthetic.generate(**synthetic_kwargs)
