@@ -1,5 +1,7 @@
-"""Amazon review data in the S3-Rec/P5 layout: NAME.txt, NAME_item2attributes.json, datamaps.json,
-item_text.txt. Any category (Beauty, Sports, Toys) loads with the same code."""
+"""Amazon review data in the S3-Rec/P5 layout: NAME.txt, NAME_item2attributes.json, and optionally
+datamaps.json (attribute names, ASINs) and item_text.txt (titles, keyed by ASIN). Any category
+(Beauty, Sports, Toys) loads with the same code. Without datamaps.json each attribute id names
+itself and item text is not read (it is keyed by ASIN)."""
 from __future__ import annotations
 
 import json
@@ -34,6 +36,8 @@ def _read_sequences(path: Path) -> tuple[list[str], list[np.ndarray]]:
     users, seqs = [], []
     with path.open() as f:
         for lineno, line in enumerate(f, 1):
+            if not line.endswith("\n") and line.strip():
+                raise DatasetError(f"{path}:{lineno}: the last line has no line end: the file is cut mid-line")
             parts = line.split()
             if not parts:
                 continue
@@ -50,18 +54,29 @@ def _read_sequences(path: Path) -> tuple[list[str], list[np.ndarray]]:
     return users, seqs
 
 
+def _read_maps(path: Path) -> dict:
+    """datamaps.json's id2attribute and item2id; when the file is absent, no names (None: each
+    attribute id names itself) and no ASINs."""
+    if not path.exists():
+        return {"id2attribute": None, "item2id": {}}
+    maps = _read_json(path)
+    for key in ("id2attribute", "item2id"):
+        if key not in maps:
+            raise DatasetError(f"{path}: missing key {key!r}")
+    return maps
+
+
 def load(root: Path) -> InteractionData:
     seq_path = _find_sequences_file(root)
     users, seqs = _read_sequences(seq_path)
     item2attrs = _read_json(root / f"{seq_path.stem}_item2attributes.json")
-    maps = _read_json(root / "datamaps.json")
-    for key in ("id2attribute", "item2id"):
-        if key not in maps:
-            raise DatasetError(f"{root / 'datamaps.json'}: missing key {key!r}")
+    maps = _read_maps(root / "datamaps.json")
     num_items = int(max(int(s.max()) for s in seqs))
     num_items = max(num_items, max((int(k) for k in maps["item2id"].values()), default=0))
 
     id2attr = maps["id2attribute"]
+    if id2attr is None:
+        id2attr = {str(a): str(a) for attrs in item2attrs.values() for a in attrs}
     num_attr = max((int(k) for k in id2attr), default=0)
     attribute_names = [""] * (num_attr + 1)
     for k, name in id2attr.items():
@@ -78,7 +93,7 @@ def load(root: Path) -> InteractionData:
 
     item_text = [""] * (num_items + 1)
     text_path = root / "item_text.txt"
-    if text_path.exists():  # optional: content features degrade gracefully without it
+    if text_path.exists() and maps["item2id"]:  # optional: content features degrade gracefully without it
         item2id = maps["item2id"]
         with text_path.open() as f:
             for lineno, line in enumerate(f, 1):

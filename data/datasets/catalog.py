@@ -53,13 +53,13 @@ def load_dataset(path: str, fmt: str = "auto", **synthetic_kwargs) -> Interactio
     if not root.is_dir():
         raise DatasetError(f"dataset directory not found: {root}")
     if fmt == "auto":
-        if (root / "datamaps.json").exists():
+        if (root / "datamaps.json").exists() or any(root.glob("*_item2attributes.json")):
             fmt = "amazon"
         elif any((root / f).exists() for f in ("ratings.csv", "ratings.dat")):
             fmt = "movielens"
         else:
             raise DatasetError(
-                f"{root}: cannot tell the format (expected datamaps.json for the Amazon layout, "
+                f"{root}: cannot tell the format (expected NAME_item2attributes.json for the Amazon layout, "
                 "or ratings.csv / ratings.dat for MovieLens)"
             )
     loaders = {"amazon": amazon.load, "movielens": movielens.load}

@@ -83,11 +83,24 @@ def test_amazon_unknown_attribute_id_names_file_and_item(tmp_path):
         load_dataset(str(root))
 
 
-def test_amazon_missing_files(tmp_path):
+def test_amazon_without_datamaps_attribute_ids_name_themselves(tmp_path):
     root = write_amazon(tmp_path / "d")
     (root / "datamaps.json").unlink()
-    with pytest.raises(DatasetError, match=r"datamaps\.json"):
-        load_dataset(str(root), fmt="amazon")
+    for fmt in ("auto", "amazon"):
+        data = load_dataset(str(root), fmt=fmt)
+        assert _seqs(data) == [[1, 2, 3], [3, 2, 4, 1]]
+        assert data.attribute_names == ["", "1", "2"]
+        assert data.item_attribute_text(1) == "1 2"
+        assert data.item_text == [""] * 5  # item_text.txt is keyed by ASIN: unreadable without item2id
+
+
+def test_amazon_sequence_file_cut_mid_line_names_file_and_line(tmp_path):
+    root = write_amazon(tmp_path / "d", sequences="u1 1 2 3\nu2 3 2 4 1\nu3 4 1")
+    with pytest.raises(DatasetError, match=r"Toys\.txt:3:.*cut mid-line"):
+        load_dataset(str(root))
+
+
+def test_amazon_missing_files(tmp_path):
     root = write_amazon(tmp_path / "e")
     (root / "Toys_item2attributes.json").unlink()
     with pytest.raises(DatasetError, match=r"item2attributes"):
