@@ -7,6 +7,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from unirank.model.request import TASK_NAMES, RankRequest, Task
 from unirank.model.ranker import UnifiedRanker
@@ -85,20 +86,25 @@ def filter_seen(scores: torch.Tensor, task: Task, request: RankRequest, historie
 
 def evaluate_task(scorer: Scorer, task: Task, cases: EvalCases, builder: RequestBuilder,
                   ks=DEFAULT_KS, batch_size: int = 512, max_users: int | None = None,
-                  num_bootstrap: int = 1000, seed: int = 0, queries: str = "all") -> dict:
+                  num_bootstrap: int = 1000, seed: int = 0, queries: str = "all", progress: bool = False) -> dict:
     """Metrics (mean + 95% CI) of one scorer on one task; `max_users` evaluates a fixed random
     subset (for quick validation during training), None = every user; `queries` is the search
-    query pool (`zero_shot`: queries of held-out attribute names only)."""
+    query pool (`zero_shot`: queries of held-out attribute names only). `progress`: a bar of the
+    users ranked (stderr, terminals only)."""
     idx = np.arange(len(cases))
     if max_users is not None and max_users < len(idx):
         idx = np.sort(np.random.default_rng(seed).choice(idx, max_users, replace=False))
     ranks = []
+    bar = tqdm(total=len(idx), desc=f"{getattr(scorer, 'name', 'scorer')} {TASK_NAMES[task]}", unit="user",
+               disable=None if progress else True, leave=False)
     for start in range(0, len(idx), batch_size):
         b = idx[start: start + batch_size]
+        bar.update(len(b))
         histories = [cases.histories[i] for i in b]
         request = builder.build(task, cases.users[b], histories, cases.targets[b], queries=queries)
         scores = filter_seen(scorer.scores(task, request), task, request, histories)
         ranks.append(target_ranks(scores, torch.from_numpy(cases.targets[b])).numpy())
+    bar.close()
     per_user = metrics_from_ranks(np.concatenate(ranks) if ranks else np.zeros(0), list(ks))
     result = summarize(per_user, num_bootstrap=num_bootstrap, seed=seed)
     result["num_users"] = int(len(idx))

@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from unirank.evaluation.baselines import BM25, ItemKNN, Popularity  # noqa: E402
-from unirank.training.checkpoint import load_checkpoint  # noqa: E402
+from unirank.training.checkpoint import load_checkpoint, read_bundle  # noqa: E402
 from unirank.training.config import Config, to_yaml  # noqa: E402
 from unirank.evaluation.evaluate import ModelScorer, evaluate_all  # noqa: E402
 from unirank.training.train import Prepared, prepare, ranker_config  # noqa: E402
@@ -25,7 +25,7 @@ HEADLINE = ("recall@10", "ndcg@10")
 def run_metadata(command: str) -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=False).stdout.strip()
+                                check=False, cwd=Path(__file__).resolve().parent).stdout.strip()
     except OSError:
         commit = ""
     return {"command": command, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
@@ -49,12 +49,16 @@ def load_trained(cfg: Config, checkpoint: str | Path, prep: Prepared):
 
 def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, prep: Prepared | None = None,
                         baselines: bool = True, split: str = "test", tasks=None) -> dict:
-    """Test metrics of the checkpoint (and the baselines) for every task (or `tasks`)."""
-    prep = prep or prepare(cfg)
+    """Test metrics of the checkpoint (and the baselines) for every task (or `tasks`). The checkpoint
+    is checked before the data is prepared, so a wrong path fails in seconds."""
+    if prep is None:
+        read_bundle(checkpoint)
+        prep = prepare(cfg)
     loaded = load_trained(cfg, checkpoint, prep)
     scorers = [ModelScorer(loaded.ranker, tasks=tasks)] + (baseline_scorers(prep) if baselines else [])
     cases = prep.split.test if split == "test" else prep.split.valid
-    results = evaluate_all(scorers, cases, prep.builder, ks=cfg.eval.ks, num_bootstrap=cfg.eval.num_bootstrap)
+    results = evaluate_all(scorers, cases, prep.builder, ks=cfg.eval.ks, num_bootstrap=cfg.eval.num_bootstrap,
+                           progress=True)
     return {"dataset": prep.data.name, "split": split, "checkpoint": str(checkpoint),
             "trained_epoch": loaded.metadata.get("epoch"), "results": results, "config": to_yaml(cfg)}
 

@@ -185,18 +185,24 @@ class TextEncoder:
 
     @torch.inference_mode()
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-        """Mean-pooled, L2-normalised embeddings, float32 [len(texts), dim], in input order."""
+        """Mean-pooled, L2-normalised embeddings, float32 [len(texts), dim], in input order. A
+        progress bar (stderr, terminals only) counts the texts."""
+        from tqdm import tqdm
+
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         # Batching texts of similar length wastes less compute on padding.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        bar = tqdm(total=len(order), desc="encoding item text", unit="text", disable=None, leave=False)
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
+            bar.update(len(rows))
             batch = self.tokenizer([texts[i] for i in rows], padding=True, truncation=True,
                                    max_length=self.max_length, return_tensors="pt").to(self.device)
             hidden = self.model(**batch).last_hidden_state
             out[rows] = mean_pool(hidden, batch["attention_mask"]).float().cpu().numpy()
+        bar.close()
         return out
 
     def cache_key(self, texts: Sequence[str]) -> str:

@@ -76,17 +76,26 @@ def _tokenizer(path: Path, data: dict) -> Tokenizer:
         raise CheckpointError(f"{path}: {err}") from err
 
 
-def load_checkpoint(path: str | Path, expect: RankerConfig | None = None) -> LoadedCheckpoint:
-    """Load a checkpoint; with `expect`, refuse one whose model config differs (naming the keys)."""
+def read_bundle(path: str | Path) -> dict:
+    """The checkpoint file's contents, refused (naming the file) if it is missing, unreadable or not
+    a unirank checkpoint: cheap enough to call before preparing any data."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         bundle = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for truncated / foreign files
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from err
+    except Exception as err:  # torch raises many types (and multi-line messages) for truncated / foreign files
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {first})") from err
     if not isinstance(bundle, dict) or bundle.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a unirank checkpoint (expected format {FORMAT})")
+    return bundle
+
+
+def load_checkpoint(path: str | Path, expect: RankerConfig | None = None) -> LoadedCheckpoint:
+    """Load a checkpoint; with `expect`, refuse one whose model config differs (naming the keys)."""
+    path = Path(path)
+    bundle = read_bundle(path)
     # implementation switches are not part of the weights: a loaded model picks them for its device
     switches = {"attention_impl": "auto", "embedding_bag_impl": "auto"}
     try:

@@ -184,6 +184,16 @@ def test_cli_evaluate_missing_checkpoint(tmp_path, capsys):
     assert not (out / "eval_test.json").exists()
 
 
+def test_cli_evaluate_checks_the_checkpoint_before_the_data(tmp_path, capsys):
+    bad = tmp_path / "best.pt"
+    bad.write_bytes(b"not a checkpoint")
+    code = main(["evaluate", f"data.path={tmp_path / 'no-such-dataset'}", f"eval.checkpoint={bad}",
+                 f"train.out_dir={tmp_path / 'run'}"])
+    assert code == 2
+    line = _one_error_line(capsys)
+    assert str(bad) in line and "no-such-dataset" not in line
+
+
 def test_cli_unknown_command_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fly"])
