@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: setup quickstart test test-all peers gpu-check throughput
+.PHONY: setup quickstart test test-all peers gpu-check throughput benchmark
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -57,3 +57,13 @@ $(PEERS_VENV)/.installed:
 	touch $@
 
 peers: $(PEERS_VENV)/.installed
+
+# One recipe over seeds, selected on validation, beside the baselines (docs/RESULTS.md):
+# make benchmark DATA=../shared/data/ml-latest-small CONFIG=fast SEEDS=3 REPORT=docs/bench/leaderboard_ml-latest-small
+DATA   ?= ../shared/data/amazon-beauty
+CONFIG ?= fast
+SEEDS  ?= 3
+REPORT ?= runs/benchmark/benchmark
+RUNS   ?= runs/benchmark/$(notdir $(REPORT))
+benchmark: setup
+	$(VENV)/bin/unirank benchmark --data $(DATA) --config $(CONFIG) --seeds $(SEEDS) --out $(RUNS) --report $(REPORT)

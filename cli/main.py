@@ -1,4 +1,5 @@
-"""`unirank` command line: train, consolidate, evaluate, alignment-tax, cold-start, export, serve, quickstart.
+"""`unirank` command line: train, consolidate, evaluate, benchmark, alignment-tax, cold-start, export, serve,
+quickstart.
 
 Configs: `--config FILE|NAME` (a YAML file or a packaged config: quickstart, default) plus
 `key=value` overrides, e.g. `unirank train --config default data.path=/data/Sports train.lr=0.002`.
@@ -80,6 +81,18 @@ def cmd_evaluate(args) -> int:
     report["run"] = run_metadata(" ".join(["unirank"] + sys.argv[1:]))
     paths = write_report(report, args.out or cfg.train.out_dir, name=f"eval_{args.split}")
     print(markdown_table(report["results"]))
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def cmd_benchmark(args) -> int:
+    from unirank.evaluation.benchmark import run_benchmark, write_benchmark
+
+    report = run_benchmark(args.data, args.config or "fast", args.seeds, args.out, args.overrides,
+                           eval_every=args.eval_every, quiet=args.quiet,
+                           command=" ".join(["unirank"] + sys.argv[1:]))
+    paths = write_benchmark(report, args.report or Path(args.out) / "benchmark")
+    print(Path(paths["markdown"]).read_text())
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0
 
@@ -171,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("test", "valid"), default="test")
     p.add_argument("--out", default=None, help="report directory (default: train.out_dir)")
     p.set_defaults(func=cmd_evaluate)
+    p = with_config(sub.add_parser("benchmark", help="a recipe over seeds, validation-selected, beside the baselines"))
+    p.add_argument("--data", required=True, help="dataset directory (or `synthetic`)")
+    p.add_argument("--seeds", type=int, default=3, help="runs, seeds train.seed .. train.seed + N - 1")
+    p.add_argument("--out", default="runs/benchmark", help="run directories (one per seed, must be new)")
+    p.add_argument("--report", default=None, help="path prefix of the JSON/Markdown/plots (default OUT/benchmark)")
+    p.add_argument("--eval-every", type=int, default=None, help="epochs between validation rounds (default: the config's)")
+    p.set_defaults(func=cmd_benchmark)
     p = with_config(sub.add_parser("alignment-tax", help="unified vs one model per task"))
     p.add_argument("--unified", default=None, help="checkpoint of the unified model (else trained)")
     p.add_argument("--single", action="append", default=[], metavar="TASK=CHECKPOINT",

@@ -78,15 +78,20 @@ class TextKNN:
 
 
 class BM25:
-    """BM25 (bm25s) with the query words against each item's title words + attribute names;
-    non-personalized. Queries are read back from token ids with the model's tokenizer."""
+    """BM25 (bm25s) with the query words against each item's title words + attribute names
+    (`fields="title+names"`, named "bm25") or its attribute names only (`fields="names"`,
+    "bm25-names"); non-personalized. Queries are read back from token ids with the model's tokenizer."""
 
-    name = "bm25"
     tasks = (Task.SEARCH,)
+    FIELDS = {"title+names": ("bm25", item_content_text),
+              "names": ("bm25-names", lambda data, item: data.item_attribute_text(item))}
 
-    def __init__(self, data: InteractionData, tokenizer: Tokenizer):
+    def __init__(self, data: InteractionData, tokenizer: Tokenizer, fields: str = "title+names"):
+        if fields not in self.FIELDS:
+            raise ValueError(f"BM25 fields must be one of {sorted(self.FIELDS)}, got {fields!r}")
+        self.name, text = self.FIELDS[fields]
         self.num_items, self.tokenizer = data.num_items, tokenizer
-        corpus = [split_words(item_content_text(data, i)) or ["_"] for i in range(1, data.num_items + 1)]
+        corpus = [split_words(text(data, i)) or ["_"] for i in range(1, data.num_items + 1)]
         self.index = bm25s.BM25()
         self.index.index(corpus, show_progress=False)
 

@@ -1,0 +1,125 @@
+"""`unirank benchmark`: one recipe trained once per seed (each run in its own out_dir), each run's
+checkpoint chosen on validation only (all validation users), the test split read once per final
+run, beside the baselines; one JSON, one Markdown page and two plots, mean and spread over seeds."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from unirank.evaluation.baselines import BM25, ItemKNN, Popularity
+from unirank.evaluation.benchmark_report import leaderboard, markdown, plot_tasks, plot_validation
+from unirank.evaluation.evaluate import evaluate_all
+from unirank.evaluation.report import evaluate_checkpoint, run_metadata
+from unirank.training.config import Config, load_config, to_yaml
+from unirank.training.train import Prepared, prepare, train
+
+SELECTION = "best validation round: mean NDCG@10 over the trained tasks, all validation users"
+
+
+@dataclass
+class Progress:
+    """Stage lines with an ETA for the whole benchmark, from the seconds the finished runs took."""
+
+    runs: int
+    t0: float = field(default_factory=time.time)
+    run_seconds: list[float] = field(default_factory=list)
+
+    def say(self, text: str) -> None:
+        elapsed = time.time() - self.t0
+        left = self.runs - len(self.run_seconds)
+        eta = f", ETA {_clock(np.mean(self.run_seconds) * left)}" if self.run_seconds and left else ""
+        print(f"[benchmark {_clock(elapsed)}{eta}] {text}", file=sys.stderr, flush=True)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def run_config(config: str, data: str, seed: int | None, out_dir: Path, overrides: list[str],
+               eval_every: int | None) -> Config:
+    """The recipe with the run's seed and out_dir, validated on all validation users."""
+    extra = [f"data.path={data}", f"train.out_dir={out_dir}", "train.eval_users=null"]
+    extra += [f"train.seed={seed}"] if seed is not None else []
+    if eval_every is not None:
+        extra.append(f"train.eval_every={eval_every}")
+    return load_config(config, [*overrides, *extra])
+
+
+def baselines(prep: Prepared) -> list:
+    train_seqs, n = prep.split.train, prep.data.num_items
+    return [Popularity(train_seqs, n), ItemKNN(train_seqs, n), BM25(prep.data, prep.tokenizer, "names"),
+            BM25(prep.data, prep.tokenizer, "title+names")]
+
+
+def read_test(cfg: Config, checkpoint: Path, prep: Prepared) -> tuple[dict, int]:
+    """The test metrics of the run's checkpoint; every read is logged in the run's out_dir, and the
+    count of reads so far is returned beside them."""
+    report = evaluate_checkpoint(cfg, checkpoint, prep, baselines=False, split="test")
+    log = Path(cfg.train.out_dir) / "test_reads.jsonl"
+    with log.open("a") as f:
+        f.write(json.dumps({"checkpoint": str(checkpoint), "epoch": report["trained_epoch"]}) + "\n")
+    return report, len(log.read_text().splitlines())
+
+
+def train_and_test(cfg: Config, prep: Prepared, quiet: bool) -> dict:
+    """One seed: train (validation picks best.pt), then its single test read."""
+    result = train(cfg, prep, quiet=quiet)
+    report, test_reads = read_test(cfg, result.checkpoint, prep)
+    return {"seed": cfg.train.seed, "out_dir": cfg.train.out_dir, "checkpoint": str(result.checkpoint),
+            "selected_epoch": result.best_epoch, "trained_epoch": report["trained_epoch"],
+            "validation_rounds": [r["epoch"] for r in result.history], "validation": result.best_validation,
+            "history": result.history, "train_seconds": round(result.seconds, 1), "test_reads": test_reads,
+            "test": {task: by_method["unirank"] for task, by_method in report["results"].items()}}
+
+
+def run_benchmark(data: str, config: str = "fast", seeds: int = 3, out: str | Path = "runs/benchmark",
+                  overrides: list[str] = (), eval_every: int | None = None, quiet: bool = True,
+                  command: str = "") -> dict:
+    if seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    out = Path(out)
+    base = run_config(config, data, None, out / "seed-0", list(overrides), eval_every)
+    first = base.train.seed
+    progress = Progress(runs=seeds)
+    progress.say(f"preparing {data}")
+    prep = prepare(base)
+    per_seed_prep = bool(base.model.text_features or base.model.semantic_id_levels)  # codebook fit is seeded
+    runs = []
+    for i, seed in enumerate(range(first, first + seeds)):
+        cfg = run_config(config, data, seed, out / f"seed-{seed}", list(overrides), eval_every)
+        progress.say(f"run {i + 1}/{seeds}: seed {seed}, training {cfg.train.max_epochs} epochs")
+        t = time.time()
+        runs.append(train_and_test(cfg, prepare(cfg) if per_seed_prep and i else prep, quiet))
+        progress.run_seconds.append(time.time() - t)
+        progress.say(f"run {i + 1}/{seeds} done: selected epoch {runs[-1]['selected_epoch']}")
+    progress.say("baselines on test")
+    base_results = evaluate_all(baselines(prep), prep.split.test, prep.builder, ks=base.eval.ks,
+                                num_bootstrap=base.eval.num_bootstrap, progress=True)
+    report = {"dataset": prep.data.name, "data": str(data), "config": config, "seeds": [r["seed"] for r in runs],
+              "selection": SELECTION, "eval_every": base.train.eval_every,
+              "num_validation_users": len(prep.split.valid.users), "num_test_users": len(prep.split.test.users),
+              "runs": runs, "baselines": base_results,
+              "leaderboard": leaderboard(runs, base_results, f"unirank ({config})"),
+              "recipe": to_yaml(base), "seconds": round(time.time() - progress.t0, 1),
+              "run": run_metadata(command)}
+    progress.say("done")
+    return report
+
+
+def write_benchmark(report: dict, prefix: str | Path) -> dict[str, Path]:
+    prefix = Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    paths = {"json": prefix.with_suffix(".json"), "markdown": prefix.with_suffix(".md"),
+             "tasks_png": prefix.parent / f"{prefix.name}_tasks.png",
+             "validation_png": prefix.parent / f"{prefix.name}_validation.png"}
+    paths["json"].write_text(json.dumps(report, indent=1))
+    paths["markdown"].write_text(markdown(report, paths) + "\n")
+    plot_tasks(report["leaderboard"], paths["tasks_png"])
+    plot_validation(report["runs"], paths["validation_png"])
+    return paths

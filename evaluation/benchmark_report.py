@@ -1,0 +1,97 @@
+"""Tables and plots of a benchmark: every cell is the mean over runs with its spread (sample std,
+min, max) and the mean of the runs' bootstrap 95% CIs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+METRICS = ("recall@10", "ndcg@10", "recall@20", "mrr")
+
+
+def over_runs(cells: list[dict]) -> dict:
+    """{metric: mean/std/min/max/values/ci95} of one method's per-run metric dicts."""
+    out = {}
+    for metric in cells[0]:
+        if not isinstance(cells[0][metric], dict):
+            continue
+        values = np.array([c[metric]["mean"] for c in cells])
+        out[metric] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+                       "min": float(values.min()), "max": float(values.max()), "values": values.tolist(),
+                       "ci95": [float(np.mean([c[metric]["ci95"][i] for c in cells])) for i in (0, 1)],
+                       "n": len(values)}
+    return out
+
+
+def leaderboard(runs: list[dict], baselines: dict[str, dict[str, dict]], name: str) -> dict:
+    """{task: {method: over_runs(...)}}: the recipe's runs first, then each baseline (one run:
+    baselines are deterministic)."""
+    board = {}
+    for task in runs[0]["test"]:
+        board[task] = {name: over_runs([r["test"][task] for r in runs])}
+        for method, metrics in baselines.get(task, {}).items():
+            board[task][method] = over_runs([metrics])
+    return board
+
+
+def _cell(m: dict) -> str:
+    return f"{m['mean']:.4f} ± {m['std']:.4f}" if m["n"] > 1 else f"{m['mean']:.4f}"
+
+
+def markdown(report: dict, paths: dict[str, Path]) -> str:
+    lines = [f"# {report['dataset']}: `{report['config']}` over seeds {report['seeds']}", "",
+             f"Command: `{report['run']['command']}` (commit {report['run']['commit']}, {report['run']['machine']}).",
+             f"Selection: {report['selection']} ({report['num_validation_users']} users); "
+             f"test: {report['num_test_users']} users, read once per run. "
+             "Cells: mean ± sample std over seeds (baselines are deterministic: one run).", ""]
+    lines += ["| task | method | " + " | ".join(METRICS) + " | runs |", "|---|---|" + "---|" * (len(METRICS) + 1)]
+    for task, by_method in report["leaderboard"].items():
+        for method, m in by_method.items():
+            lines.append(f"| {task} | {method} | " + " | ".join(_cell(m[k]) if k in m else "" for k in METRICS)
+                         + f" | {m['ndcg@10']['n']} |")
+    lines += ["", "| seed | selected epoch | validation rounds | train seconds | test reads |", "|---|---|---|---|---|"]
+    for r in report["runs"]:
+        lines.append(f"| {r['seed']} | {r['selected_epoch']} | {r['validation_rounds']} | {r['train_seconds']} "
+                     f"| {r['test_reads']} |")
+    lines += ["", f"![per-task test NDCG@10]({paths['tasks_png'].name})",
+              f"![validation NDCG@10 over wall time]({paths['validation_png'].name})"]
+    return "\n".join(lines)
+
+
+def plot_tasks(board: dict, path: Path, metric: str = "ndcg@10") -> None:
+    tasks = list(board)
+    methods = list(dict.fromkeys(m for by_method in board.values() for m in by_method))
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    width = 0.8 / max(len(methods), 1)
+    for i, method in enumerate(methods):
+        cells = [(x, board[t][method][metric]) for x, t in enumerate(tasks) if method in board[t]]
+        ys = [m["mean"] for _, m in cells]
+        errs = [[max(0.0, m["mean"] - m["ci95"][0]) for _, m in cells], [max(0.0, m["ci95"][1] - m["mean"]) for _, m in cells]]
+        ax.bar([x + i * width for x, _ in cells], ys, width, yerr=errs, label=method, capsize=2)
+    ax.set_xticks([t + width * (len(methods) - 1) / 2 for t in range(len(tasks))], tasks)
+    ax.set_ylabel(f"test {metric}\n(mean over seeds, 95% CI)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_validation(runs: list[dict], path: Path) -> None:
+    tasks = sorted({k.split("/")[0] for r in runs for row in r["history"] for k in row if k.endswith("/ndcg@10")})
+    fig, axes = plt.subplots(1, max(len(tasks), 1), figsize=(3.2 * max(len(tasks), 1), 3), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for r in runs:
+            rows = [row for row in r["history"] if f"{task}/ndcg@10" in row]
+            ax.plot([row["seconds"] for row in rows], [row[f"{task}/ndcg@10"] for row in rows], marker="o",
+                    label=f"seed {r['seed']}")
+        ax.set_title(task)
+        ax.set_xlabel("wall seconds")
+    axes[0][0].set_ylabel("validation NDCG@10")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
