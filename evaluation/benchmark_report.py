@@ -10,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from unirank.evaluation.report import bar_chart  # noqa: E402
+
 METRICS = ("recall@10", "ndcg@10", "recall@20", "mrr")
 
 
@@ -63,21 +65,7 @@ def markdown(report: dict, paths: dict[str, Path]) -> str:
 
 
 def plot_tasks(board: dict, path: Path, metric: str = "ndcg@10") -> None:
-    tasks = list(board)
-    methods = list(dict.fromkeys(m for by_method in board.values() for m in by_method))
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    width = 0.8 / max(len(methods), 1)
-    for i, method in enumerate(methods):
-        cells = [(x, board[t][method][metric]) for x, t in enumerate(tasks) if method in board[t]]
-        ys = [m["mean"] for _, m in cells]
-        errs = [[max(0.0, m["mean"] - m["ci95"][0]) for _, m in cells], [max(0.0, m["ci95"][1] - m["mean"]) for _, m in cells]]
-        ax.bar([x + i * width for x, _ in cells], ys, width, yerr=errs, label=method, capsize=2)
-    ax.set_xticks([t + width * (len(methods) - 1) / 2 for t in range(len(tasks))], tasks)
-    ax.set_ylabel(f"test {metric}\n(mean over seeds, 95% CI)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    bar_chart(board, path, metric, ylabel="test {metric}\n(mean over seeds, 95% CI)")
 
 
 def plot_validation(runs: list[dict], path: Path) -> None:

@@ -76,19 +76,21 @@ def markdown_table(results: dict[str, dict[str, dict]], metrics=("recall@10", "n
     return "\n".join(lines)
 
 
-def bar_chart(results: dict[str, dict[str, dict]], path: Path, metric: str = "ndcg@10") -> None:
+def bar_chart(results: dict[str, dict[str, dict]], path: Path, metric: str = "ndcg@10",
+              ylabel: str = "test {metric} (95% CI)") -> None:
+    """Per-task bars of each method's `metric` (cells: mean + ci95), unirank's first."""
     tasks = list(results)
-    methods = sorted({m for r in results.values() for m in r}, key=lambda m: (m != "unirank", m))
+    methods = sorted({m for r in results.values() for m in r}, key=lambda m: (not m.startswith("unirank"), m))
     fig, ax = plt.subplots(figsize=(7, 3.5))
     width = 0.8 / max(len(methods), 1)
     for i, method in enumerate(methods):
         cells = [(x, results[t][method][metric]) for x, t in enumerate(tasks) if method in results[t]]
         xs = [x + i * width for x, _ in cells]
         ys = [m["mean"] for _, m in cells]
-        errs = [[m["mean"] - m["ci95"][0] for _, m in cells], [m["ci95"][1] - m["mean"] for _, m in cells]]
+        errs = [[max(0.0, m["mean"] - m["ci95"][0]) for _, m in cells], [max(0.0, m["ci95"][1] - m["mean"]) for _, m in cells]]
         ax.bar(xs, ys, width, yerr=errs, label=method, capsize=2)
     ax.set_xticks([t + width * (len(methods) - 1) / 2 for t in range(len(tasks))], tasks)
-    ax.set_ylabel(f"test {metric} (95% CI)")
+    ax.set_ylabel(ylabel.format(metric=metric))
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
