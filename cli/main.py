@@ -90,7 +90,7 @@ def cmd_benchmark(args) -> int:
 
     report = run_benchmark(args.data, args.config or "fast", args.seeds, args.out, args.overrides,
                            eval_every=args.eval_every, quiet=args.quiet,
-                           command=" ".join(["unirank"] + sys.argv[1:]))
+                           command=" ".join(["unirank"] + sys.argv[1:]), with_twins=args.twins)
     paths = write_benchmark(report, args.report or Path(args.out) / "benchmark")
     print(Path(paths["markdown"]).read_text())
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
@@ -190,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/benchmark", help="run directories (one per seed, must be new)")
     p.add_argument("--report", default=None, help="path prefix of the JSON/Markdown/plots (default OUT/benchmark)")
     p.add_argument("--eval-every", type=int, default=None, help="epochs between validation rounds (default: the config's)")
+    p.add_argument("--twins", action="store_true",
+                   help="also train the single-task twins per seed (leaderboard rows + alignment tax)")
     p.set_defaults(func=cmd_benchmark)
     p = with_config(sub.add_parser("alignment-tax", help="unified vs one model per task"))
     p.add_argument("--unified", default=None, help="checkpoint of the unified model (else trained)")

@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from unirank.evaluation.baselines import BM25, ItemKNN, Popularity
-from unirank.evaluation.benchmark_report import leaderboard, markdown, plot_tasks, plot_validation
+from unirank.evaluation.benchmark_report import alignment, leaderboard, markdown, plot_tasks, plot_validation
 from unirank.evaluation.evaluate import evaluate_all
 from unirank.evaluation.report import evaluate_checkpoint, run_metadata
 from unirank.training.config import Config, load_config, to_yaml
@@ -57,20 +57,20 @@ def baselines(prep: Prepared) -> list:
             BM25(prep.data, prep.tokenizer, "title+names")]
 
 
-def read_test(cfg: Config, checkpoint: Path, prep: Prepared) -> tuple[dict, int]:
+def read_test(cfg: Config, checkpoint: Path, prep: Prepared, tasks=None) -> tuple[dict, int]:
     """The test metrics of the run's checkpoint; every read is logged in the run's out_dir, and the
     count of reads so far is returned beside them."""
-    report = evaluate_checkpoint(cfg, checkpoint, prep, baselines=False, split="test")
+    report = evaluate_checkpoint(cfg, checkpoint, prep, baselines=False, split="test", tasks=tasks)
     log = Path(cfg.train.out_dir) / "test_reads.jsonl"
     with log.open("a") as f:
         f.write(json.dumps({"checkpoint": str(checkpoint), "epoch": report["trained_epoch"]}) + "\n")
     return report, len(log.read_text().splitlines())
 
 
-def train_and_test(cfg: Config, prep: Prepared, quiet: bool) -> dict:
+def train_and_test(cfg: Config, prep: Prepared, quiet: bool, tasks=None) -> dict:
     """One seed: train (validation picks best.pt), then its single test read."""
     result = train(cfg, prep, quiet=quiet)
-    report, test_reads = read_test(cfg, result.checkpoint, prep)
+    report, test_reads = read_test(cfg, result.checkpoint, prep, tasks)
     return {"seed": cfg.train.seed, "out_dir": cfg.train.out_dir, "checkpoint": str(result.checkpoint),
             "selected_epoch": result.best_epoch, "trained_epoch": report["trained_epoch"],
             "validation_rounds": [r["epoch"] for r in result.history], "validation": result.best_validation,
@@ -78,9 +78,24 @@ def train_and_test(cfg: Config, prep: Prepared, quiet: bool) -> dict:
             "test": {task: by_method["unirank"] for task, by_method in report["results"].items()}}
 
 
+def twins(cfg: Config, prep: Prepared, quiet: bool) -> dict:
+    """The same recipe trained on ONE task per run (out_dir/single-TASK), each read on its own task
+    (and the search twin on the zero-shot queries)."""
+    from unirank.evaluation.evaluate import ZERO_SHOT
+    from unirank.training.train import TASK_BY_NAME
+
+    out = {}
+    for task in cfg.train.tasks:
+        single = replace(cfg, train=replace(cfg.train, tasks=[task], out_dir=str(Path(cfg.train.out_dir) / f"single-{task}")))
+        run = train_and_test(single, prep, quiet, tasks=[TASK_BY_NAME[task]])
+        rows = [task] + ([ZERO_SHOT] if task == "search" and ZERO_SHOT in run["test"] else [])
+        out[task] = {**run, "test": {row: run["test"][row] for row in rows}}
+    return out
+
+
 def run_benchmark(data: str, config: str = "fast", seeds: int = 3, out: str | Path = "runs/benchmark",
                   overrides: list[str] = (), eval_every: int | None = None, quiet: bool = True,
-                  command: str = "") -> dict:
+                  command: str = "", with_twins: bool = False) -> dict:
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     out = Path(out)
@@ -95,7 +110,11 @@ def run_benchmark(data: str, config: str = "fast", seeds: int = 3, out: str | Pa
         cfg = run_config(config, data, seed, out / f"seed-{seed}", list(overrides), eval_every)
         progress.say(f"run {i + 1}/{seeds}: seed {seed}, training {cfg.train.max_epochs} epochs")
         t = time.time()
-        runs.append(train_and_test(cfg, prepare(cfg) if per_seed_prep and i else prep, quiet))
+        run_prep = prepare(cfg) if per_seed_prep and i else prep
+        runs.append(train_and_test(cfg, run_prep, quiet))
+        if with_twins:
+            progress.say(f"run {i + 1}/{seeds}: single-task twins of seed {seed}")
+            runs[-1]["twins"] = twins(cfg, run_prep, quiet)
         progress.run_seconds.append(time.time() - t)
         progress.say(f"run {i + 1}/{seeds} done: selected epoch {runs[-1]['selected_epoch']}")
     progress.say("baselines on test")
@@ -105,7 +124,7 @@ def run_benchmark(data: str, config: str = "fast", seeds: int = 3, out: str | Pa
               "selection": SELECTION, "eval_every": base.train.eval_every,
               "num_validation_users": len(prep.split.valid.users), "num_test_users": len(prep.split.test.users),
               "runs": runs, "baselines": base_results,
-              "leaderboard": leaderboard(runs, base_results, f"unirank ({config})"),
+              "leaderboard": leaderboard(runs, base_results, f"unirank ({config})"), "alignment": alignment(runs),
               "recipe": to_yaml(base), "seconds": round(time.time() - progress.t0, 1),
               "run": run_metadata(command)}
     progress.say("done")

@@ -35,9 +35,31 @@ def leaderboard(runs: list[dict], baselines: dict[str, dict[str, dict]], name: s
     board = {}
     for task in runs[0]["test"]:
         board[task] = {name: over_runs([r["test"][task] for r in runs])}
+        singles = [_twin_rows(r)[task] for r in runs if task in _twin_rows(r)]
+        if singles:
+            board[task][f"{name} single-task"] = over_runs(singles)
         for method, metrics in baselines.get(task, {}).items():
             board[task][method] = over_runs([metrics])
     return board
+
+
+def _twin_rows(run: dict) -> dict:
+    """{row: metrics} of a run's single-task twins (the search twin also answers the zero-shot row)."""
+    return {row: m for twin in run.get("twins", {}).values() for row, m in twin["test"].items()}
+
+
+def alignment(runs: list[dict], metrics=("recall@10", "ndcg@10")) -> dict:
+    """Per row: unified minus single-task, paired by seed (negative = tax, positive = transfer)."""
+    out = {}
+    for row in runs[0]["test"]:
+        pairs = [(r["test"][row], _twin_rows(r)[row]) for r in runs if row in _twin_rows(r)]
+        if pairs:
+            out[row] = {}
+            for k in metrics:
+                d = np.array([u[k]["mean"] - t[k]["mean"] for u, t in pairs])
+                out[row][k] = {"mean": float(d.mean()), "std": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
+                               "values": d.tolist(), "n": len(d)}
+    return out
 
 
 def _cell(m: dict) -> str:
@@ -55,6 +77,12 @@ def markdown(report: dict, paths: dict[str, Path]) -> str:
         for method, m in by_method.items():
             lines.append(f"| {task} | {method} | " + " | ".join(_cell(m[k]) if k in m else "" for k in METRICS)
                          + f" | {m['ndcg@10']['n']} |")
+    if report.get("alignment"):
+        lines += ["", "Alignment tax (unified minus single-task, paired by seed; negative = tax):", "",
+                  "| task | Δ recall@10 | Δ ndcg@10 | seeds |", "|---|---|---|---|"]
+        for row, d in report["alignment"].items():
+            lines.append(f"| {row} | {d['recall@10']['mean']:+.4f} ± {d['recall@10']['std']:.4f} "
+                         f"| {d['ndcg@10']['mean']:+.4f} ± {d['ndcg@10']['std']:.4f} | {d['ndcg@10']['n']} |")
     lines += ["", "| seed | selected epoch | validation rounds | train seconds | test reads |", "|---|---|---|---|---|"]
     for r in report["runs"]:
         lines.append(f"| {r['seed']} | {r['selected_epoch']} | {r['validation_rounds']} | {r['train_seconds']} "

@@ -43,6 +43,24 @@ def test_benchmark_two_seeds(tmp_path):
     assert "± " in (tmp_path / "report" / "bench.md").read_text()
 
 
+def test_benchmark_twins_one_seed(tmp_path):
+    code = main(["benchmark", "--data", "synthetic", "--config", "quickstart", "--seeds", "1", "--twins",
+                 "--out", str(tmp_path / "runs"), "--report", str(tmp_path / "bench"), "--quiet",
+                 *SMALL, "train.max_epochs=1"])
+    assert code == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    twins = report["runs"][0]["twins"]
+    assert set(twins) == {"search", "similar", "prequery"}
+    for task, twin in twins.items():
+        assert twin["test_reads"] == 1 and twin["out_dir"].endswith(f"seed-0/single-{task}")
+        assert task in twin["test"]
+    assert "unirank (quickstart) single-task" in report["leaderboard"]["similar"]
+    delta = report["alignment"]["prequery"]["ndcg@10"]
+    unified = report["runs"][0]["test"]["prequery"]["ndcg@10"]["mean"]
+    assert delta["mean"] == pytest.approx(unified - twins["prequery"]["test"]["prequery"]["ndcg@10"]["mean"])
+    assert "Alignment tax" in (tmp_path / "bench.md").read_text()
+
+
 def test_benchmark_refuses_a_used_out_dir(tmp_path):
     (tmp_path / "runs" / "seed-0").mkdir(parents=True)
     assert main(["train", "--config", "quickstart", "--quiet", f"train.out_dir={tmp_path / 'runs' / 'seed-0'}",
