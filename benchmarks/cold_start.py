@@ -3,7 +3,7 @@ JSON + Markdown table: R@10 / N@10 on the held-out items, model variants beside 
 text kNN (the content-only baseline).
 
     unirank cold-start --config default train.out_dir=runs/cold/<variant> <model overrides>   # per variant
-    python benchmarks/cold_start.py runs/cold/* --out docs/bench/cold_start_beauty.json
+    python benchmarks/cold_start.py runs/cold/* --out runs/cold_start_beauty.json
 """
 from __future__ import annotations
 

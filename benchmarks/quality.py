@@ -2,10 +2,10 @@ r"""Side-by-side test quality of unirank and the peers a user would pick (rectoo
 BERT4Rec) on one dataset, per task, under ../shared/docs/PROTOCOL.md, plus validation NDCG@10
 against wall time.
 
-    python benchmarks/quality.py --data ../shared/data/amazon-beauty --out docs/bench/quality_beauty.json \
+    python benchmarks/quality.py --data ../shared/data/amazon-beauty --out runs/quality_beauty.json \
         [--peers sasrec,bert4rec] [--peer-minutes 15] [--threads 1] \
         [--ours-run runs/beauty/unified [more runs: an ensemble] | --ours-config default --ours-minutes 20 | --no-ours] \
-        [--merge] [--plot docs/bench/quality_beauty.png]
+        [--merge] [--plot runs/quality_beauty.png]
 
 The split is the trainer's own (`prepare(cfg)`). Peers run in .venv-peers (`make peers`) through
 benchmarks/peers/rectools_peer.py and return top-20 lists; their metrics are computed here from

@@ -115,8 +115,7 @@ def full_softmax_cross_entropy(ranker: UnifiedRanker, h: torch.Tensor, items: to
     """Per-row cross-entropy of h [N, d] against every row of `items` [C, d] (item ids 1..C), computed
     in row chunks of at most `chunk_bytes` of logits. Same values and gradients as one [N, C] matrix;
     the chunks stay in the allocator's heap instead of being mapped from and returned to the OS at
-    every step (one [positions x catalogue] matrix is tens of MB; docs/TUNING.md has the measured
-    speed-up). `masked_ids` [N, K]: per-row item ids left out of that row's softmax (0 = none).
+    every step (one [positions x catalogue] matrix is tens of MB). `masked_ids` [N, K]: per-row item ids left out of that row's softmax (0 = none).
     `label_weights` [N, L]: `labels` is then [N, L] columns with these weights (a soft target).
     `label_smoothing`, `teachers` (observed on h's rows): as in `softmax_loss`."""
     rows = max(1, chunk_bytes // (items.element_size() * max(1, items.shape[0])))
