@@ -102,7 +102,7 @@ def test_faults_are_healed_and_versions_swap(tmp_path, repositories, session, se
         os.kill(next(iter(stubs)), signal.SIGKILL)
         print("stub kill -9 -> correct after %.1f s" % wait_for(url, expected_v1))
 
-        busy = subprocess.run([sys.executable, "-m", "unirank.training.cli", "serve", "--repository", str(repository),
+        busy = subprocess.run([sys.executable, "-m", "unirank.cli.main", "serve", "--repository", str(repository),
                                "--grpc-port", str(ports[0]), "--http-port", str(ports[1]), "--metrics-port", str(ports[2])],
                               capture_output=True, text=True, timeout=120)
         assert busy.returncode != 0 and "held by pid" in busy.stderr + busy.stdout and "tritonserver" in busy.stderr + busy.stdout
