@@ -99,6 +99,7 @@ def run_benchmark(data: str, config: str = "fast", seeds: int = 3, out: str | Pa
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     out = Path(out)
+    run = run_metadata(command)  # the tree that runs, before any later checkout moves HEAD
     base = run_config(config, data, None, out / "seed-0", list(overrides), eval_every)
     first = base.train.seed
     progress = Progress(runs=seeds)
@@ -126,7 +127,7 @@ def run_benchmark(data: str, config: str = "fast", seeds: int = 3, out: str | Pa
               "runs": runs, "baselines": base_results,
               "leaderboard": leaderboard(runs, base_results, f"unirank ({config})"), "alignment": alignment(runs),
               "recipe": to_yaml(base), "seconds": round(time.time() - progress.t0, 1),
-              "run": run_metadata(command)}
+              "run": run}
     progress.say("done")
     return report
 
