@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: setup quickstart test test-all peers gpu-check throughput benchmark
+.PHONY: setup quickstart test test-all peers gpu-check serving-gpu-check throughput benchmark
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ test-all: setup
 # samples/s with the kernels on and off (docs/DISTRIBUTED.md, "GPU check").
 gpu-check: setup
 	TRITON_INTERPRET=0 $(PY) benchmarks/gpu_check.py
+
+# the served graph on ONNX Runtime's CUDA provider: parity with CPU + latency (needs the serving-gpu extra)
+serving-gpu-check: setup
+	$(PY) benchmarks/serving_gpu_check.py
 
 # samples/s of this tree's trainer beside another revision's, one epoch each (BASELINE=rev)
 BASELINE ?= HEAD~1

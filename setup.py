@@ -46,10 +46,19 @@ setup(
         "cpu": CPU_STACK,
         # the typed gRPC client alone (unirank.serving.client): no torch
         "client": ["tritonclient[grpc]"],
+        # serving and serving-gpu are exclusive: onnxruntime and onnxruntime-gpu share the import name
         "serving": [
             "onnx",
             "onnxscript",
             "onnxruntime",
+            "nvidia-pytriton==0.7.0",
+            "tritonclient[grpc,http]",
+        ],
+        "serving-gpu": [
+            "onnx",
+            "onnxscript",
+            "onnxruntime-gpu",
+            "protobuf<7",  # onnxruntime-gpu alone pulls protobuf 7, which tritonclient does not support
             "nvidia-pytriton==0.7.0",
             "tritonclient[grpc,http]",
         ],

@@ -142,7 +142,10 @@ def cmd_export(args) -> int:
 
         index = IndexOptions(args.index, ef_search=args.ef_search, nprobe=args.nprobe)
     report = export_model(args.checkpoint, args.out, top_k=args.top_k, index=index)
-    repos = build_model_repository(args.out, Path(args.out) / "repository")
+    repos = build_model_repository(args.out, Path(args.out) / "repository", max_batch_size=args.max_batch_size,
+                                   instance_count=args.instances, device=args.device, ort_threads=args.ort_threads,
+                                   preferred_batch_sizes=tuple(args.preferred_batch_sizes),
+                                   graph_optimization=args.graph_optimization)
     print(json.dumps({"onnx": str(Path(args.out) / "model.onnx"), "parity_max_abs_diff": report.max_abs_diff,
                       "repositories": {k: str(v) for k, v in repos.items()}}))
     return 0
@@ -210,6 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="two-stage serving: context graph + this item index (docs/SERVING.md); default: exact graph")
     p.add_argument("--ef-search", type=int, default=128, help="hnsw search breadth")
     p.add_argument("--nprobe", type=int, default=32, help="ivfpq lists searched")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                   help="instance kind of the onnxruntime flavour (KIND_GPU: CUDA execution provider); python flavour: CPU")
+    p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--instances", type=int, default=1, help="model instances per device")
+    p.add_argument("--preferred-batch-sizes", type=int, nargs="*", default=[], help="dynamic batcher targets")
+    p.add_argument("--ort-threads", type=int, default=1, help="ONNX Runtime intra-op threads per instance")
+    p.add_argument("--graph-optimization", default="ORT_ENABLE_ALL",
+                   choices=("ORT_ENABLE_ALL", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_BASIC", "ORT_DISABLE_ALL"))
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("serve", help="run tritonserver on a model repository")
     p.add_argument("--repository", required=True)

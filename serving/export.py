@@ -210,14 +210,17 @@ def _rewrite_bool_where(path: Path) -> int:
     return rewritten
 
 
-def onnx_session(path: str | Path, threads: int = 1):
-    """An ONNX Runtime CPU session with a fixed thread count (the machine is shared)."""
+def onnx_session(path: str | Path, threads: int = 1, graph_optimization: str = "ORT_ENABLE_ALL",
+                 providers: tuple[str, ...] = ("CPUExecutionProvider",)):
+    """An ONNX Runtime session with the options the served models use (model_repository.EndpointSpec):
+    a fixed intra-op thread count, sequential graph, a GraphOptimizationLevel name."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, graph_optimization)
+    return ort.InferenceSession(str(path), options, providers=list(providers))
 
 
 def parity_max_abs_diff(module: TopKRanker, session, batches: list[dict[str, np.ndarray]]) -> float:

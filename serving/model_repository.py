@@ -29,6 +29,9 @@ from unirank.serving.item_index import CONTEXT_MODEL_FILE, INDEX_FILE, INDEX_FIL
 FLAVOURS = ("python", "onnxruntime")
 _HERE = Path(__file__).parent
 _ONNX_TO_TRITON = {7: "TYPE_INT64", 1: "TYPE_FP32", 6: "TYPE_INT32", 10: "TYPE_FP16"}
+# ONNX Runtime's graph optimization levels (onnxruntime.GraphOptimizationLevel names) and how the
+# official container's onnxruntime backend spells them (`optimization { graph { level } }`; 0: its default, all).
+GRAPH_OPTIMIZATION_LEVELS = {"ORT_ENABLE_ALL": 0, "ORT_ENABLE_EXTENDED": 1, "ORT_ENABLE_BASIC": -1, "ORT_DISABLE_ALL": 2}
 
 
 class InvalidModelRepository(ValueError):
@@ -46,8 +49,9 @@ class EndpointSpec:
     max_queue_delay_us: int = 0  # 0: batch only what is already queued (best at low load on CPU)
     instance_count: int = 1
     device: str = "cpu"  # "cpu" or "gpu" (onnxruntime flavour only; the python model is CPU)
-    ort_threads: int = 1
+    ort_threads: int = 1  # intra-op threads per instance (inter-op: 1, the graph runs sequentially)
     preferred_batch_sizes: list[int] = field(default_factory=list)
+    graph_optimization: str = "ORT_ENABLE_ALL"  # a GRAPH_OPTIMIZATION_LEVELS name
     tokenizer_json: str = ""  # served in the config's parameters, for clients (RankerClient.from_server)
 
     def __post_init__(self):
@@ -55,6 +59,10 @@ class EndpointSpec:
             raise ValueError(f"device must be 'cpu' or 'gpu', got {self.device!r}")
         if self.max_batch_size < 1 or self.instance_count < 1 or self.ort_threads < 1:
             raise ValueError("max_batch_size, instance_count and ort_threads must be >= 1")
+        if self.graph_optimization not in GRAPH_OPTIMIZATION_LEVELS:
+            raise ValueError(f"graph_optimization must be one of {list(GRAPH_OPTIMIZATION_LEVELS)}, got {self.graph_optimization!r}")
+        if any(not 1 <= b <= self.max_batch_size for b in self.preferred_batch_sizes):
+            raise ValueError(f"preferred_batch_sizes {self.preferred_batch_sizes} must lie in [1, max_batch_size {self.max_batch_size}]")
 
 
 def model_config(spec: EndpointSpec, flavour: str) -> pb.ModelConfig:
@@ -88,9 +96,12 @@ def model_config(spec: EndpointSpec, flavour: str) -> pb.ModelConfig:
         config.dynamic_batching.preferred_batch_size.extend(spec.preferred_batch_sizes)
     gpu = spec.device == "gpu" and not python
     config.instance_group.add(count=spec.instance_count, kind=pb.ModelInstanceGroup.KIND_GPU if gpu else pb.ModelInstanceGroup.KIND_CPU)
-    threads = str(spec.ort_threads)
-    config.parameters["intra_op_thread_count"].string_value = threads
+    # ONNX Runtime session options, the same for both flavours (the python model reads the parameters).
+    config.parameters["intra_op_thread_count"].string_value = str(spec.ort_threads)
     config.parameters["inter_op_thread_count"].string_value = "1"
+    config.parameters["graph_optimization_level"].string_value = spec.graph_optimization
+    if not python and GRAPH_OPTIMIZATION_LEVELS[spec.graph_optimization]:
+        config.optimization.graph.level = GRAPH_OPTIMIZATION_LEVELS[spec.graph_optimization]
     # What a client needs (limits, names, tokenizer), readable through the model config API.
     config.parameters[METADATA_PARAMETER].string_value = json.dumps(asdict(spec.metadata))
     if spec.tokenizer_json:
@@ -101,13 +112,14 @@ def model_config(spec: EndpointSpec, flavour: str) -> pb.ModelConfig:
 def build_model_repository(export_dir: str | Path, out_dir: str | Path, name: str = "unirank",
                            max_batch_size: int = 64, dynamic_batching: bool = True, max_queue_delay_us: int = 0,
                            instance_count: int = 1, device: str = "cpu", ort_threads: int = 1,
-                           flavours: tuple[str, ...] = FLAVOURS) -> dict[str, Path]:
+                           flavours: tuple[str, ...] = FLAVOURS, preferred_batch_sizes: tuple[int, ...] = (),
+                           graph_optimization: str = "ORT_ENABLE_ALL") -> dict[str, Path]:
     """Export dir (model.onnx, tokenizer.json, export.json) -> {flavour: repository root}; validated."""
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     tokenizer = export_dir / TOKENIZER_FILE
     spec = EndpointSpec(ExportMetadata.load(export_dir / METADATA_FILE), name, max_batch_size, dynamic_batching,
-                        max_queue_delay_us, instance_count, device, ort_threads,
-                        tokenizer_json=tokenizer.read_text() if tokenizer.exists() else "")
+                        max_queue_delay_us, instance_count, device, ort_threads, list(preferred_batch_sizes),
+                        graph_optimization, tokenizer_json=tokenizer.read_text() if tokenizer.exists() else "")
     repositories = {}
     for flavour in flavours:
         root = out_dir / flavour

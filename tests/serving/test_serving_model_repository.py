@@ -9,7 +9,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
 from unirank.model.tokenizer import WordTokenizer
-from unirank.serving.model_repository import InvalidModelRepository, read_model_config, validate_model_repository
+from unirank.serving.model_repository import (InvalidModelRepository, build_model_repository, read_model_config,
+                                              validate_model_repository)
 
 ROW_INPUTS = {"task", "history_lengths", "query_lengths", "source_item"}
 
@@ -89,3 +90,37 @@ def test_schema_errors_and_missing_files_are_rejected(broken_copy):
     (broken_copy / "unirank" / "1" / "model.onnx").unlink()
     with pytest.raises(InvalidModelRepository, match="model.onnx missing"):
         validate_model_repository(broken_copy)
+
+
+def test_production_options_reach_both_configs(tmp_path, export_dir):
+    repos = build_model_repository(export_dir, tmp_path, max_batch_size=128, instance_count=2, device="gpu",
+                                   ort_threads=4, preferred_batch_sizes=(8, 32), graph_optimization="ORT_ENABLE_BASIC")
+    python = read_model_config(repos["python"] / "unirank" / "config.pbtxt")
+    onnxruntime = read_model_config(repos["onnxruntime"] / "unirank" / "config.pbtxt")
+    for config in (python, onnxruntime):
+        assert config.max_batch_size == 128 and list(config.dynamic_batching.preferred_batch_size) == [8, 32]
+        assert config.instance_group[0].count == 2
+        assert config.parameters["intra_op_thread_count"].string_value == "4"
+        assert config.parameters["graph_optimization_level"].string_value == "ORT_ENABLE_BASIC"
+    assert onnxruntime.instance_group[0].kind == pb.ModelInstanceGroup.KIND_GPU
+    assert python.instance_group[0].kind == pb.ModelInstanceGroup.KIND_CPU  # the python model runs on CPU
+    assert onnxruntime.optimization.graph.level == -1  # the onnxruntime backend's spelling of BASIC
+    assert not python.HasField("optimization")
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(graph_optimization="fast"), "graph_optimization must be one of"),
+    (dict(preferred_batch_sizes=(128,), max_batch_size=64), "preferred_batch_sizes"),
+    (dict(device="tpu"), "device must be"),
+])
+def test_bad_production_options_are_refused(tmp_path, export_dir, options, message):
+    with pytest.raises(ValueError, match=message):
+        build_model_repository(export_dir, tmp_path, **options)
+
+
+def test_export_command_takes_the_production_options():
+    from unirank.cli.main import build_parser
+
+    args = build_parser().parse_args(["export", "--checkpoint", "c.pt", "--out", "o", "--device", "gpu",
+                                      "--max-batch-size", "256", "--instances", "2", "--preferred-batch-sizes", "16", "64"])
+    assert (args.device, args.max_batch_size, args.instances, args.preferred_batch_sizes) == ("gpu", 256, 2, [16, 64])
