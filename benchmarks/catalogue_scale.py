@@ -147,14 +147,14 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (lat, mem) = plt.subplots(1, 2, figsize=(11, 4))
-    for setup in dict.fromkeys(r["setup"] for r in rows):
+    for i, setup in enumerate(dict.fromkeys(r["setup"] for r in rows)):
         mine = [r for r in rows if r["setup"] == setup]
-        sizes = [r["num_items"] for r in mine]
-        lat.loglog(sizes, [r["c1_p99_ms"] for r in mine], "o-", label=f"{setup} p99")
-        lat.loglog(sizes, [r["c1_p50_ms"] for r in mine], "x--", label=f"{setup} p50", alpha=0.6)
-        mem.loglog(sizes, [r["rss_bytes"] / 2**20 for r in mine], "o-", label=setup)
+        sizes, color = [r["num_items"] for r in mine], f"C{i}"
+        lat.loglog(sizes, [r["c1_p99_ms"] for r in mine], "o-", color=color, label=f"{setup} p99")
+        lat.loglog(sizes, [r["c1_p50_ms"] for r in mine], "x--", color=color, label=f"{setup} p50", alpha=0.6)
+        mem.loglog(sizes, [r["rss_after_bytes"] / 2**20 for r in mine], "o-", color=color, label=setup)
     lat.set(xlabel="catalogue size (items)", ylabel="latency at c=1 (ms)", title="latency through tritonserver")
-    mem.set(xlabel="catalogue size (items)", ylabel="server RSS (MiB)", title="memory")
+    mem.set(xlabel="catalogue size (items)", ylabel="server RSS after the load (MiB)", title="memory")
     for ax in (lat, mem):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
