@@ -11,10 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from unirank.evaluation.baselines import BM25, ItemKNN, Popularity
 from unirank.evaluation.benchmark_report import alignment, leaderboard, markdown, plot_tasks, plot_validation
 from unirank.evaluation.evaluate import evaluate_all
-from unirank.evaluation.report import evaluate_checkpoint, run_metadata
+from unirank.evaluation.report import baseline_scorers, evaluate_checkpoint, run_metadata
 from unirank.training.config import Config, load_config, to_yaml
 from unirank.training.train import Prepared, prepare, train
 
@@ -52,9 +51,7 @@ def run_config(config: str, data: str, seed: int | None, out_dir: Path, override
 
 
 def baselines(prep: Prepared) -> list:
-    train_seqs, n = prep.split.train, prep.data.num_items
-    return [Popularity(train_seqs, n), ItemKNN(train_seqs, n), BM25(prep.data, prep.tokenizer, "names"),
-            BM25(prep.data, prep.tokenizer, "title+names")]
+    return baseline_scorers(prep, bm25_fields=("names", "title+names"))
 
 
 def read_test(cfg: Config, checkpoint: Path, prep: Prepared, tasks=None) -> tuple[dict, int]:

@@ -33,9 +33,10 @@ def run_metadata(command: str) -> dict:
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def baseline_scorers(prep: Prepared) -> list:
+def baseline_scorers(prep: Prepared, bm25_fields: tuple[str, ...] = ("title+names",)) -> list:
+    """Popularity, item-kNN and one BM25 per entry of `bm25_fields` (BM25.FIELDS)."""
     return [Popularity(prep.split.train, prep.data.num_items), ItemKNN(prep.split.train, prep.data.num_items),
-            BM25(prep.data, prep.tokenizer)]
+            *(BM25(prep.data, prep.tokenizer, fields) for fields in bm25_fields)]
 
 
 def load_trained(cfg: Config, checkpoint: str | Path, prep: Prepared):
