@@ -6,6 +6,9 @@ Graph contract (also what Triton serves):
            (send one padding column for "none": ONNX Runtime rejects zero-width inputs here).
   outputs  item_ids [B, K] int64 and scores [B, K] float32, best first, K = min(top_k, num_items)
            fixed at export time (a fixed output shape lets Triton batch any mix of requests).
+A graph whose weights pass protobuf's 2 GB limit (the item table of ~8 M items at d=64) is written
+with ONNX external data: model.onnx plus model.onnx.data beside it, loaded from the file path by
+ONNX Runtime (both Triton flavours create their session from the path).
 Rules baked into the graph:
   - a row whose candidates are all padding ranks the whole catalogue (ids 1..num_items);
     otherwise it ranks exactly its non-zero candidates;
@@ -30,7 +33,8 @@ from torch import nn
 
 from unirank.model.request import INPUT_NAMES, ROW_FIELDS, Task
 from unirank.serving.graph_checks import add_request_checks
-from unirank.serving.metadata import METADATA_FILE, MODEL_FILE, OUTPUT_NAMES, TOKENIZER_FILE, ExportMetadata  # noqa: F401
+from unirank.serving.metadata import (METADATA_FILE, MODEL_FILE, OUTPUT_NAMES, TOKENIZER_FILE,  # noqa: F401
+                                      ExportMetadata, external_data_file)
 from unirank.serving.request_arrays import RequestLimits
 
 log = logging.getLogger(__name__)
@@ -143,8 +147,10 @@ def _dynamic_shapes(max_history: int, max_query_len: int) -> dict:
     return {name: ({0: batch} if name in ROW_FIELDS else {0: batch, 1: length[name]}) for name in INPUT_NAMES}
 
 
-def export_onnx(ranker: nn.Module, out_dir: str | Path, top_k: int = 100, tokenizer=None) -> ExportMetadata:
-    """Write model.onnx (+ tokenizer.json, export.json) for a plain ranker into out_dir."""
+def export_onnx(ranker: nn.Module, out_dir: str | Path, top_k: int = 100, tokenizer=None,
+                external_data: bool | None = None) -> ExportMetadata:
+    """Write model.onnx (+ tokenizer.json, export.json) for a plain ranker into out_dir.
+    `external_data`: weights in model.onnx.data (None: only when they pass protobuf's 2 GB)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     module = TopKRanker(ranker, top_k).eval()
@@ -159,7 +165,8 @@ def export_onnx(ranker: nn.Module, out_dir: str | Path, top_k: int = 100, tokeni
             dynamic_shapes=_dynamic_shapes(*limits),
             optimize=True,
         )
-    program.save(str(out_dir / MODEL_FILE))
+    (out_dir / external_data_file(MODEL_FILE)).unlink(missing_ok=True)
+    program.save(str(out_dir / MODEL_FILE), external_data=external_data)
     _rewrite_bool_where(out_dir / MODEL_FILE)
     add_request_checks(out_dir / MODEL_FILE, RequestLimits(module.num_items, *limits))
     metadata = ExportMetadata(
@@ -184,7 +191,7 @@ def _rewrite_bool_where(path: Path) -> int:
     import onnx
     from onnx import TensorProto, helper
 
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)  # nodes only: external weights stay where they are
     inferred = onnx.shape_inference.infer_shapes(model)
     graph = inferred.graph
     elem_type = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
@@ -205,8 +212,8 @@ def _rewrite_bool_where(path: Path) -> int:
     if rewritten:
         del model.graph.node[:]
         model.graph.node.extend(nodes)
-        onnx.checker.check_model(model)
         onnx.save(model, str(path))
+        onnx.checker.check_model(str(path))  # by path: external weights checked, no 2 GB message
     return rewritten
 
 

@@ -24,7 +24,7 @@ def add_request_checks(path: str | Path, limits: RequestLimits) -> None:
     import onnx
     from onnx import TensorProto, helper
 
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)  # external weights stay in their file
     graph = model.graph
     inputs = [i.name for i in graph.input]
     nodes = [_const("rc_zero_1", [0]), _const("rc_zero", 0), _const("rc_one", 1), _const("rc_axis1", [1]), _const("rc_minus_1", [-1])]
@@ -49,8 +49,8 @@ def add_request_checks(path: str | Path, limits: RequestLimits) -> None:
     body = list(graph.node)
     del graph.node[:]
     graph.node.extend(nodes + body)
-    onnx.checker.check_model(model)
     onnx.save(model, str(path))
+    onnx.checker.check_model(str(path))
 
 
 def _const(name: str, value) -> "onnx.NodeProto":  # noqa: F821

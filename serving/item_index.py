@@ -25,8 +25,10 @@ import numpy as np
 INDEX_FILE = "item_index.faiss"
 INDEX_META_FILE = "item_index.json"
 ADDED_FILE = "item_index_added.npy"  # exact vectors of items added after export (candidate scoring)
+ITEM_TABLE_FILE = "item_table.npy"  # the exported item table [num_items + 2, d], the context graph's input
+TABLE_INPUT = "item_table"
 KINDS = ("flat", "hnsw", "ivfpq")
-INDEX_FILES = (INDEX_FILE, INDEX_META_FILE, ADDED_FILE)
+INDEX_FILES = (INDEX_FILE, INDEX_META_FILE, ADDED_FILE, ITEM_TABLE_FILE)
 SIMILAR = 1
 
 
@@ -72,8 +74,8 @@ def _prepare(vectors: np.ndarray, similarity: str) -> np.ndarray:
 class ItemIndex:
     """Item ids -> vectors, searched by inner product; `search` returns the model's scores."""
 
-    def __init__(self, index, meta: dict, added: np.ndarray | None = None):
-        self.index, self.meta = index, meta
+    def __init__(self, index, meta: dict, added: np.ndarray | None = None, item_table: np.ndarray | None = None):
+        self.index, self.meta, self.item_table = index, meta, item_table  # item_table: memory-mapped, read-only
         self.added = np.zeros((0, meta["dim"] + 1), np.float32) if added is None else added  # [id, vector...]
         self.configure(meta["options"].get("ef_search"), meta["options"].get("nprobe"), meta["options"].get("refine"))
 
@@ -169,6 +171,8 @@ class ItemIndex:
         (directory / INDEX_META_FILE).write_text(json.dumps(self.meta, indent=2))
         if len(self.added):
             np.save(directory / ADDED_FILE, self.added)
+        if self.item_table is not None and not (directory / ITEM_TABLE_FILE).exists():
+            np.save(directory / ITEM_TABLE_FILE, self.item_table)
 
     @classmethod
     def load(cls, directory: str | Path, threads: int | None = None) -> "ItemIndex":
@@ -176,8 +180,9 @@ class ItemIndex:
         directory = Path(directory)
         meta = json.loads((directory / INDEX_META_FILE).read_text())
         added = np.load(directory / ADDED_FILE) if (directory / ADDED_FILE).exists() else None
+        table = np.load(directory / ITEM_TABLE_FILE, mmap_mode="r") if (directory / ITEM_TABLE_FILE).exists() else None
         _faiss().omp_set_num_threads(int(threads or meta["options"]["threads"]))
-        return cls(_faiss().read_index(str(directory / INDEX_FILE)), meta, added)
+        return cls(_faiss().read_index(str(directory / INDEX_FILE)), meta, added, table)
 
 
 def hidden_ids(request: dict[str, np.ndarray]) -> list[set[int]]:
@@ -241,7 +246,15 @@ class TwoStageRanker:
 
     def __init__(self, session, index: ItemIndex, top_k: int):
         self.session, self.index, self.top_k = session, index, int(top_k)
+        self.table_input = TABLE_INPUT in {i.name for i in session.get_inputs()}
+        if self.table_input and index.item_table is None:
+            raise FileNotFoundError(f"the context graph reads {TABLE_INPUT!r}: {ITEM_TABLE_FILE} must be beside the index")
+
+    def context(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """The context graph's (context [B, d], candidate_scores [B, C])."""
+        feed = dict(batch, **{TABLE_INPUT: self.index.item_table}) if self.table_input else batch
+        return tuple(self.session.run(list(CONTEXT_OUTPUTS), feed))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        context, candidate_scores = self.session.run(list(CONTEXT_OUTPUTS), batch)
+        context, candidate_scores = self.context(batch)
         return two_stage_topk(self.index, context, candidate_scores, batch, self.top_k)

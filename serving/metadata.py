@@ -1,5 +1,5 @@
 """What the server, client and model repository know about an exported graph: its file names,
-output names and limits. Standard library only, so that the client imports no torch."""
+output names and limits. Standard library only (onnx on demand), so that the client imports no torch."""
 from __future__ import annotations
 
 import json
@@ -32,3 +32,18 @@ class ExportMetadata:
     @classmethod
     def load(cls, path: str | Path) -> "ExportMetadata":
         return cls(**json.loads(Path(path).read_text()))
+
+
+def external_data_file(model_file: str) -> str:
+    """The file torch.onnx writes a graph's external weights to, beside the graph."""
+    return f"{model_file}.data"
+
+
+def external_data_files(path: str | Path) -> list[str]:
+    """Names (relative to the graph's directory) of the external data files a graph reads."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    names = {entry.value for tensor in model.graph.initializer if tensor.data_location == onnx.TensorProto.EXTERNAL
+             for entry in tensor.external_data if entry.key == "location"}
+    return sorted(names)

@@ -4,7 +4,8 @@
   <out>/python/<name>/       backend "python": model.py (ONNX Runtime, pads ragged batches itself)
                              for the bundled CPU tritonserver (no onnxruntime backend there);
   <out>/onnxruntime/<name>/  platform "onnxruntime_onnx" for the official Triton container.
-Both hold 1/model.onnx, tokenizer.json and export.json, with identical input/output names and dtypes.
+Both hold 1/model.onnx (+ its external data file, model.onnx.data, when the weights pass 2 GB),
+tokenizer.json and export.json, with identical input/output names and dtypes.
 An export with an item index (serving/context_export.py) adds context.onnx and the index files to the
 python model's version directory: that model then answers in two stages (serving/item_index.py).
 Configs are built as `ModelConfig` protobuf messages, and `validate_model_repository` parses them back
@@ -23,8 +24,8 @@ from tritonclient.grpc import model_config_pb2 as pb
 from unirank.model import request as request_schema
 from unirank.model.request import ROW_FIELDS
 from unirank.serving.metadata import (METADATA_FILE, METADATA_PARAMETER, MODEL_FILE, TOKENIZER_FILE,
-                                      TOKENIZER_PARAMETER, ExportMetadata)
-from unirank.serving.item_index import CONTEXT_MODEL_FILE, INDEX_FILE, INDEX_FILES, INDEX_META_FILE
+                                      TOKENIZER_PARAMETER, ExportMetadata, external_data_files)
+from unirank.serving.item_index import CONTEXT_MODEL_FILE, INDEX_FILE, INDEX_FILES, INDEX_META_FILE, ITEM_TABLE_FILE
 
 FLAVOURS = ("python", "onnxruntime")
 _HERE = Path(__file__).parent
@@ -128,7 +129,8 @@ def build_model_repository(export_dir: str | Path, out_dir: str | Path, name: st
             shutil.rmtree(model_dir)
         version_dir = model_dir / "1"
         version_dir.mkdir(parents=True)
-        shutil.copy2(export_dir / MODEL_FILE, version_dir / MODEL_FILE)
+        for graph_file in (MODEL_FILE, *external_data_files(export_dir / MODEL_FILE)):
+            shutil.copy2(export_dir / graph_file, version_dir / graph_file)
         for extra in (TOKENIZER_FILE, METADATA_FILE):
             if (export_dir / extra).exists():
                 shutil.copy2(export_dir / extra, model_dir / extra)
@@ -195,9 +197,11 @@ def _config_problems(config: pb.ModelConfig, model_dir: Path) -> list[str]:
         return problems + ["no numeric version directory"]
     for version in versions:
         two_stage = config.backend == "python" and (version / INDEX_META_FILE).exists()
-        needed = required + ([CONTEXT_MODEL_FILE, INDEX_FILE, "item_index.py"] if two_stage else [])
+        needed = required + ([CONTEXT_MODEL_FILE, INDEX_FILE, ITEM_TABLE_FILE, "item_index.py"] if two_stage else [])
         problems += [f"{version.name}/{f} missing" for f in needed if not (version / f).exists()]
         if (version / MODEL_FILE).exists():
+            problems += [f"{version.name}/{f} missing (external data of {MODEL_FILE})"
+                         for f in external_data_files(version / MODEL_FILE) if not (version / f).exists()]
             problems += _graph_problems(config, version / MODEL_FILE)
     return problems
 

@@ -1,15 +1,19 @@
 """Two-stage answer (context graph + item index) against the exact in-graph top-k: a flat index
-gives the same answer, exclusions and candidates included; added items are retrievable."""
+gives the same answer, exclusions and candidates included; added items are retrievable; the context
+graph holds no item table and refuses the requests the exact graph refuses."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
 from conftest import NUM_ITEMS, TOP_K, make_ranker, torch_topk
+from test_serving_contract import generated_cases
 from unirank.serving.context_export import export_two_stage, item_vectors, load_two_stage
-from unirank.serving.export import ExportMetadata, TopKRanker
-from unirank.serving.item_index import IndexOptions, ItemIndex
+from unirank.serving.export import OUTPUT_NAMES, ExportMetadata, TopKRanker
+from unirank.serving.item_index import CONTEXT_MODEL_FILE, ITEM_TABLE_FILE, TABLE_INPUT, IndexOptions, ItemIndex
 from unirank.serving.request_arrays import pad_and_stack
 from unirank.serving.synthetic_requests import random_batches
 
@@ -90,7 +94,7 @@ def test_approximate_kinds_recall_the_exact_top_items(kind, refine, ranker, tmp_
 def test_added_item_is_retrievable_scored_exactly_and_survives_a_reload(flat_dir, tmp_path):
     answer = load_two_stage(flat_dir, TOP_K)
     batch = pad_and_stack([{k: v.astype(np.int64) for k, v in _row(2, history=[1, 2]).items()}])
-    context = answer.session.run(["context"], batch)[0]
+    context = answer.context(batch)[0]
     new_id, vector = NUM_ITEMS + 5, 10 * context[0]  # far along the user's context: ranks first
     answer.index.add([new_id], vector[None])
     assert answer(batch)[0][0, 0] == new_id
@@ -115,3 +119,30 @@ def test_add_rejects_known_ids_and_wrong_widths(ranker):
         index.add([NUM_ITEMS + 2], np.zeros((1, 8)))
     with pytest.raises(ValueError, match="index kind"):
         IndexOptions("ivf")
+
+
+def test_context_graph_reads_the_item_table_as_an_input(flat_dir, ranker):
+    graph = onnx.load(str(flat_dir / CONTEXT_MODEL_FILE)).graph
+    table = ranker.to_plain().item_tower.table.numpy()
+    assert not [t.name for t in graph.initializer if t.dims and t.dims[0] >= NUM_ITEMS]  # no catalogue-sized weight
+    assert TABLE_INPUT in [i.name for i in graph.input]
+    np.testing.assert_array_equal(np.load(flat_dir / ITEM_TABLE_FILE), table)
+    answer = load_two_stage(flat_dir, TOP_K)
+    assert isinstance(answer.index.item_table, np.memmap)  # read in place, not loaded
+
+
+def test_context_graph_refuses_the_requests_the_exact_graph_refuses(flat_dir, session, plain_topk):
+    """The generated contract battery: each bad request is refused by both graphs naming the same
+    field; each other request gets the exact graph's answer from the two stages."""
+    answer = load_two_stage(flat_dir, TOP_K)
+    outcomes = {"refused": 0, "answered": 0}
+    for arrays, field in generated_cases(240, seed=24):
+        if field is None:
+            assert_same_answer(answer(arrays), tuple(session.run(OUTPUT_NAMES, arrays)))
+            outcomes["answered"] += 1
+            continue
+        for graph in (lambda a: session.run(OUTPUT_NAMES, a), answer.context):
+            with pytest.raises(ort.capi.onnxruntime_pybind11_state.InvalidArgument, match=f"Name:'{field}: "):
+                graph(arrays)
+        outcomes["refused"] += 1
+    assert min(outcomes.values()) > 60, outcomes
