@@ -54,6 +54,7 @@ def export_context_onnx(plain_ranker: nn.Module, out_dir: str | Path) -> Path:
     """out_dir/context.onnx (the exact graph's dynamic batch and lengths and request checks; the item
     table as input `item_table`) and out_dir/item_table.npy."""
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / CONTEXT_MODEL_FILE
     limits = (int(plain_ranker.config.max_history), int(plain_ranker.config.max_query_len))
     table = plain_ranker.item_tower.table
