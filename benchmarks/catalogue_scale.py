@@ -270,7 +270,19 @@ def report(args) -> None:
               "builds": builds, "rows": rows}
     Path(args.out).write_text(json.dumps(report, indent=2))
     plot(rows, Path(args.plot))
+    print(markdown(rows))
     print(f"wrote {args.out} and {args.plot}")
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| items | setup | search setting | recall@100 | c=1 p50 / p99 ms | c=16 req/s | RSS after load | index B/item |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        knob = next((f"{k} {r[k]}" for k in ("ef_search", "nprobe") if k in r), "-")
+        lines.append(f"| {r['num_items']:.0e} | {r['setup']} | {knob} | {r.get('recall_at_100', 1)} | "
+                     f"{r['c1_p50_ms']:.2f} / {r['c1_p99_ms']:.2f} | {r['c16_rps']:.0f} | "
+                     f"{r['rss_after_bytes'] / 2**20:.0f} MiB | {r.get('index_bytes_per_item', '-')} |")
+    return "\n".join(lines)
 
 
 def main() -> None:

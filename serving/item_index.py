@@ -34,9 +34,9 @@ SIMILAR = 1
 
 @dataclass
 class IndexOptions:
-    """How the index is built and searched. Measured settings (docs/SERVING.md, "Catalogue scale"):
-    hnsw m=32, ef_construction=100, ef_search=256 (recall@100 0.99 at 10^4, 0.94 at 10^5 items);
-    ivfpq nlist = 4 sqrt(N), nprobe=64, pq_m = d / 2, refine=4 (0.85 / 0.72: raise nprobe)."""
+    """How the index is built and searched. Recall@100 of each search setting is measured per
+    catalogue size by benchmarks/catalogue_scale.py (docs/SERVING.md, "Catalogue scale", gives the
+    recommended settings: nprobe and ef_search grow with the catalogue)."""
 
     kind: str = "flat"
     hnsw_m: int = 32

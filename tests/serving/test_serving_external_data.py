@@ -8,7 +8,7 @@ import onnx
 import pytest
 
 from conftest import TOP_K, torch_topk
-from test_serving_server import CALLS, assert_same_as_pytorch
+from test_serving_server import assert_same_as_pytorch, call_case
 from unirank.serving.client import RankerClient
 from unirank.serving.export import OUTPUT_NAMES, export_onnx, onnx_session
 from unirank.serving.metadata import MODEL_FILE, external_data_file, external_data_files
@@ -58,11 +58,7 @@ def test_both_flavours_carry_the_data_file(external):
 
 @pytest.mark.parametrize("case", ["search", "similar_candidates", "recommend"])
 def test_served_from_external_data_through_tritonserver(case, external, plain_topk, served_external):
-    method, kwargs = CALLS[case](served_external)
-    ranking = getattr(served_external, method)(**kwargs)
-    task = {"search": 0, "similar": 1, "recommend": 2}[method]
-    arrays = served_external.builder.build(task, kwargs.get("user_history", ()), kwargs.get("query_text", ""),
-                                           kwargs.get("item", 0), kwargs.get("candidates"))
+    ranking, arrays, kwargs = call_case(served_external, case)
     assert_same_as_pytorch(ranking, arrays, plain_topk, kwargs["k"])
 
 

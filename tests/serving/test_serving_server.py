@@ -44,19 +44,25 @@ CALLS = {
 }
 
 
-@pytest.mark.parametrize("case", CALLS)
-def test_round_trip_matches_pytorch(case, client, plain_topk):
+def call_case(client, case):
+    """(ranking, the request arrays it was built from, kwargs) of one CALLS case."""
     method, kwargs = CALLS[case](client)
     ranking = getattr(client, method)(**kwargs)
     task = {"search": 0, "similar": 1, "recommend": 2}[method]
     arrays = client.builder.build(task, kwargs.get("user_history", ()), kwargs.get("query_text", ""),
                                   kwargs.get("item", 0), kwargs.get("candidates"))
+    return ranking, arrays, kwargs
+
+
+@pytest.mark.parametrize("case", CALLS)
+def test_round_trip_matches_pytorch(case, client, plain_topk):
+    ranking, arrays, kwargs = call_case(client, case)
     assert_same_as_pytorch(ranking, arrays, plain_topk, kwargs["k"])
     if case == "similar_candidates":
         assert sorted(ranking.item_ids.tolist()) == [40, 41]  # the source item itself is filtered
     elif "candidates" not in case:
         assert len(ranking.item_ids) == kwargs["k"]
-    if method != "similar":
+    if "user_history" in kwargs:  # not similar-item
         assert not set(kwargs["user_history"][-12:]) & set(ranking.item_ids.tolist())
 
 

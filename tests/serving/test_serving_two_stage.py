@@ -8,7 +8,7 @@ import json
 import pytest
 
 from conftest import NUM_ITEMS, TOP_K, item_features, make_ranker
-from test_serving_server import CALLS, assert_same_as_pytorch
+from test_serving_server import CALLS, assert_same_as_pytorch, call_case
 from unirank.serving.client import RankerClient, Ranking
 from unirank.serving.export import TopKRanker
 from unirank.serving.item_index import INDEX_META_FILE, ItemIndex
@@ -62,11 +62,7 @@ def test_repository_versions_the_index_with_the_model(exported):
 @pytest.mark.parametrize("case", CALLS)
 def test_two_stage_round_trip_matches_the_exact_graph(case, two_stage_client, exported):
     reference, _ = exported
-    method, kwargs = CALLS[case](two_stage_client)
-    ranking = getattr(two_stage_client, method)(**kwargs)
-    task = {"search": 0, "similar": 1, "recommend": 2}[method]
-    arrays = two_stage_client.builder.build(task, kwargs.get("user_history", ()), kwargs.get("query_text", ""),
-                                            kwargs.get("item", 0), kwargs.get("candidates"))
+    ranking, arrays, _ = call_case(two_stage_client, case)
     # the added item is the one difference from the exact graph: the rest is its top-k, in order
     kept = ranking.item_ids != NEW_ITEM
     assert kept.sum() >= len(ranking.item_ids) - 1
