@@ -140,8 +140,9 @@ def build_size(plain, tokenizer, num_items: int, setups: list[str], args) -> Non
             queries = _whole_catalogue_contexts(base, tokenizer, metadata)
             exact_ids = _exact_top(vectors, queries, scaled.config.similarity)
         options, knob, values = SETUPS[setup]
-        options = dataclasses.replace(options, threads=args.build_threads,
-                                      train_size=max(options.train_size, 40 * int(4 * np.sqrt(num_items))))
+        nlist = args.nlist or int(4 * np.sqrt(num_items))
+        options = dataclasses.replace(options, threads=args.build_threads, nlist=nlist if options.kind == "ivfpq" else 0,
+                                      train_size=max(options.train_size, 40 * nlist))
         started = time.perf_counter()
         index = ItemIndex.build(vectors, scaled.config.similarity, scaled.config.temperature, options)
         build_s = time.perf_counter() - started
@@ -297,6 +298,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400, help="serve: max requests per cell")
     parser.add_argument("--seconds", type=float, default=8.0, help="serve: max seconds per cell")
     parser.add_argument("--build-threads", type=int, default=2)
+    parser.add_argument("--nlist", type=int, default=0, help="build: ivfpq lists (0: 4 sqrt(N))")
     parser.add_argument("--out", default="docs/bench/catalogue_scale.json")
     parser.add_argument("--plot", default="docs/bench/catalogue_scale.png")
     args = parser.parse_args()
