@@ -140,7 +140,7 @@ def cmd_export(args) -> int:
     if args.index:
         from unirank.serving.item_index import IndexOptions
 
-        index = IndexOptions(args.index, ef_search=args.ef_search, nprobe=args.nprobe, refine=args.refine)
+        index = IndexOptions(args.index, ef_search=args.ef_search, nprobe=args.nprobe, refine=args.refine, nlist=args.nlist)
     report = export_model(args.checkpoint, args.out, top_k=args.top_k, index=index)
     repos = build_model_repository(args.out, Path(args.out) / "repository", max_batch_size=args.max_batch_size,
                                    instance_count=args.instances, device=args.device, ort_threads=args.ort_threads,
@@ -213,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="two-stage serving: context graph + this item index (docs/SERVING.md); default: exact graph")
     p.add_argument("--ef-search", type=int, default=128, help="hnsw search breadth")
     p.add_argument("--nprobe", type=int, default=32, help="ivfpq lists searched")
+    p.add_argument("--nlist", type=int, default=0, help="ivfpq lists (0: 4 sqrt(num_items))")
     p.add_argument("--refine", type=int, default=0,
                    help="ivfpq: re-score refine x k PQ hits exactly (keeps the full vectors; 0: PQ scores only)")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
