@@ -4,7 +4,8 @@ against wall time.
 
     python benchmarks/quality.py --data ../shared/data/amazon-beauty --out runs/quality_beauty.json \
         [--peers sasrec,bert4rec] [--peer-minutes 15] [--threads 1] \
-        [--ours-run runs/beauty/unified [more runs: an ensemble] | --ours-config default --ours-minutes 20 | --no-ours] \
+        [--ours-run runs/beauty/unified [more runs: an ensemble] | --ours-config default --ours-minutes 20 \
+         [--ours-set train.eval_every=1 ...] | --no-ours] \
         [--merge] [--plot runs/quality_beauty.png]
 
 The split is the trainer's own (`prepare(cfg)`). Peers run in .venv-peers (`make peers`) through
@@ -237,7 +238,7 @@ def train_ours(args: argparse.Namespace) -> Path:
 
     out = ROOT / "runs" / "quality" / Path(args.data).name / "unirank"
     cfg = load_config(args.ours_config, [f"data.path={args.data}", f"train.max_minutes={args.ours_minutes}",
-                                         f"train.threads={args.threads}", f"train.out_dir={out}"])
+                                         f"train.threads={args.threads}", f"train.out_dir={out}", *args.ours_set])
     print(f"[unirank] training {args.ours_config} for at most {args.ours_minutes} min -> {out}", flush=True)
     train(cfg, quiet=True)
     return out
@@ -326,6 +327,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ours.add_argument("--no-ours", action="store_true", help="peers only")
     parser.add_argument("--ours-config", default="default", help="config to train ours with (no --ours-run)")
     parser.add_argument("--ours-minutes", type=float, default=20.0)
+    parser.add_argument("--ours-set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides for the model trained here, e.g. train.eval_every=1 for a "
+                        "validation point every epoch")
     parser.add_argument("--ours-name", default="unirank", help="model name in the report (e.g. one per config)")
     parser.add_argument("--merge", action="store_true", help="add this run's models to an existing --out JSON")
     parser.add_argument("--num-bootstrap", type=int, default=1000)
@@ -349,6 +353,8 @@ def check_inputs(args: argparse.Namespace) -> None:
     unknown = [p for p in args.peer_list if p not in PEERS]
     if unknown:
         raise BenchmarkInputError(f"--peers: unknown peer {', '.join(unknown)} (known: {', '.join(PEERS)})")
+    if args.ours_set and (args.ours_run or args.no_ours):
+        raise BenchmarkInputError("--ours-set applies to the model trained here (not with --ours-run / --no-ours)")
     if args.reuse_peers and not args.work_dir:
         raise BenchmarkInputError("--reuse-peers needs --work-dir (where the earlier run kept its lists)")
     if args.peer_list and not PEER_PYTHON.is_file():
@@ -360,6 +366,12 @@ def check_inputs(args: argparse.Namespace) -> None:
         raise BenchmarkInputError(f"--merge: {args.out} does not exist yet (run once without --merge)")
     if not args.peer_list and args.no_ours:
         raise BenchmarkInputError("nothing to run: no peers and --no-ours")
+    if not (args.ours_run or args.no_ours):  # a bad config fails now, not after the peers' minutes
+        from unirank.training.config import ConfigError, load_config
+        try:
+            load_config(args.ours_config, [f"data.path={args.data}", *args.ours_set])
+        except ConfigError as err:
+            raise BenchmarkInputError(f"--ours-config / --ours-set: {err}") from err
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -120,6 +120,16 @@ def test_nothing_to_run_is_refused(capsys, tmp_path):
     assert "nothing to run" in err
 
 
+def test_a_bad_override_of_ours_is_refused_before_any_training(capsys, tmp_path):
+    err = _error(capsys, ["--data", "synthetic", "--out", str(tmp_path / "q.json"), "--peers", "",
+                          "--ours-set", "train.eval_evry=1"])
+    assert "--ours-set" in err and "eval_evry" in err
+    err = _error(capsys, ["--data", "synthetic", "--out", str(tmp_path / "q.json"), "--peers", "", "--no-ours",
+                          "--ours-set", "train.eval_every=1"])
+    assert "--ours-set applies to the model trained here" in err
+    assert not (tmp_path / "q.json").exists()
+
+
 def test_ours_run_without_checkpoint_is_refused(tmp_path):
     with pytest.raises(quality.BenchmarkInputError, match="best.pt"):
         quality.ours_report(tmp_path, "synthetic", 0)
