@@ -1,5 +1,5 @@
 """From user sequences to model inputs: the leave-one-out split, the protocol's search queries,
-evaluation cases per task and the training batches of all three tasks."""
+evaluation cases per task and the training batches of every task."""
 from __future__ import annotations
 
 import zlib
@@ -9,7 +9,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from unirank.model.request import RankRequest, Task
+from unirank.model.request import QueryTask, RankRequest, Task
 from unirank.model.tokenizer import Tokenizer, WordPieceTokenizer, WordTokenizer, split_words
 from unirank.data.datasets import InteractionData
 
@@ -77,6 +77,12 @@ def build_search_query(data: InteractionData, user: int, item: int, pool: str = 
     return " ".join(dict.fromkeys(words))
 
 
+def suggest_query(data: InteractionData, user: int, item: int, modulus: int) -> str:
+    """The suggest target for (user, next item): the protocol's search query drawn from the names a
+    training query may use, the only ones a catalogue of training queries can hold."""
+    return build_search_query(data, user, item, "train", modulus)
+
+
 def item_content_text(data: InteractionData, item: int) -> str:
     """Title words + attribute names: the text the item tower's word bag and BM25 see."""
     return f"{data.item_text[item]} {data.item_attribute_text(item)}".strip()
@@ -109,10 +115,19 @@ class RequestBuilder:
     """Turns (task, user, history, target) into the request schema with one tokenizer and limits."""
 
     def __init__(self, data: InteractionData, tokenizer: Tokenizer, max_history: int, max_query_len: int,
-                 zero_shot_modulus: int = 0):
+                 zero_shot_modulus: int = 0, queries=None):
+        """`queries`: the suggest task's QueryCatalogue (data/query_catalogue.py), None = no suggest."""
         self.data, self.tokenizer = data, tokenizer
         self.max_history, self.max_query_len = max_history, max_query_len
         self.zero_shot_modulus = zero_shot_modulus
+        self.queries = queries
+
+    def suggest_targets(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """Query ids of the users' next searches (0: empty, or not in the catalogue)."""
+        if self.queries is None:
+            raise ValueError("suggest needs a query catalogue (train.tasks with suggest)")
+        return np.array([self.queries.id_of(suggest_query(self.data, int(u), int(t), self.zero_shot_modulus))
+                         for u, t in zip(users, items)], dtype=np.int64)
 
     def query_ids(self, user: int, item: int, pool: str = "all") -> np.ndarray:
         text = build_search_query(self.data, user, item, pool, self.zero_shot_modulus)
@@ -163,7 +178,8 @@ class TrainingExamples:
     user once; each step takes a group of users of similar sequence length (little padding) and
     gives each trained task one row per user: pre-query predicts every next item of the user's
     window, search one random position (with the protocol's query), similar-item one random
-    consecutive pair."""
+    consecutive pair, suggest one random position whose target is the query of that search (rows
+    whose query is empty are dropped; suggest needs the builder's query catalogue)."""
 
     def __init__(self, split: Split, builder: RequestBuilder, batch_size: int, seed: int,
                  tasks: tuple[Task, ...] = tuple(Task)):
@@ -203,6 +219,12 @@ class TrainingExamples:
             pos = (self.rng.random(len(rows)) * self.lengths[rows]).astype(np.int64)
         histories = [self.seqs[r][:p] for r, p in zip(rows, pos)]
         targets = np.array([self.seqs[r][p] for r, p in zip(rows, pos)], dtype=np.int64)
+        if task == QueryTask.SUGGEST:  # the target is the query of the search at that position
+            targets = self.builder.suggest_targets(self.users[rows], targets)
+            found = np.flatnonzero(targets > 0)
+            if len(found) == 0:
+                return None
+            rows, targets, histories = rows[found], targets[found], [histories[i] for i in found]
         req = self.builder.build(task, self.users[rows], histories, targets, width=width, queries="train")
         # The target sits at the row's last position: index = number of history tokens.
         aligned = torch.zeros(len(rows), width + 1, dtype=torch.int64)

@@ -1,6 +1,7 @@
-"""Non-neural baselines shown beside the model: popularity (all tasks), item-to-item
-co-occurrence kNN (similar-item), BM25 over item text + attribute names (search), and text kNN
-over the frozen text-encoder vectors (similar-item / pre-query; the content-only cold-start bar).
+"""Non-neural baselines shown beside the model: popularity (all item tasks), item-to-item
+co-occurrence kNN (similar-item), BM25 over item text + attribute names (search), text kNN
+over the frozen text-encoder vectors (similar-item / pre-query; the content-only cold-start bar),
+and for suggest the most popular queries and the queries made of the last item's attribute names.
 
 Each is a scorer: `scores(task, request) -> [B, num_items + 2]` over the whole id space, the same
 interface the model's scorer has, so every method goes through one evaluation path."""
@@ -11,10 +12,11 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from unirank.model.request import RankRequest, Task
+from unirank.model.request import QueryTask, RankRequest, Task
 from unirank.model.tokenizer import Tokenizer, split_words
 from unirank.data.datasets import InteractionData
 from unirank.data.examples import item_content_text
+from unirank.data.query_catalogue import QueryCatalogue
 
 
 def _padded_ids(num_items: int) -> int:
@@ -103,3 +105,50 @@ class BM25:
             if words:
                 out[b, 1: self.num_items + 1] = torch.from_numpy(self.index.get_scores(words).astype(np.float32))
         return out
+
+
+class QueryPopularity:
+    """Suggest: the catalogue's queries by training frequency, the same list for everyone."""
+
+    name = "popular-queries"
+    tasks = (QueryTask.SUGGEST,)
+
+    def __init__(self, queries: QueryCatalogue):
+        self.counts = torch.from_numpy(queries.counts.astype(np.float32))
+
+    def scores(self, task: QueryTask, request: RankRequest) -> torch.Tensor:
+        return self.counts.expand(request.batch_size, -1)
+
+
+class LastItemQueries:
+    """Suggest: the queries made of the user's last history item's attribute names first (score =
+    the share of the query's words among that item's attribute-name words), ties by training
+    frequency; a user with no history gets the popular queries."""
+
+    name = "last-item-queries"
+    tasks = (QueryTask.SUGGEST,)
+
+    def __init__(self, data: InteractionData, queries: QueryCatalogue):
+        vocabulary: dict[str, int] = {}
+        rows = [[]] + [[vocabulary.setdefault(w, len(vocabulary)) for w in dict.fromkeys(t.split())]
+                       for t in queries.texts] + [[]]
+        self.query_words = _binary(rows, len(vocabulary) + 1).T.tocsr()  # [V, Q + 2]
+        self.query_sizes = np.maximum(np.array([len(r) for r in rows], dtype=np.float32), 1.0)
+        item_rows = [[vocabulary[w] for w in dict.fromkeys(split_words(data.item_attribute_text(i))) if w in vocabulary]
+                     for i in range(data.num_items + 1)]
+        self.item_words = _binary(item_rows, len(vocabulary) + 1)  # [num_items + 1, V]
+        self.num_items = data.num_items
+        counts = queries.counts.astype(np.float64)
+        self.tiebreak = torch.from_numpy((counts / (counts.max() + 1.0) * 1e-3).astype(np.float32))
+
+    def scores(self, task: QueryTask, request: RankRequest) -> torch.Tensor:
+        last = request.history.gather(1, (request.history_lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+        last = torch.where((request.history_lengths > 0) & (last <= self.num_items), last, torch.zeros_like(last))
+        shared = (self.item_words[last.numpy()] @ self.query_words).toarray().astype(np.float32)
+        return torch.from_numpy(shared / self.query_sizes) + self.tiebreak
+
+
+def _binary(rows: list[list[int]], columns: int) -> sp.csr_matrix:
+    indices = np.array([c for r in rows for c in r], dtype=np.int64)
+    indptr = np.cumsum([0] + [len(r) for r in rows])
+    return sp.csr_matrix((np.ones(len(indices), dtype=np.float32), indices, indptr), shape=(len(rows), columns))

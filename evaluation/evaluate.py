@@ -1,6 +1,7 @@
 """Per-task offline evaluation (../shared/docs/PROTOCOL.md): every catalogue item is scored, padding
 and OOV ids are never ranked, personalized tasks (search, pre-query) drop the user's history items,
-similar-item drops the source item."""
+similar-item drops the source item. Suggest ranks every query of the query catalogue, nothing
+filtered; its target is the query of the user's next search (a query outside the catalogue is a miss)."""
 from __future__ import annotations
 
 from typing import Protocol
@@ -9,9 +10,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from unirank.model.request import TASK_NAMES, RankRequest, Task
+from unirank.model.request import TASK_NAMES, QueryTask, RankRequest, Task
 from unirank.model.ranker import UnifiedRanker
 from unirank.data.examples import EvalCases, RequestBuilder
+from unirank.data.query_catalogue import suggest_cases
 from unirank.evaluation.metrics import metrics_from_ranks, summarize, target_ranks
 
 DEFAULT_KS = (5, 10, 20)
@@ -25,14 +27,18 @@ class Scorer(Protocol):
 
 
 class ModelScorer:
-    """The ranker as a scorer over the whole id space."""
+    """The ranker as a scorer over the whole id space (the query ids for suggest). The query
+    vectors are computed once per scorer: make a new scorer after the weights change."""
 
     tasks = (Task.SEARCH, Task.SIMILAR, Task.PREQUERY)
 
     def __init__(self, ranker: UnifiedRanker, name: str = "unirank", tasks=None):
         self.ranker, self.name = ranker, name
+        self._queries = None
         if tasks is not None:
             self.tasks = tuple(tasks)
+        elif ranker.config.num_queries:
+            self.tasks = (*self.tasks, QueryTask.SUGGEST)
 
     @torch.no_grad()
     def scores(self, task: Task, request: RankRequest) -> torch.Tensor:
@@ -40,6 +46,10 @@ class ModelScorer:
         device = self.ranker.no_context.device
         req = request.to(device)
         ctx = self.ranker(req.task, req.history, req.history_lengths, req.query, req.query_lengths, req.source_item)
+        if task == QueryTask.SUGGEST:
+            if self._queries is None:
+                self._queries = self.ranker.all_query_embeddings()
+            return self.ranker.score_queries(ctx, queries=self._queries).float().cpu()
         return self.ranker.score(ctx).float().cpu()
 
 
@@ -75,6 +85,8 @@ def filter_seen(scores: torch.Tensor, task: Task, request: RankRequest, historie
     scores = scores.clone()
     scores[:, 0] = -torch.inf
     scores[:, -1] = -torch.inf
+    if task == QueryTask.SUGGEST:  # a suggestion may repeat a past search: nothing is filtered
+        return scores
     if task == Task.SIMILAR:
         scores[torch.arange(len(scores)), request.source_item] = -torch.inf
     else:
@@ -90,11 +102,15 @@ def evaluate_task(scorer: Scorer, task: Task, cases: EvalCases, builder: Request
     """Metrics (mean + 95% CI) of one scorer on one task; `max_users` evaluates a fixed random
     subset (for quick validation during training), None = every user; `queries` is the search
     query pool (`zero_shot`: queries of held-out attribute names only). `progress`: a bar of the
-    users ranked (stderr, terminals only)."""
+    users ranked (stderr, terminals only). Suggest: the users whose next search has a query
+    (query_catalogue.suggest_cases), its query id the target; `query_coverage` = the share of them
+    whose target is in the catalogue (the ceiling of every recall)."""
+    if task == QueryTask.SUGGEST:
+        cases = suggest_cases(builder.data, cases, builder.zero_shot_modulus)
     idx = np.arange(len(cases))
     if max_users is not None and max_users < len(idx):
         idx = np.sort(np.random.default_rng(seed).choice(idx, max_users, replace=False))
-    ranks = []
+    ranks, covered = [], 0
     bar = tqdm(total=len(idx), desc=f"{getattr(scorer, 'name', 'scorer')} {TASK_NAMES[task]}", unit="user",
                disable=None if progress else True, leave=False)
     for start in range(0, len(idx), batch_size):
@@ -103,11 +119,17 @@ def evaluate_task(scorer: Scorer, task: Task, cases: EvalCases, builder: Request
         histories = [cases.histories[i] for i in b]
         request = builder.build(task, cases.users[b], histories, cases.targets[b], queries=queries)
         scores = filter_seen(scorer.scores(task, request), task, request, histories)
-        ranks.append(target_ranks(scores, torch.from_numpy(cases.targets[b])).numpy())
+        targets = cases.targets[b]
+        if task == QueryTask.SUGGEST:  # id 0 (not in the catalogue) scores -inf: a miss
+            targets = builder.suggest_targets(cases.users[b], targets)
+            covered += int((targets > 0).sum())
+        ranks.append(target_ranks(scores, torch.from_numpy(targets)).numpy())
     bar.close()
     per_user = metrics_from_ranks(np.concatenate(ranks) if ranks else np.zeros(0), list(ks))
     result = summarize(per_user, num_bootstrap=num_bootstrap, seed=seed)
     result["num_users"] = int(len(idx))
+    if task == QueryTask.SUGGEST:
+        result["query_coverage"] = covered / max(len(idx), 1)
     return result
 
 
@@ -119,7 +141,7 @@ def evaluate_all(scorers: list[Scorer], cases: EvalCases, builder: RequestBuilde
     `search_zero_shot` (the users whose held-out-names query is non-empty, PROTOCOL.md) when the
     builder holds names out."""
     out: dict[str, dict] = {}
-    for task in Task:
+    for task in (*Task, *(QueryTask if builder.queries is not None else ())):
         for scorer in scorers:
             if task in scorer.tasks:
                 out.setdefault(TASK_NAMES[task], {})[scorer.name] = evaluate_task(scorer, task, cases, builder, **kwargs)

@@ -1,13 +1,15 @@
-"""The unified ranker (UniCoRn-style): one transformer serves search, similar-item and pre-query.
+"""The unified ranker (UniCoRn-style): one transformer serves search, similar-item and pre-query
+(items), and, with a query catalogue, query suggestions.
 
 Token sequence per request:  [TASK] [CONTEXT] [h_1 ... h_n]
-  TASK     learned embedding of the surface (model.request.Task)
+  TASK     learned embedding of the surface (model.request.Task, QueryTask)
   CONTEXT  search: pooled query-token bag (+ projected text-encoder vector of the query);
            similar-item: the source item's vector;
-           pre-query: a learned "no context" vector
+           pre-query, suggest: a learned "no context" vector
   h_i      the user's history items through the item tower (empty for similar-item)
 TASK and CONTEXT form a bidirectional prefix, the history is causal. The output at the last valid
-position is the context vector; score(item) = <context, item tower(item)> (or cosine / temperature).
+position is the context vector; score(item) = <context, item tower(item)> (or cosine / temperature);
+score(query) = <context, the query through the search query path> for suggest.
 """
 from __future__ import annotations
 
@@ -21,11 +23,12 @@ from torch import nn
 from unirank.kernels.attention import prefix_causal_attention
 from unirank.kernels.dispatch import model_impl
 from unirank.model.item_tower import ItemTower, PrecomputedItemTower
-from unirank.model.request import Task
+from unirank.model.request import TASK_NAMES, QueryTask, Task
 from unirank.model.tokenizer import OOV_TOKEN_ID
 
 NUM_PREFIX = 2  # TASK + CONTEXT
-NUM_TASKS = len(Task)
+NUM_TASKS = len(Task)  # the item tasks: the task tokens of a model without a query catalogue
+NUM_TASK_IDS = len(TASK_NAMES)  # every task id (per-task loss sums and counts)
 IMPL_CHOICES = ("auto", "reference", "triton")
 BAG_IMPL_CHOICES = ("auto", "torch", "triton")
 
@@ -105,6 +108,7 @@ class RankerConfig(ModelConfig):
     num_words: int
     text_dim: int = 0  # width of the item text vectors (0 = no text features)
     semantic_id_sizes: list[int] = field(default_factory=list)  # rows per semantic-ID level (incl. collision level)
+    num_queries: int = 0  # size of the suggest task's query catalogue (0 = no suggest task)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -163,9 +167,12 @@ class Block(nn.Module):
 
 class UnifiedRanker(nn.Module):
     def __init__(self, cfg: RankerConfig, item_attributes: list[list[int]], item_words: list[list[int]],
-                 item_codes: torch.Tensor | None = None, item_text: torch.Tensor | None = None):
-        """`item_codes` / `item_text`: the LM item features (see ItemTower); None leaves zero
-        placeholders of the configured shape, to be filled by load_state_dict."""
+                 item_codes: torch.Tensor | None = None, item_text: torch.Tensor | None = None,
+                 query_tokens: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """`item_codes` / `item_text`: the LM item features (see ItemTower); `query_tokens`: the
+        query catalogue's ([num_queries + 2, max_query_len] token ids, [num_queries + 2] lengths),
+        rows = query ids (QueryCatalogue.token_ids). None leaves zero placeholders of the configured
+        shape, to be filled by load_state_dict."""
         super().__init__()
         self.config, self.num_items = cfg, cfg.num_items
         self.item_tower: ItemTower | PrecomputedItemTower = ItemTower(
@@ -186,7 +193,8 @@ class UnifiedRanker(nn.Module):
                 self.query_proj = self.item_tower.text_proj
             else:
                 self.query_proj = nn.Linear(self.query_encoder.dim, cfg.dim, bias=False)
-        self.task_embedding = nn.Embedding(NUM_TASKS, cfg.dim)
+        # A model without a query catalogue keeps the item tasks' table (and its initialisation) as it was.
+        self.task_embedding = nn.Embedding(NUM_TASK_IDS if cfg.num_queries else NUM_TASKS, cfg.dim)
         self.no_context = nn.Parameter(torch.zeros(cfg.dim))
         self.position = nn.Embedding(NUM_PREFIX + cfg.max_history, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
@@ -194,6 +202,15 @@ class UnifiedRanker(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         for emb in (self.task_embedding, self.position):
             nn.init.normal_(emb.weight, std=0.02)
+        if cfg.num_queries:
+            rows = cfg.num_queries + 2
+            tokens, lengths = query_tokens or (torch.zeros(rows, cfg.max_query_len, dtype=torch.int64),
+                                               torch.zeros(rows, dtype=torch.int64))
+            if tuple(tokens.shape) != (rows, cfg.max_query_len) or tuple(lengths.shape) != (rows,):
+                raise ValueError(f"query_tokens must be [{rows}, {cfg.max_query_len}] and [{rows}], "
+                                 f"got {list(tokens.shape)} and {list(lengths.shape)}")
+            self.register_buffer("query_tokens", tokens.to(torch.int64).clone())
+            self.register_buffer("query_token_lengths", lengths.to(torch.int64).clone())
 
     def _last_items(self, history: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep each row's most recent max_history items, left-aligned."""
@@ -250,7 +267,7 @@ class UnifiedRanker(nn.Module):
         else:  # with a prebuilt `items`, the extra ids it carries (flat), if any
             extra_vec = vecs[b * n_hist + b:] if items is not None and len(vecs) > b * n_hist + b else None
 
-        task = task.clamp(0, NUM_TASKS - 1)
+        task = task.clamp(0, self.task_embedding.num_embeddings - 1)
         if hasattr(self, "query_encoder"):
             query_vec = self._search_context(task, query, query_lengths, query_vec)
         context = torch.where((task == Task.SEARCH).unsqueeze(1), query_vec,
@@ -271,6 +288,32 @@ class UnifiedRanker(nn.Module):
         encoded = self.query_proj(self.query_encoder(query[rows], query_lengths[rows]))
         base = bag if self.config.query_bag else torch.zeros_like(bag)
         return base.index_add(0, rows, encoded.to(base.dtype))
+
+    def query_vectors(self, query: torch.Tensor, query_lengths: torch.Tensor) -> torch.Tensor:
+        """[N, d] vectors of query token rows through the search query path: the pooled token bag
+        (if configured) + the projected text-encoder vector (if configured)."""
+        _, bag = self.item_tower(query.new_zeros(0), query, query_lengths)
+        vec = bag if self.config.query_bag else torch.zeros_like(bag)
+        if hasattr(self, "query_encoder"):
+            vec = vec + self.query_proj(self.query_encoder(query, query_lengths)).to(vec.dtype)
+        return vec
+
+    def all_query_embeddings(self) -> torch.Tensor:
+        """[num_queries + 2, d]: row = query id (rows 0 and num_queries + 1 are never ranked)."""
+        if hasattr(self, "query_table"):  # the export form (to_plain)
+            return self.query_table
+        if not self.config.num_queries:
+            raise ValueError("this model has no query catalogue (it was not trained with the suggest task)")
+        return self.query_vectors(self.query_tokens, self.query_token_lengths)
+
+    def score_queries(self, context: torch.Tensor, candidates: torch.Tensor | None = None,
+                      queries: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, C] scores of candidate query ids, or [B, num_queries + 2] over every query id;
+        `queries`: all_query_embeddings(), when the caller already has them."""
+        queries = self.all_query_embeddings() if queries is None else queries
+        if candidates is None:
+            return self.similarity(context, queries)
+        return self.similarity(context, queries[candidates.clamp(0, len(queries) - 1)])
 
     def forward(self, task: torch.Tensor, history: torch.Tensor, history_lengths: torch.Tensor,
                 query: torch.Tensor, query_lengths: torch.Tensor, source_item: torch.Tensor) -> torch.Tensor:
@@ -303,6 +346,9 @@ class UnifiedRanker(nn.Module):
         """An eval-mode copy for export: no TorchRec modules (the item tower is precomputed into
         one table) and plain-torch attention."""
         plain = copy.deepcopy(self).eval()
+        if self.config.num_queries:
+            with torch.no_grad():  # every catalogue query through the query path, once
+                plain.register_buffer("query_table", plain.all_query_embeddings().detach().clone())
         plain.item_tower = PrecomputedItemTower(plain.item_tower)
         plain.config = replace(plain.config, attention_impl="reference", embedding_bag_impl="torch")
         if hasattr(plain, "query_encoder"):

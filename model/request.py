@@ -15,27 +15,47 @@ PAD_ID = 0  # item id / token id 0 is padding everywhere
 
 
 class Task(enum.IntEnum):
-    """The product surface being served; it is the task-token id inside the model."""
+    """The item surfaces being served (their candidates are items); it is the task-token id inside the model."""
 
     SEARCH = 0
     SIMILAR = 1
     PREQUERY = 2
 
 
-TASK_NAMES = {Task.SEARCH: "search", Task.SIMILAR: "similar", Task.PREQUERY: "prequery"}
+class QueryTask(enum.IntEnum):
+    """Surfaces whose candidates are queries of the model's query catalogue, not items. Only a model
+    trained with a query catalogue answers them (its export's limits say so: `num_queries`)."""
+
+    SUGGEST = 3  # query suggestions before the user types: context = the user's history
+
+
+TASK_NAMES = {Task.SEARCH: "search", Task.SIMILAR: "similar", Task.PREQUERY: "prequery",
+              QueryTask.SUGGEST: "suggest"}
+
+
+class TaskIds(tuple):
+    """The task ids a model answers; formats as "0 search, 1 similar, ..." in the contract's messages."""
+
+    def __str__(self) -> str:
+        return ", ".join(f"{t} {TASK_NAMES[t]}" for t in self)
+
+
+def served_task_ids(num_queries: int) -> TaskIds:
+    """Item tasks always; the query tasks when the model has a query catalogue."""
+    return TaskIds(int(t) for t in (*Task, *(QueryTask if num_queries else ())))
 
 
 @dataclass
 class RankRequest:
     """A batch of requests as padded tensors (all int64).
 
-    task            [B]     Task id per row.
+    task            [B]     Task (or QueryTask) id per row.
     history         [B, L]  user's recent items, oldest first, left-aligned, 0-padded.
     history_lengths [B]     number of valid history items per row (may be 0).
     query           [B, Q]  query token ids (search only), 0-padded.
     query_lengths   [B]     number of valid query tokens (0 for other tasks).
     source_item     [B]     the item whose page is shown (similar-item only), else 0.
-    candidates      [B, C]  optional item ids to rank; None ranks the whole catalogue.
+    candidates      [B, C]  optional ids to rank (query ids on suggest rows); None ranks the whole catalogue.
     """
 
     task: "torch.Tensor"  # noqa: F821 (torch is not imported here: see the module docstring)
@@ -60,7 +80,8 @@ ROW_FIELDS = ("task", "history_lengths", "query_lengths", "source_item")
 SEQUENCE_LENGTHS = {"history": "history_lengths", "query": "query_lengths", "candidates": None}
 ID_FIELDS = ("history", "query", "source_item", "candidates")
 MAX_CANDIDATES = 10_000
-# Limits a rule may name; num_items is not one: unknown ids are scored with the OOV embedding.
+# Limits a rule may name (besides "task_ids", the served_task_ids of the model); num_items is not
+# one: unknown ids are scored with the OOV embedding.
 SEQUENCE_LIMITS = {"history": "max_history", "query": "max_query_len"}
 
 
@@ -71,7 +92,7 @@ class Rule:
 
     kind          field must satisfy                          bound
     batch         at least one row                            -
-    one_of        every value in bound                        tuple of ints
+    one_of        every value in bound                        tuple of ints, or a limit name
     at_least      every value >= bound                        int
     at_most       every value <= bound                        int, or a limit name (SEQUENCE_LIMITS values)
     within_width  every value <= the width of sequence bound  sequence name
@@ -85,10 +106,9 @@ class Rule:
     bound: object = None
 
 
-_TASK_LIST = ", ".join(f"{int(t)} {name}" for t, name in TASK_NAMES.items())
 RULES = (
     Rule("batch", "task", "batch size 0 (send at least one row)"),
-    Rule("one_of", "task", f"unknown task id (expected {_TASK_LIST})", tuple(int(t) for t in Task)),
+    Rule("one_of", "task", "unknown task id (expected {limit})", "task_ids"),
     *(rule for sequence, limit in SEQUENCE_LIMITS.items() for rule in (
         Rule("at_least", f"{sequence}_lengths", "negative length", 0),
         Rule("within_width", f"{sequence}_lengths", f"length > padded {sequence} width", sequence),

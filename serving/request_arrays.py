@@ -12,9 +12,11 @@ from dataclasses import dataclass
 import numpy as np
 
 try:  # inside a model repository
-    from request_schema import INPUT_NAMES, MAX_CANDIDATES, ROW_FIELDS, RULES, SEQUENCE_LENGTHS, TASK_NAMES, Rule
+    from request_schema import (INPUT_NAMES, MAX_CANDIDATES, ROW_FIELDS, RULES, SEQUENCE_LENGTHS, TASK_NAMES, Rule,
+                                served_task_ids)
 except ImportError:
-    from unirank.model.request import INPUT_NAMES, MAX_CANDIDATES, ROW_FIELDS, RULES, SEQUENCE_LENGTHS, TASK_NAMES, Rule
+    from unirank.model.request import (INPUT_NAMES, MAX_CANDIDATES, ROW_FIELDS, RULES, SEQUENCE_LENGTHS, TASK_NAMES,
+                                       Rule, served_task_ids)
 
 FIELDS = tuple(INPUT_NAMES)
 SEQUENCE_FIELDS = SEQUENCE_LENGTHS
@@ -35,6 +37,11 @@ class RequestLimits:
     max_history: int
     max_query_len: int
     max_candidates: int = MAX_CANDIDATES
+    num_queries: int = 0  # the query catalogue's size: > 0 = the model answers suggest rows
+
+    @property
+    def task_ids(self):
+        return served_task_ids(self.num_queries)
 
     def resolve(self, bound):
         """A rule's bound as a number (limit names are attributes of this object)."""

@@ -1,5 +1,6 @@
 """Single-file checkpoints: written atomically (temp file + rename, so a crash never leaves a
-half-written file under the real name), self-contained (config, tokenizer, item features), and
+half-written file under the real name), self-contained (config, tokenizer, item features, the
+query catalogue's texts), and
 checked on load against the config the caller expects."""
 from __future__ import annotations
 
@@ -28,13 +29,17 @@ class LoadedCheckpoint:
     config: str  # the run's full config, YAML
     metadata: dict  # dataset name/fingerprint, epoch, validation metrics
     optimizer_state: dict | None
+    query_texts: list[str]  # the suggest task's query catalogue: id = position + 1 (empty: no suggest)
 
 
 def save_checkpoint(path: str | Path, ranker: UnifiedRanker, tokenizer: Tokenizer,
                     item_attributes: list[list[int]], item_words: list[list[int]], config_yaml: str,
                     metadata: dict, optimizer: torch.optim.Optimizer | None = None,
-                    state_dict: dict | None = None) -> None:
-    """`state_dict`: the ranker's weights when they live elsewhere (a data-parallel DMP replica)."""
+                    state_dict: dict | None = None, query_texts: list[str] = ()) -> None:
+    """`state_dict`: the ranker's weights when they live elsewhere (a data-parallel DMP replica);
+    `query_texts`: the query catalogue (its token ids are buffers of the ranker)."""
+    if len(query_texts) != ranker.config.num_queries:
+        raise ValueError(f"{len(query_texts)} query texts for a model with {ranker.config.num_queries} queries")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     bundle = {
@@ -45,6 +50,7 @@ def save_checkpoint(path: str | Path, ranker: UnifiedRanker, tokenizer: Tokenize
         # plain ints: weights_only loading refuses numpy scalars
         "item_features": {"attributes": [[int(a) for a in row] for row in item_attributes],
                           "words": [[int(w) for w in row] for row in item_words]},
+        "query_texts": [str(t) for t in query_texts],
         "config": config_yaml,
         "metadata": metadata,
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
@@ -116,4 +122,4 @@ def load_checkpoint(path: str | Path, expect: RankerConfig | None = None) -> Loa
         raise CheckpointError(f"{path}: weights do not fit the model config: {err}") from err
     return LoadedCheckpoint(ranker=ranker, tokenizer=_tokenizer(path, bundle["tokenizer"]),
                             config=bundle["config"], metadata=bundle["metadata"],
-                            optimizer_state=bundle.get("optimizer"))
+                            optimizer_state=bundle.get("optimizer"), query_texts=list(bundle.get("query_texts", [])))

@@ -11,7 +11,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from unirank.model.ranker import ModelConfig
 
-TASK_CHOICES = ("search", "similar", "prequery")
+TASK_CHOICES = ("search", "similar", "prequery", "suggest")
+ITEM_TASKS = TASK_CHOICES[:3]  # the default train.tasks: suggest (query suggestions) is opt-in
 
 
 class ConfigError(ValueError):
@@ -41,8 +42,9 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    tasks: list[str] = field(default_factory=lambda: list(TASK_CHOICES))
-    task_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  # search, similar, prequery
+    tasks: list[str] = field(default_factory=lambda: list(ITEM_TASKS))  # + "suggest": the query catalogue task
+    # in TASK_CHOICES order: search, similar, prequery, suggest (three weights: suggest weighs 1.0)
+    task_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.0  # AdamW (decoupled) decay of every weight, the tables' included
@@ -161,8 +163,10 @@ def validate(cfg: Config) -> None:
     unknown = [t for t in cfg.train.tasks if t not in TASK_CHOICES]
     if unknown or not cfg.train.tasks:
         raise ConfigError(f"train.tasks must be a non-empty subset of {TASK_CHOICES}, got {cfg.train.tasks}")
-    if len(cfg.train.task_weights) != len(TASK_CHOICES):
-        raise ConfigError(f"train.task_weights needs one weight per task {TASK_CHOICES}")
+    if len(cfg.train.task_weights) not in (len(ITEM_TASKS), len(TASK_CHOICES)):
+        raise ConfigError(f"train.task_weights needs one weight per task {TASK_CHOICES} (or per item task {ITEM_TASKS})")
+    if "suggest" in cfg.train.tasks and cfg.train.distill_from:
+        raise ConfigError("train.distill_from teaches item tasks only: train suggest without it")
     for key in ("batch_size", "max_epochs", "eval_every"):
         if getattr(cfg.train, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1")
@@ -200,6 +204,12 @@ def validate(cfg: Config) -> None:
     if bool(cfg.train.future_window) != bool(cfg.train.future_weight):
         raise ConfigError("train.future_window and train.future_weight work together: set both (or neither), got "
                           f"{cfg.train.future_window} and {cfg.train.future_weight}")
+
+
+def task_weights(train: TrainConfig) -> dict[str, float]:
+    """{task name: weight}; a list of the item tasks' weights alone leaves suggest at 1.0."""
+    weights = list(train.task_weights) + [1.0] * (len(TASK_CHOICES) - len(train.task_weights))
+    return dict(zip(TASK_CHOICES, (float(w) for w in weights)))
 
 
 def to_yaml(cfg: Config) -> str:

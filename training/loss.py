@@ -1,14 +1,15 @@
-"""Softmax losses over items: the full catalogue, or sampled (in-batch targets + shared uniform
-negatives) with logQ correction so the sampled estimate targets the same full softmax. Each task's
-positions are averaged separately and combined with the task weights (task-balanced)."""
+"""Softmax losses over items (and, for suggest rows, over the query catalogue): the full catalogue,
+or sampled (in-batch targets + shared uniform negatives) with logQ correction so the sampled
+estimate targets the same full softmax. Each task's positions are averaged separately and combined
+with the task weights (task-balanced)."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from unirank.model.ranker import NUM_TASKS, UnifiedRanker
-from unirank.model.request import RankRequest, Task
+from unirank.model.ranker import NUM_TASK_IDS, UnifiedRanker
+from unirank.model.request import QueryTask, RankRequest, Task
 from unirank.training.distill import Teachers
 from unirank.training.batches import StepInputs, local_batch, step_inputs
 from unirank.data.examples import TrainBatch
@@ -17,13 +18,14 @@ CHUNK_BYTES = 16 << 20  # logits per chunk of the full softmax: below glibc's la
 
 
 def softmax_loss(ranker: UnifiedRanker, batch: TrainBatch, num_negatives: int, item_freq: torch.Tensor,
-                 generator: torch.Generator, task_weights: dict[Task, float], **options) -> tuple[torch.Tensor, dict]:
+                 generator: torch.Generator, task_weights: dict[Task, float], query_freq: torch.Tensor | None = None,
+                 **options) -> tuple[torch.Tensor, dict]:
     """One process's loss of a whole batch: (task-weighted loss, {task: mean cross-entropy}).
     `item_freq` [num_items + 2] is the training frequency of each id, for the probability that an item
-    is among the in-batch targets; `options` are step_loss's."""
+    is among the in-batch targets (`query_freq` likewise for suggest rows); `options` are step_loss's."""
     seed = int(torch.randint(1 << 62, (1,), generator=generator)) if ranker.training else None
     inputs = step_inputs(ranker, batch, num_negatives=num_negatives, item_freq=item_freq, generator=generator,
-                         id_dropout_seed=seed)
+                         id_dropout_seed=seed, query_freq=query_freq)
     total, sums = step_loss(ranker, inputs, task_weights, **options)
     counts = inputs.task_counts
     return total, {t: sums[int(t)] / counts[int(t)] for t in task_weights if counts[int(t)] > 0}
@@ -33,7 +35,7 @@ def step_loss(ranker: UnifiedRanker, inputs: StepInputs, task_weights: dict[Task
               excluded_items: torch.Tensor | None = None, mask_seen: bool = False,
               future_window: int = 0, future_weight: float = 0.0,
               label_smoothing: float = 0.0, teachers: Teachers | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's share of the global batch's loss and its per-task cross-entropy sums [NUM_TASKS]
+    """This rank's share of the global batch's loss and its per-task cross-entropy sums [NUM_TASK_IDS]
     (detached). The global loss is sum_t w_t * mean over task t's positions; each rank returns
     W * sum_t w_t * (sum over ITS positions of task t) / N_t with N_t the GLOBAL count, so the mean of
     the ranks' gradients (DDP; TorchRec's pooled all-to-all divides table gradients by W too) is the
@@ -49,7 +51,9 @@ def step_loss(ranker: UnifiedRanker, inputs: StepInputs, task_weights: dict[Task
     row's candidates (the catalogue less excluded and masked items, or the sampled set).
     `teachers` (full softmax only): each position's loss becomes (1 - w) * the loss above + w * the
     distillation loss against the teachers' distribution (training/distill.py); the per-task values
-    returned are then that mix."""
+    returned are then that mix.
+    Suggest rows (targets = query ids) take a softmax over the query catalogue instead (`query_loss`);
+    the options above are item-task options and leave them alone, label smoothing aside."""
     req, n, batch = inputs.request, ranker.num_items, local_batch(inputs)
     if teachers is not None and not inputs.full:
         raise ValueError("distillation needs the full softmax (train.num_negatives=0)")
@@ -57,6 +61,9 @@ def step_loss(ranker: UnifiedRanker, inputs: StepInputs, task_weights: dict[Task
                                         req.source_item, items=inputs.items)
     targets = batch.targets[:, : hidden.shape[1] - 1]
     keep = targets > 0
+    suggest_rows = (req.task == QueryTask.SUGGEST).unsqueeze(1)
+    keep_queries, keep = keep & suggest_rows, keep & ~suggest_rows
+    query_targets, h_queries = targets[keep_queries], hidden[:, 1:][keep_queries]
     h, targets = hidden[:, 1:][keep], targets[keep]
     row_task = req.task.unsqueeze(1).expand_as(keep)[keep]
     if teachers is not None:
@@ -97,14 +104,35 @@ def step_loss(ranker: UnifiedRanker, inputs: StepInputs, task_weights: dict[Task
             columns = torch.searchsorted(uniq_targets, labels_k).clamp(max=len(uniq_targets) - 1)
             per_position = soft_cross_entropy(logits, columns, weights_k)
         per_position = smooth(per_position, logits, label_smoothing)
-    scale = torch.zeros(NUM_TASKS, device=h.device)
+    if QueryTask.SUGGEST in task_weights:  # every rank looks the catalogue up, suggest rows or not
+        per_position = torch.cat([per_position, query_loss(ranker, inputs, h_queries, query_targets, label_smoothing)])
+        row_task = torch.cat([row_task, torch.full_like(query_targets, int(QueryTask.SUGGEST))])
+    scale = torch.zeros(NUM_TASK_IDS, device=h.device)
     for task, weight in task_weights.items():
         count = int(inputs.task_counts[int(task)])
         if count:
             scale[int(task)] = inputs.world * weight / count
     loss = (per_position * scale[row_task]).sum() + 0.0 * hidden.sum()  # a rank with no position: still a graph
-    sums = torch.zeros(NUM_TASKS, device=h.device).index_add_(0, row_task, per_position.detach())
+    sums = torch.zeros(NUM_TASK_IDS, device=h.device).index_add_(0, row_task, per_position.detach())
     return loss, sums
+
+
+def query_loss(ranker: UnifiedRanker, inputs: StepInputs, h: torch.Tensor, targets: torch.Tensor,
+               label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-position cross-entropy of suggest positions h [N, d] against the query catalogue (ids
+    1..num_queries, every query through the search query path), or against the sampled queries
+    (inputs.query_candidates: unique targets, then negatives; logQ-corrected, accidental hits masked)."""
+    if inputs.query_candidates is None:
+        queries = ranker.all_query_embeddings()[1: ranker.config.num_queries + 1]
+        return full_softmax_cross_entropy(ranker, h, queries, targets - 1, label_smoothing=label_smoothing)
+    candidates = inputs.query_candidates
+    tokens, lengths = ranker.query_tokens[candidates], ranker.query_token_lengths[candidates]
+    logits = ranker.similarity(h, ranker.query_vectors(tokens, lengths)) - inputs.query_logq.unsqueeze(0)
+    labels = torch.searchsorted(candidates[: inputs.num_unique_query_targets], targets)
+    hits = candidates.unsqueeze(0) == targets.unsqueeze(1)
+    hits[torch.arange(len(targets), device=hits.device), labels] = False
+    logits = logits.masked_fill(hits, -torch.inf)
+    return smooth(F.cross_entropy(logits, labels, reduction="none"), logits, label_smoothing)
 
 
 def full_softmax_cross_entropy(ranker: UnifiedRanker, h: torch.Tensor, items: torch.Tensor, labels: torch.Tensor,

@@ -235,5 +235,6 @@ def consolidate(path: str | Path, out: str | Path, cfg=None, prep=None) -> Path:
                 "epoch": trainer.get("best_epoch") or trainer.get("epoch"), "validation": trainer.get("validation"),
                 "sharded_checkpoint": str(path), "step": trainer.get("step"),
                 "trained_world_size": trainer.get("world_size")}
-    save_checkpoint(out, ranker, prep.tokenizer, prep.data.item_attributes, prep.item_words, to_yaml(cfg), metadata)
+    save_checkpoint(out, ranker, prep.tokenizer, prep.data.item_attributes, prep.item_words, to_yaml(cfg), metadata,
+                    query_texts=prep.query_texts)
     return Path(out)

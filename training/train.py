@@ -23,19 +23,20 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from unirank.model.ranker import RankerConfig, UnifiedRanker
-from unirank.model.request import TASK_NAMES, Task
+from unirank.model.request import TASK_NAMES, QueryTask, Task
 from unirank.model.tokenizer import Tokenizer
 from unirank.training import distributed
 from unirank.training import sharded_checkpoint as sc
 from unirank.training.batches import StepInputs, step_inputs
 from unirank.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from unirank.training.config import Config, ConfigError, load_config, to_yaml
+from unirank.training.config import Config, ConfigError, load_config, task_weights, to_yaml
 from unirank.data.datasets import InteractionData, load_dataset
 from unirank.training.distill import load_teachers
 from unirank.evaluation.evaluate import ModelScorer, evaluate_task
 from unirank.data.examples import (RequestBuilder, Split, TrainingExamples, fit_tokenizer,
                                        item_word_ids, leave_one_out_split)
 from unirank.data.lm_features import ItemLMFeatures, item_lm_features
+from unirank.data.query_catalogue import QueryCatalogue, build_query_catalogue
 from unirank.training.loss import item_frequencies, step_loss
 from unirank.training.run_state import RunState, optimizer_state, rng_state, set_rng_state, trainable
 
@@ -57,6 +58,11 @@ class Prepared:
     builder: RequestBuilder
     lm: ItemLMFeatures | None = None  # text vectors + semantic IDs, when the model config uses them
     excluded_items: np.ndarray | None = None  # item ids training never ranks (cold-start: not yet in the catalogue)
+    queries: QueryCatalogue | None = None  # the suggest task's candidates (train.tasks with suggest)
+
+    @property
+    def query_texts(self) -> list[str]:
+        return [] if self.queries is None else self.queries.texts
 
 
 def prepare(cfg: Config, data: InteractionData | None = None, fit_items: np.ndarray | None = None) -> Prepared:
@@ -67,12 +73,17 @@ def prepare(cfg: Config, data: InteractionData | None = None, fit_items: np.ndar
     if len(split.users) == 0:
         raise ValueError(f"{cfg.data.path}: no user has the 3 interactions leave-one-out needs")
     tokenizer = fit_tokenizer(data, cfg.model.tokenizer)
+    queries = None
+    if TASK_NAMES[QueryTask.SUGGEST] in cfg.train.tasks:
+        queries = build_query_catalogue(data, split, cfg.data.zero_shot_modulus)
+        if not len(queries):
+            raise ValueError(f"{cfg.data.path}: the training split builds no search query: suggest has no candidates")
     builder = RequestBuilder(data, tokenizer, cfg.model.max_history, cfg.model.max_query_len,
-                             cfg.data.zero_shot_modulus)
+                             cfg.data.zero_shot_modulus, queries)
     lm = None
     if cfg.model.text_features or cfg.model.semantic_id_levels:
         lm = item_lm_features(data, cfg.data.cache_dir, cfg.model.semantic_id_levels, cfg.train.seed, fit_items)
-    return Prepared(data, split, tokenizer, item_word_ids(data, tokenizer), builder, lm)
+    return Prepared(data, split, tokenizer, item_word_ids(data, tokenizer), builder, lm, queries=queries)
 
 
 def ranker_config(cfg: Config, prep: Prepared) -> RankerConfig:
@@ -80,14 +91,18 @@ def ranker_config(cfg: Config, prep: Prepared) -> RankerConfig:
     return RankerConfig(num_items=prep.data.num_items, num_attributes=prep.data.num_attributes,
                         num_words=prep.tokenizer.vocab_size, **asdict(cfg.model),
                         text_dim=int(lm.text.shape[1]) if lm is not None and cfg.model.text_features else 0,
-                        semantic_id_sizes=lm.level_sizes if lm is not None else [])
+                        semantic_id_sizes=lm.level_sizes if lm is not None else [],
+                        num_queries=len(prep.query_texts))
 
 
 def build_ranker(cfg: Config, prep: Prepared) -> UnifiedRanker:
     lm = prep.lm
+    queries = prep.queries
     return UnifiedRanker(ranker_config(cfg, prep), prep.data.item_attributes, prep.item_words,
                          item_codes=lm.codes if lm is not None and lm.level_sizes else None,
-                         item_text=lm.text if lm is not None and cfg.model.text_features else None)
+                         item_text=lm.text if lm is not None and cfg.model.text_features else None,
+                         query_tokens=None if queries is None else queries.token_ids(prep.tokenizer,
+                                                                                    cfg.model.max_query_len))
 
 
 def validate(ranker: UnifiedRanker, prep: Prepared, tasks: list[Task], cfg: Config) -> dict[str, dict]:
@@ -256,7 +271,7 @@ def _train(cfg: Config, runtime: distributed.Runtime, prep: Prepared | None, qui
     torch.manual_seed(cfg.train.seed)
     prep = prep or prepare(cfg)
     tasks = [TASK_BY_NAME[t] for t in cfg.train.tasks]
-    weights = {task: cfg.train.task_weights[int(task)] for task in tasks}
+    weights = {task: task_weights(cfg.train)[TASK_NAMES[task]] for task in tasks}
     out = Path(cfg.train.out_dir)
     root = Path(cfg.distributed.checkpoint_dir or out / "checkpoints")
     resume_from = _check_resumable(out, root, cfg)
@@ -265,6 +280,7 @@ def _train(cfg: Config, runtime: distributed.Runtime, prep: Prepared | None, qui
     if Task.SIMILAR in tasks and not (examples.lengths >= 2).any():
         raise ValueError("similar-item training needs users with >= 2 training items")
     item_freq = item_frequencies(prep.split.train, prep.data.num_items).to(device)
+    query_freq = None if prep.queries is None else prep.queries.frequencies().to(device)
     generator = torch.Generator().manual_seed(cfg.train.seed)
     excluded = None if prep.excluded_items is None else torch.as_tensor(prep.excluded_items, dtype=torch.int64,
                                                                         device=device)
@@ -373,7 +389,7 @@ def _train(cfg: Config, runtime: distributed.Runtime, prep: Prepared | None, qui
                 save_checkpoint(out / "best.pt", ranker, prep.tokenizer, prep.data.item_attributes, prep.item_words,
                                 to_yaml(cfg), {**metadata, "epoch": epoch, "validation": metrics,
                                                "trained_world_size": world},
-                                optimizer if fused is None else None, state_dict=full)
+                                optimizer if fused is None else None, state_dict=full, query_texts=prep.query_texts)
             st.best_checkpoint = None
         else:
             st.best_checkpoint = sc.checkpoint_name(st.step)
@@ -399,7 +415,7 @@ def _train(cfg: Config, runtime: distributed.Runtime, prep: Prepared | None, qui
                     group["lr"] = base * factor
             inputs = step_inputs(ranker, batch.to(device), num_negatives=cfg.train.num_negatives, item_freq=item_freq,
                                  generator=generator, rank=rank, world=world,
-                                 id_dropout_seed=step_seed(cfg.train.seed, st.step))
+                                 id_dropout_seed=step_seed(cfg.train.seed, st.step), query_freq=query_freq)
             if runtime.sharded:  # the sharded collection's input all-to-all starts from this KJT
                 inputs.items.features = inputs.items.features.to_kjt()
             with autocast:
