@@ -1,4 +1,5 @@
-"""Typed gRPC client for the unirank Triton endpoint: search, similar-item and recommendations.
+"""Typed gRPC client for the unirank Triton endpoint: search, similar-item, recommendations and
+(for a model with a query catalogue) query suggestions.
 
 Needs only numpy and tritonclient (`pip install unirank[client]`; no torch). Limits, names and the
 tokenizer come from the server (`from_server`: the model config's parameters) or from a model
@@ -24,10 +25,10 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
-from unirank.model.request import Task
+from unirank.model.request import QueryTask, Task
 from unirank.model.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_dict
-from unirank.serving.metadata import (METADATA_FILE, METADATA_PARAMETER, OUTPUT_NAMES, TOKENIZER_FILE,
-                                      TOKENIZER_PARAMETER, ExportMetadata)
+from unirank.serving.metadata import (METADATA_FILE, METADATA_PARAMETER, OUTPUT_NAMES, QUERIES_FILE,
+                                      QUERIES_PARAMETER, TOKENIZER_FILE, TOKENIZER_PARAMETER, ExportMetadata)
 from unirank.serving.request_arrays import FIELDS, ROW_FIELDS, RequestLimits, check_request
 
 RETRYABLE = "StatusCode.UNAVAILABLE"
@@ -52,6 +53,15 @@ class Ranking:
     scores: np.ndarray  # [k] float32
 
 
+@dataclass
+class Suggestions:
+    """Suggested queries, best first: their ids in the model's query catalogue and their text."""
+
+    query_ids: np.ndarray  # [k] int64
+    texts: list[str]
+    scores: np.ndarray  # [k] float32
+
+
 def bucket(length: int, limit: int) -> int:
     """Smallest power of two >= length (at least 1), capped at `limit`."""
     return min(1 << max(0, int(length) - 1).bit_length(), limit)
@@ -68,7 +78,8 @@ class RequestBuilder:
 
     def __init__(self, tokenizer: Tokenizer, metadata: ExportMetadata):
         self.tokenizer, self.metadata = tokenizer, metadata
-        self.limits = RequestLimits(metadata.num_items, metadata.max_history, metadata.max_query_len)
+        self.limits = RequestLimits(metadata.num_items, metadata.max_history, metadata.max_query_len,
+                                    num_queries=metadata.num_queries)
 
     def build(self, task: Task, history: Sequence[int] = (), query_text: str = "", source_item: int = 0,
               candidates: Sequence[int] | None = None) -> dict[str, np.ndarray]:
@@ -130,14 +141,33 @@ def model_files_from_server(url: str, model_name: str = "unirank", model_version
             ExportMetadata(**json.loads(parameters[METADATA_PARAMETER])))
 
 
+def query_texts_from_model_dir(model_dir: str | Path) -> list[str]:
+    """The query catalogue (queries.json) of a model directory; [] for a model without one."""
+    path = Path(model_dir) / QUERIES_FILE
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def query_texts_from_server(url: str, model_name: str = "unirank", model_version: str = "",
+                            tls: dict | None = None) -> list[str]:
+    """The query catalogue from the model config's `queries` parameter; [] for a model without one."""
+    with grpcclient.InferenceServerClient(url, **(tls or {})) as client:
+        config = client.get_model_config(model_name, model_version, as_json=True)["config"]
+    text = config.get("parameters", {}).get(QUERIES_PARAMETER, {}).get("string_value", "")
+    return json.loads(text) if text else []
+
+
 class _TypedCalls:
     """Construction and the per-task surface, shared by the sync and async clients (`_call` differs)."""
 
     def __init__(self, url: str, tokenizer: Tokenizer, metadata: ExportMetadata, model_name: str = "unirank",
                  timeout_s: float = 2.0, retries: int = 3, retry_backoff_s: float = 0.1, model_version: str = "",
-                 tls: dict | None = None):
+                 tls: dict | None = None, query_texts: Sequence[str] = ()):
         """`model_version` "" lets the server pick (the newest loaded); "2" pins version 2. `tls`:
-        tritonclient's TLS arguments, e.g. {"ssl": True, "root_certificates": "ca.pem"}."""
+        tritonclient's TLS arguments, e.g. {"ssl": True, "root_certificates": "ca.pem"}.
+        `query_texts`: the model's query catalogue (id = position + 1), for `suggest`."""
+        if len(query_texts) != metadata.num_queries:
+            raise ValueError(f"the model has {metadata.num_queries} queries, got {len(query_texts)} query texts")
+        self.query_texts = list(query_texts)
         self.url, self.model_name, self.model_version = url, model_name, model_version
         self.builder = RequestBuilder(tokenizer, metadata)
         self.timeout_s, self.retries, self.retry_backoff_s = timeout_s, retries, retry_backoff_s
@@ -146,13 +176,15 @@ class _TypedCalls:
     @classmethod
     def from_model_dir(cls, url: str, model_dir: str | Path, **kwargs):
         """Tokenizer and limits from a model directory of the repository (e.g. repo/python/unirank)."""
-        return cls(url, *_load_model_files(model_dir), model_name=Path(model_dir).name, **kwargs)
+        return cls(url, *_load_model_files(model_dir), model_name=Path(model_dir).name,
+                   query_texts=query_texts_from_model_dir(model_dir), **kwargs)
 
     @classmethod
     def from_server(cls, url: str, model_name: str = "unirank", model_version: str = "", tls: dict | None = None, **kwargs):
         """Tokenizer and limits read from the served model's config: nothing local needed."""
         return cls(url, *model_files_from_server(url, model_name, model_version, tls), model_name=model_name,
-                   model_version=model_version, tls=tls, **kwargs)
+                   model_version=model_version, tls=tls,
+                   query_texts=query_texts_from_server(url, model_name, model_version, tls), **kwargs)
 
     def _infer_arguments(self, arrays) -> dict:
         return dict(model_name=self.model_name, inputs=infer_inputs(arrays), model_version=self.model_version,
@@ -175,6 +207,16 @@ class _TypedCalls:
         """Pre-query recommendations (home page); an empty history is a new user."""
         return self._one(self.builder.build(Task.PREQUERY, user_history, "", 0, candidates), k)
 
+    def suggest(self, user_history: Sequence[int], candidates: Sequence[int] | None = None, k: int = 10):
+        """Query suggestions before the user types (an empty history is a new user): `Suggestions`
+        from the model's query catalogue; `candidates` (query ids) restricts them."""
+        if not self.query_texts:
+            raise ValueError("suggest: this model has no query catalogue (it was not trained with the suggest task)")
+        return self._suggestions(self._one(self.builder.build(QueryTask.SUGGEST, user_history, "", 0, candidates), k))
+
+    def _texts(self, ranking: Ranking) -> Suggestions:
+        return Suggestions(ranking.item_ids, [self.query_texts[int(i) - 1] for i in ranking.item_ids], ranking.scores)
+
     def rank(self, arrays: dict[str, np.ndarray], k: int | None = None):
         """A prepared (batched) request, e.g. from request_arrays.pad_and_stack; one Ranking per row."""
         return self._call(arrays, k)
@@ -189,6 +231,9 @@ class RankerClient(_TypedCalls):
 
     def _one(self, arrays, k):
         return self._call(arrays, self._check_k(k))[0]
+
+    def _suggestions(self, ranking):
+        return self._texts(ranking)
 
     def _call(self, arrays, k):
         for attempt in range(self.retries + 1):
@@ -218,6 +263,9 @@ class AsyncRankerClient(_TypedCalls):
 
     async def _one(self, arrays, k):
         return (await self._call(arrays, self._check_k(k)))[0]
+
+    async def _suggestions(self, pending):
+        return self._texts(await pending)
 
     async def _call(self, arrays, k):
         for attempt in range(self.retries + 1):

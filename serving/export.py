@@ -1,11 +1,14 @@
-"""Export the trained ranker as ONE ONNX graph that answers all three tasks with top-k item ids.
+"""Export the trained ranker as ONE ONNX graph that answers the item tasks with top-k item ids and,
+for a model trained with a query catalogue, suggest rows (task 3) with top-k query ids.
 
 Graph contract (also what Triton serves):
   inputs   the request schema, all int64: task [B], history [B, L], history_lengths [B],
            query [B, Q], query_lengths [B], source_item [B], candidates [B, C]; L, Q, C >= 1
            (send one padding column for "none": ONNX Runtime rejects zero-width inputs here).
-  outputs  item_ids [B, K] int64 and scores [B, K] float32, best first, K = min(top_k, num_items)
-           fixed at export time (a fixed output shape lets Triton batch any mix of requests).
+  outputs  item_ids [B, K] int64 and scores [B, K] float32, best first, K = min(top_k, num_items
+           [, num_queries]) fixed at export time (a fixed output shape lets Triton batch any mix of
+           requests). On suggest rows item_ids holds query ids: queries.json beside the graph (and
+           the model config's `queries` parameter) gives their text.
 A graph whose weights pass protobuf's 2 GB limit (the item table of ~8 M items at d=64) is written
 with ONNX external data: model.onnx plus model.onnx.data beside it, loaded from the file path by
 ONNX Runtime (both Triton flavours create their session from the path).
@@ -16,12 +19,15 @@ Rules baked into the graph:
   - search and pre-query rows never return items of the user's history, known to the model or
     not; similar-item rows never return the source item;
   - slots that cannot be filled (fewer candidates than K) have item_id 0 and score -inf;
-  - unknown item ids (outside 1..num_items) are embedded with the model's OOV row, never crash.
+  - unknown item ids (outside 1..num_items) are embedded with the model's OOV row, never crash;
+  - suggest rows rank the whole query catalogue, or exactly their non-zero candidates (query ids;
+    unknown ones are never returned), repeats once, nothing filtered (a past search may come back).
 The request contract (model/request.py RULES) is checked inside the graph (graph_checks.py) and,
 with the same rules, by the client and the python-backend model (request_arrays.py).
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -31,10 +37,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from unirank.model.request import INPUT_NAMES, ROW_FIELDS, Task
+from unirank.model.request import INPUT_NAMES, ROW_FIELDS, QueryTask, Task
 from unirank.serving.graph_checks import add_request_checks
-from unirank.serving.metadata import (METADATA_FILE, MODEL_FILE, OUTPUT_NAMES, TOKENIZER_FILE,  # noqa: F401
-                                      ExportMetadata, external_data_file)
+from unirank.serving.metadata import (METADATA_FILE, MODEL_FILE, OUTPUT_NAMES, QUERIES_FILE,  # noqa: F401
+                                      TOKENIZER_FILE, ExportMetadata, external_data_file)
 from unirank.serving.request_arrays import RequestLimits
 
 log = logging.getLogger(__name__)
@@ -48,10 +54,31 @@ class TopKRanker(nn.Module):
         super().__init__()
         self.ranker = ranker
         self.num_items = int(ranker.num_items)
-        self.top_k = min(int(top_k), self.num_items)
+        self.num_queries = int(ranker.config.num_queries)
+        self.top_k = min(int(top_k), self.num_items, *([self.num_queries] if self.num_queries else []))
 
     def forward(self, task, history, history_lengths, query, query_lengths, source_item, candidates):
         context = self.ranker(task, history, history_lengths, query, query_lengths, source_item)
+        top_ids, top_scores = self._top_items(context, task, history, history_lengths, source_item, candidates)
+        if self.num_queries:
+            query_ids, query_scores = self._top_queries(context, candidates)
+            suggest = (task == int(QueryTask.SUGGEST)).unsqueeze(1)
+            top_ids, top_scores = torch.where(suggest, query_ids, top_ids), torch.where(suggest, query_scores, top_scores)
+        return top_ids, top_scores
+
+    def _top_queries(self, context, candidates):
+        """Top-k query ids of every row: its non-zero candidates (ids outside the catalogue hidden),
+        or the whole catalogue when they are all padding; no seen filter."""
+        batch, n = context.shape[0], self.num_queries
+        known = (candidates >= 1) & (candidates <= n)
+        use_catalogue = (candidates == 0).all(dim=1, keepdim=True)
+        cand_scores = self.ranker.score_queries(context, torch.where(known, candidates, torch.zeros_like(candidates)))
+        cand_scores = cand_scores.masked_fill(~known | use_catalogue | _repeated(candidates), float("-inf"))
+        catalogue_scores = self.ranker.score_queries(context)[:, 1: n + 1].masked_fill(~use_catalogue, float("-inf"))
+        ids = torch.cat([candidates, torch.arange(1, n + 1, device=context.device).expand(batch, -1)], dim=1)
+        return _top(ids, torch.cat([cand_scores, catalogue_scores], dim=1), self.top_k)
+
+    def _top_items(self, context, task, history, history_lengths, source_item, candidates):
         batch = task.shape[0]
         cand_scores = self.ranker.score(context, candidates)
         catalogue_scores = self.ranker.score(context)[:, 1 : self.num_items + 1]
@@ -66,10 +93,7 @@ class TopKRanker(nn.Module):
         catalogue_scores = catalogue_scores.masked_fill(seen, float("-inf"))
         ids = torch.cat([candidates, catalogue_ids], dim=1)
         scores = torch.cat([cand_scores, catalogue_scores], dim=1)
-
-        top_scores, top_index = scores.topk(self.top_k, dim=1)
-        top_ids = ids.gather(1, top_index).masked_fill(top_scores == float("-inf"), 0)
-        return top_ids, top_scores
+        return _top(ids, scores, self.top_k)
 
     def _known(self, ids: torch.Tensor) -> torch.Tensor:
         """ids inside the catalogue, others (padding, unknown) mapped to 0."""
@@ -102,6 +126,12 @@ class TopKRanker(nn.Module):
         return ((candidates[:, :, None] == hidden[:, None, :]) & (hidden[:, None, :] != 0)).any(dim=2)
 
 
+def _top(ids: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best (ids, scores) per row; unfilled slots (-inf) get id 0."""
+    top_scores, top_index = scores.topk(k, dim=1)
+    return ids.gather(1, top_index).masked_fill(top_scores == float("-inf"), 0), top_scores
+
+
 def _repeated(ids: torch.Tensor) -> torch.Tensor:
     """[B, C] True on every copy of an id but one, so that duplicate candidates are ranked once."""
     ordered, order = ids.sort(dim=1)
@@ -123,7 +153,7 @@ def example_inputs(max_history: int, max_query_len: int, batch: int = 3, candida
     history, query = min(5, max_history), min(4, max_query_len)
     ones = torch.ones(batch, dtype=torch.long)
     return (
-        torch.arange(batch) % 3,
+        torch.arange(batch) % len(Task),
         torch.ones(batch, history, dtype=torch.long),
         ones * history,
         torch.ones(batch, query, dtype=torch.long),
@@ -148,9 +178,14 @@ def _dynamic_shapes(max_history: int, max_query_len: int) -> dict:
 
 
 def export_onnx(ranker: nn.Module, out_dir: str | Path, top_k: int = 100, tokenizer=None,
-                external_data: bool | None = None) -> ExportMetadata:
-    """Write model.onnx (+ tokenizer.json, export.json) for a plain ranker into out_dir.
+                external_data: bool | None = None, query_texts: list[str] | None = None) -> ExportMetadata:
+    """Write model.onnx (+ tokenizer.json, export.json, and queries.json for a model with a query
+    catalogue: `query_texts`, id = position + 1) for a plain ranker into out_dir.
     `external_data`: weights in model.onnx.data (None: only when they pass protobuf's 2 GB)."""
+    num_queries = int(ranker.config.num_queries)
+    if len(query_texts or ()) != num_queries:
+        raise ValueError(f"the model has {num_queries} queries: export needs their {num_queries} texts, "
+                         f"got {len(query_texts or ())}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     module = TopKRanker(ranker, top_k).eval()
@@ -168,7 +203,10 @@ def export_onnx(ranker: nn.Module, out_dir: str | Path, top_k: int = 100, tokeni
     (out_dir / external_data_file(MODEL_FILE)).unlink(missing_ok=True)
     program.save(str(out_dir / MODEL_FILE), external_data=external_data)
     _rewrite_bool_where(out_dir / MODEL_FILE)
-    add_request_checks(out_dir / MODEL_FILE, RequestLimits(module.num_items, *limits))
+    add_request_checks(out_dir / MODEL_FILE, RequestLimits(module.num_items, *limits, num_queries=num_queries))
+    (out_dir / QUERIES_FILE).unlink(missing_ok=True)
+    if num_queries:
+        (out_dir / QUERIES_FILE).write_text(json.dumps(list(query_texts)))
     metadata = ExportMetadata(
         num_items=module.num_items,
         max_history=limits[0],
@@ -177,6 +215,7 @@ def export_onnx(ranker: nn.Module, out_dir: str | Path, top_k: int = 100, tokeni
         input_names=list(INPUT_NAMES),
         output_names=list(OUTPUT_NAMES),
         onnx_opset=int(program.model.opset_imports.get("", 0)),
+        num_queries=num_queries,
     )
     metadata.save(out_dir / METADATA_FILE)
     if tokenizer is not None:
@@ -260,8 +299,11 @@ def export_model(checkpoint_path: str | Path, out_dir: str | Path, top_k: int = 
 
     started = time.perf_counter()
     loaded = load_checkpoint(checkpoint_path)
+    if index is not None and loaded.query_texts:
+        raise ValueError("two-stage serving (--index) ranks items only: export a model with a query catalogue "
+                         "(suggest) as the exact graph")
     plain = loaded.ranker.to_plain().eval()
-    metadata = export_onnx(plain, out_dir, top_k=top_k, tokenizer=loaded.tokenizer)
+    metadata = export_onnx(plain, out_dir, top_k=top_k, tokenizer=loaded.tokenizer, query_texts=loaded.query_texts)
     from unirank.serving.context_export import export_two_stage, remove_two_stage
 
     remove_two_stage(out_dir)  # a previous export's index must not be served with this model

@@ -10,8 +10,9 @@ OUTPUT_NAMES = ["item_ids", "scores"]
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 METADATA_FILE = "export.json"
-# Model config parameters that carry the metadata and the tokenizer to clients.
-METADATA_PARAMETER, TOKENIZER_PARAMETER = "export_metadata", "tokenizer"
+QUERIES_FILE = "queries.json"  # the suggest task's query catalogue: a JSON list, query id = position + 1
+# Model config parameters that carry the metadata, the tokenizer and the query catalogue to clients.
+METADATA_PARAMETER, TOKENIZER_PARAMETER, QUERIES_PARAMETER = "export_metadata", "tokenizer", "queries"
 
 
 @dataclass
@@ -25,6 +26,7 @@ class ExportMetadata:
     input_names: list[str]
     output_names: list[str]
     onnx_opset: int
+    num_queries: int = 0  # the query catalogue's size: > 0 = suggest rows are answered with query ids
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2))

@@ -23,8 +23,8 @@ from tritonclient.grpc import model_config_pb2 as pb
 
 from unirank.model import request as request_schema
 from unirank.model.request import ROW_FIELDS
-from unirank.serving.metadata import (METADATA_FILE, METADATA_PARAMETER, MODEL_FILE, TOKENIZER_FILE,
-                                      TOKENIZER_PARAMETER, ExportMetadata, external_data_files)
+from unirank.serving.metadata import (METADATA_FILE, METADATA_PARAMETER, MODEL_FILE, QUERIES_FILE, QUERIES_PARAMETER,
+                                      TOKENIZER_FILE, TOKENIZER_PARAMETER, ExportMetadata, external_data_files)
 from unirank.serving.item_index import CONTEXT_MODEL_FILE, INDEX_FILE, INDEX_FILES, INDEX_META_FILE, ITEM_TABLE_FILE
 
 FLAVOURS = ("python", "onnxruntime")
@@ -54,6 +54,7 @@ class EndpointSpec:
     preferred_batch_sizes: list[int] = field(default_factory=list)
     graph_optimization: str = "ORT_ENABLE_ALL"  # a GRAPH_OPTIMIZATION_LEVELS name
     tokenizer_json: str = ""  # served in the config's parameters, for clients (RankerClient.from_server)
+    queries_json: str = ""  # the query catalogue's texts (suggest), served the same way
 
     def __post_init__(self):
         if self.device not in ("cpu", "gpu"):
@@ -107,6 +108,8 @@ def model_config(spec: EndpointSpec, flavour: str) -> pb.ModelConfig:
     config.parameters[METADATA_PARAMETER].string_value = json.dumps(asdict(spec.metadata))
     if spec.tokenizer_json:
         config.parameters[TOKENIZER_PARAMETER].string_value = spec.tokenizer_json
+    if spec.queries_json:
+        config.parameters[QUERIES_PARAMETER].string_value = spec.queries_json
     return config
 
 
@@ -117,10 +120,11 @@ def build_model_repository(export_dir: str | Path, out_dir: str | Path, name: st
                            graph_optimization: str = "ORT_ENABLE_ALL") -> dict[str, Path]:
     """Export dir (model.onnx, tokenizer.json, export.json) -> {flavour: repository root}; validated."""
     export_dir, out_dir = Path(export_dir), Path(out_dir)
-    tokenizer = export_dir / TOKENIZER_FILE
+    tokenizer, queries = export_dir / TOKENIZER_FILE, export_dir / QUERIES_FILE
     spec = EndpointSpec(ExportMetadata.load(export_dir / METADATA_FILE), name, max_batch_size, dynamic_batching,
                         max_queue_delay_us, instance_count, device, ort_threads, list(preferred_batch_sizes),
-                        graph_optimization, tokenizer_json=tokenizer.read_text() if tokenizer.exists() else "")
+                        graph_optimization, tokenizer_json=tokenizer.read_text() if tokenizer.exists() else "",
+                        queries_json=queries.read_text() if queries.exists() else "")
     repositories = {}
     for flavour in flavours:
         root = out_dir / flavour
@@ -131,7 +135,7 @@ def build_model_repository(export_dir: str | Path, out_dir: str | Path, name: st
         version_dir.mkdir(parents=True)
         for graph_file in (MODEL_FILE, *external_data_files(export_dir / MODEL_FILE)):
             shutil.copy2(export_dir / graph_file, version_dir / graph_file)
-        for extra in (TOKENIZER_FILE, METADATA_FILE):
+        for extra in (TOKENIZER_FILE, METADATA_FILE, QUERIES_FILE):
             if (export_dir / extra).exists():
                 shutil.copy2(export_dir / extra, model_dir / extra)
         if flavour == "python":

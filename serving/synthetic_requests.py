@@ -3,19 +3,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from unirank.serving.request_arrays import pad_and_stack
+from unirank.serving.request_arrays import pad_and_stack, served_task_ids
 
 TASKS = (0, 1, 2)
+SUGGEST = 3
 
 
 def random_request(rng: np.random.Generator, task: int, num_items: int, vocab_size: int, max_history: int,
-                   max_query_len: int, max_candidates: int = 50) -> dict[str, np.ndarray]:
+                   max_query_len: int, max_candidates: int = 50, num_queries: int = 0) -> dict[str, np.ndarray]:
     """One row: similar-item has a source item and no history; search has a query; a third of the
-    rows carry candidates (with some padding), the rest rank the whole catalogue."""
+    rows carry candidates (with some padding; query ids up to `num_queries` on suggest rows), the
+    rest rank the whole catalogue."""
     history_len = 0 if task == 1 else int(rng.integers(0, max_history + 1))
     query_len = int(rng.integers(1, max_query_len + 1)) if task == 0 else 0
     num_candidates = int(rng.integers(1, max_candidates + 1)) if rng.random() < 1 / 3 else 0
-    candidates = rng.integers(1, num_items + 1, size=num_candidates)
+    candidates = rng.integers(1, (num_queries if task == SUGGEST else num_items) + 1, size=num_candidates)
     candidates[rng.random(num_candidates) < 0.1] = 0
     row = {
         "task": np.array([task]),
@@ -30,8 +32,11 @@ def random_request(rng: np.random.Generator, task: int, num_items: int, vocab_si
 
 
 def random_batches(metadata, vocab_size: int, requests: int, batch_size: int = 16, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """`requests` rows cycling through the tasks, padded into batches of mixed tasks and lengths."""
+    """`requests` rows cycling through the tasks the model serves, padded into batches of mixed
+    tasks and lengths."""
     rng = np.random.default_rng(seed)
-    rows = [random_request(rng, TASKS[i % 3], metadata.num_items, vocab_size, metadata.max_history,
-                           metadata.max_query_len) for i in range(requests)]
+    num_queries = getattr(metadata, "num_queries", 0)
+    tasks = served_task_ids(num_queries)
+    rows = [random_request(rng, tasks[i % len(tasks)], metadata.num_items, vocab_size, metadata.max_history,
+                           metadata.max_query_len, num_queries=num_queries) for i in range(requests)]
     return [pad_and_stack(rows[i : i + batch_size]) for i in range(0, requests, batch_size)]
