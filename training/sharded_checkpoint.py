@@ -203,7 +203,7 @@ def consolidate(path: str | Path, out: str | Path, cfg=None, prep=None) -> Path:
     Hashed-capacity rows beyond what the model's id space reaches (distributed.tables.*.rows) are
     dropped: the single-process model never looks them up."""
     from unirank.training.config import load_config, to_yaml
-    from unirank.training.train import build_ranker, prepare
+    from unirank.training.train import build_ranker, prepare, trained_query_texts
 
     path = Path(path)
     trainer = verify(path)
@@ -236,5 +236,5 @@ def consolidate(path: str | Path, out: str | Path, cfg=None, prep=None) -> Path:
                 "sharded_checkpoint": str(path), "step": trainer.get("step"),
                 "trained_world_size": trainer.get("world_size")}
     save_checkpoint(out, ranker, prep.tokenizer, prep.data.item_attributes, prep.item_words, to_yaml(cfg), metadata,
-                    query_texts=prep.query_texts)
+                    query_texts=trained_query_texts(cfg, prep))
     return Path(out)

@@ -60,9 +60,16 @@ class Prepared:
     excluded_items: np.ndarray | None = None  # item ids training never ranks (cold-start: not yet in the catalogue)
     queries: QueryCatalogue | None = None  # the suggest task's candidates (train.tasks with suggest)
 
-    @property
-    def query_texts(self) -> list[str]:
-        return [] if self.queries is None else self.queries.texts
+
+def trained_queries(cfg: Config, prep: Prepared) -> QueryCatalogue | None:
+    """The query catalogue of a model trained with `cfg`: only a run that trains suggest carries one
+    (the item-task twins of a suggest benchmark share its data, not its catalogue)."""
+    return prep.queries if TASK_NAMES[QueryTask.SUGGEST] in cfg.train.tasks else None
+
+
+def trained_query_texts(cfg: Config, prep: Prepared) -> list[str]:
+    queries = trained_queries(cfg, prep)
+    return [] if queries is None else queries.texts
 
 
 def prepare(cfg: Config, data: InteractionData | None = None, fit_items: np.ndarray | None = None) -> Prepared:
@@ -92,12 +99,12 @@ def ranker_config(cfg: Config, prep: Prepared) -> RankerConfig:
                         num_words=prep.tokenizer.vocab_size, **asdict(cfg.model),
                         text_dim=int(lm.text.shape[1]) if lm is not None and cfg.model.text_features else 0,
                         semantic_id_sizes=lm.level_sizes if lm is not None else [],
-                        num_queries=len(prep.query_texts))
+                        num_queries=len(trained_query_texts(cfg, prep)))
 
 
 def build_ranker(cfg: Config, prep: Prepared) -> UnifiedRanker:
     lm = prep.lm
-    queries = prep.queries
+    queries = trained_queries(cfg, prep)
     return UnifiedRanker(ranker_config(cfg, prep), prep.data.item_attributes, prep.item_words,
                          item_codes=lm.codes if lm is not None and lm.level_sizes else None,
                          item_text=lm.text if lm is not None and cfg.model.text_features else None,
@@ -280,7 +287,8 @@ def _train(cfg: Config, runtime: distributed.Runtime, prep: Prepared | None, qui
     if Task.SIMILAR in tasks and not (examples.lengths >= 2).any():
         raise ValueError("similar-item training needs users with >= 2 training items")
     item_freq = item_frequencies(prep.split.train, prep.data.num_items).to(device)
-    query_freq = None if prep.queries is None else prep.queries.frequencies().to(device)
+    queries = trained_queries(cfg, prep)
+    query_freq = None if queries is None else queries.frequencies().to(device)
     generator = torch.Generator().manual_seed(cfg.train.seed)
     excluded = None if prep.excluded_items is None else torch.as_tensor(prep.excluded_items, dtype=torch.int64,
                                                                         device=device)
@@ -389,7 +397,8 @@ def _train(cfg: Config, runtime: distributed.Runtime, prep: Prepared | None, qui
                 save_checkpoint(out / "best.pt", ranker, prep.tokenizer, prep.data.item_attributes, prep.item_words,
                                 to_yaml(cfg), {**metadata, "epoch": epoch, "validation": metrics,
                                                "trained_world_size": world},
-                                optimizer if fused is None else None, state_dict=full, query_texts=prep.query_texts)
+                                optimizer if fused is None else None, state_dict=full,
+                                query_texts=trained_query_texts(cfg, prep))
             st.best_checkpoint = None
         else:
             st.best_checkpoint = sc.checkpoint_name(st.step)

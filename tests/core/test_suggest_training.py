@@ -13,7 +13,7 @@ from unirank.model.request import QueryTask, Task
 from unirank.training.checkpoint import load_checkpoint
 from unirank.training.config import ConfigError, load_config
 from unirank.training.loss import item_frequencies, softmax_loss
-from unirank.training.train import build_ranker, prepare, train
+from unirank.training.train import build_ranker, prepare, ranker_config, train
 
 TINY = ["data.synthetic.num_users=300", "data.synthetic.num_items=150", "model.dim=16", "model.max_history=10",
         "model.num_layers=1", "model.dropout=0.1", "train.batch_size=64", "train.max_epochs=4", "train.lr=0.005",
@@ -43,6 +43,20 @@ def test_suggest_is_opt_in_and_three_weights_still_configure_the_item_tasks(tmp_
     load_config(None, [ALL_TASKS, "train.task_weights=[1.0,0.5,3.0,0.0]"])
     with pytest.raises(ConfigError, match="task_weights"):
         load_config(None, ["train.task_weights=[1.0,0.5]"])
+
+
+def test_only_a_run_that_trains_suggest_carries_the_query_catalogue(tmp_path):
+    """An item-task twin prepared with the unified run's data (benchmark --twins) is the model it
+    would be without suggest: no catalogue, the three-row task table."""
+    prep = prepare(config(tmp_path, ALL_TASKS))
+    twin = config(tmp_path, "train.tasks=[prequery]")
+    assert ranker_config(twin, prep).num_queries == 0
+    torch.manual_seed(0)
+    ranker = build_ranker(twin, prep)
+    assert ranker.task_embedding.num_embeddings == 3 and not hasattr(ranker, "query_tokens")
+    torch.manual_seed(0)
+    unified = build_ranker(config(tmp_path, ALL_TASKS), prep)
+    assert unified.task_embedding.num_embeddings == 4 and unified.query_tokens.shape[0] == len(prep.queries) + 2
 
 
 @pytest.mark.parametrize("num_negatives", [0, 40])
