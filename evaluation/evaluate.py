@@ -13,7 +13,7 @@ from tqdm import tqdm
 from unirank.model.request import TASK_NAMES, QueryTask, RankRequest, Task
 from unirank.model.ranker import UnifiedRanker
 from unirank.data.examples import EvalCases, RequestBuilder
-from unirank.data.query_catalogue import suggest_cases
+from unirank.data.query_catalogue import suggest_cases, typed_prefixes
 from unirank.evaluation.metrics import metrics_from_ranks, summarize, target_ranks
 
 DEFAULT_KS = (5, 10, 20)
@@ -98,15 +98,23 @@ def filter_seen(scores: torch.Tensor, task: Task, request: RankRequest, historie
 
 def evaluate_task(scorer: Scorer, task: Task, cases: EvalCases, builder: RequestBuilder,
                   ks=DEFAULT_KS, batch_size: int = 512, max_users: int | None = None,
-                  num_bootstrap: int = 1000, seed: int = 0, queries: str = "all", progress: bool = False) -> dict:
+                  num_bootstrap: int = 1000, seed: int = 0, queries: str = "all", progress: bool = False,
+                  prefix_chars: int = 0) -> dict:
     """Metrics (mean + 95% CI) of one scorer on one task; `max_users` evaluates a fixed random
     subset (for quick validation during training), None = every user; `queries` is the search
     query pool (`zero_shot`: queries of held-out attribute names only). `progress`: a bar of the
     users ranked (stderr, terminals only). Suggest: the users whose next search has a query
     (query_catalogue.suggest_cases), its query id the target; `query_coverage` = the share of them
-    whose target is in the catalogue (the ceiling of every recall)."""
+    whose target is in the catalogue (the ceiling of every recall). `prefix_chars` > 0 (suggest):
+    the user has typed the first that many characters of the next query, and only the catalogue
+    queries completing that prefix are ranked (the scorer's order among them)."""
+    if prefix_chars and task != QueryTask.SUGGEST:
+        raise ValueError("a typed prefix applies to suggest only")
+    prefixes = None
     if task == QueryTask.SUGGEST:
         cases = suggest_cases(builder.data, cases, builder.zero_shot_modulus)
+        if prefix_chars:
+            prefixes = typed_prefixes(builder.data, cases, builder.zero_shot_modulus, prefix_chars)
     idx = np.arange(len(cases))
     if max_users is not None and max_users < len(idx):
         idx = np.sort(np.random.default_rng(seed).choice(idx, max_users, replace=False))
@@ -119,6 +127,8 @@ def evaluate_task(scorer: Scorer, task: Task, cases: EvalCases, builder: Request
         histories = [cases.histories[i] for i in b]
         request = builder.build(task, cases.users[b], histories, cases.targets[b], queries=queries)
         scores = filter_seen(scorer.scores(task, request), task, request, histories)
+        if prefixes is not None:
+            scores = scores.masked_fill(~builder.queries.prefix_mask([prefixes[i] for i in b]), -torch.inf)
         targets = cases.targets[b]
         if task == QueryTask.SUGGEST:  # id 0 (not in the catalogue) scores -inf: a miss
             targets = builder.suggest_targets(cases.users[b], targets)

@@ -5,15 +5,16 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
+import pytest
 import torch
 
 from core_data import hand_data
 from unirank.data.examples import RequestBuilder, build_search_query, leave_one_out_split
 from unirank.model.tokenizer import WordTokenizer
-from unirank.data.query_catalogue import build_query_catalogue, suggest_cases
+from unirank.data.query_catalogue import build_query_catalogue, suggest_cases, typed_prefixes
 from unirank.evaluation.baselines import LastItemQueries, QueryPopularity
 from unirank.evaluation.evaluate import evaluate_task
-from unirank.model.request import QueryTask
+from unirank.model.request import QueryTask, Task
 
 NAMES = ["Red Lipstick", "Nail Polish", "Hair Care", "Brand Acme", "Only In Test", "Only In Validation", "Shampoo"]
 # item 5 carries a name no training item has and is only ever a test target; item 6 only a validation target
@@ -112,3 +113,39 @@ def test_suggest_baselines_popularity_and_the_last_items_attribute_queries():
     assert sorted(top) == sorted(inside)
     # no history: the popular order
     assert scores[1, 1:-1].argsort(descending=True).tolist() == popular[1, 1:-1].argsort(descending=True).tolist()
+
+
+def test_typed_prefix_ranks_only_the_completions_and_popularity_becomes_prefix_completion():
+    d = data()
+    split, builder = _builder(d)
+    catalogue = builder.queries
+    assert catalogue.completions("").tolist() == list(range(1, len(catalogue) + 1))
+    for prefix in {t[:2] for t in catalogue.texts}:
+        ids = catalogue.completions(prefix)
+        assert len(ids) and all(catalogue.texts[i - 1].startswith(prefix) for i in ids)
+        assert sum(t.startswith(prefix) for t in catalogue.texts) == len(ids)
+    mask = catalogue.prefix_mask(["re", "zz"])
+    assert mask.shape == (2, len(catalogue) + 2) and not mask[1].any() and not mask[:, 0].any()
+    with pytest.raises(ValueError, match=">= 0"):
+        typed_prefixes(d, split.test, 0, -1)
+    with pytest.raises(ValueError, match="suggest only"):
+        evaluate_task(QueryPopularity(catalogue), Task.SEARCH, split.test, builder, prefix_chars=1)
+
+    kept = suggest_cases(d, split.valid, 0)
+    prefixes = typed_prefixes(d, kept, 0, 3)
+    targets = builder.suggest_targets(kept.users, kept.targets)
+    expected_ranks = []  # prefix completion by popularity, by hand: the target's rank among its completions
+    for prefix, target in zip(prefixes, targets):
+        if target == 0:
+            continue
+        completions = sorted(catalogue.completions(prefix), key=lambda i: (-catalogue.counts[i], i))
+        expected_ranks.append(completions.index(target) + 1)
+    result = evaluate_task(QueryPopularity(catalogue), QueryTask.SUGGEST, split.valid, builder, ks=(1,),
+                           num_bootstrap=0, prefix_chars=3)
+    covered = len(expected_ranks) / len(kept)
+    assert result["mrr"]["mean"] == pytest.approx(sum(1 / r for r in expected_ranks) / len(kept))
+    assert result["query_coverage"] == covered
+    # the whole query typed: every covered target is its own only completion unless another query extends it
+    whole = evaluate_task(OracleScorer(builder, kept), QueryTask.SUGGEST, split.valid, builder, ks=(1,),
+                          num_bootstrap=0, prefix_chars=100)
+    assert whole["recall@1"]["mean"] == covered
