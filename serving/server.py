@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 HOST = "127.0.0.1"
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "triton_python_backend_shm_region_"
+STUB_TIMEOUT_S = 10
 
 
 class ServerError(RuntimeError):
@@ -174,6 +175,9 @@ class Server:
             f"--backend-directory={backend_dir}",
             f"--cache-directory={home / 'caches'}",
             f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
+            # A request sent to a dead stub waits this long before failing, and the model's unload
+            # (the supervisor's heal) waits for it: Triton's default is 30 s.
+            f"--backend-config=python,stub-timeout-seconds={STUB_TIMEOUT_S}",
             f"--grpc-address={HOST}", f"--grpc-port={self.ports['grpc']}",
             f"--http-address={HOST}", f"--http-port={self.ports['http']}",
             f"--metrics-address={HOST}", f"--metrics-port={self.ports['metrics']}",

@@ -2,9 +2,10 @@
 
 - tritonserver itself: if it exited, it is started again (same ports) after a bounded exponential
   backoff, each attempt logged;
-- the python-backend stubs (children of tritonserver): when one dies, Triton keeps reporting the
-  model ready while every request fails ("Stub process ... is not healthy"); the supervisor
-  reloads the model, which starts new stubs;
+- the python-backend stubs (children of tritonserver, one per model version and instance): when one
+  dies, Triton keeps reporting the model ready while every request fails ("Stub process ... is not
+  healthy"); the supervisor unloads and loads the model, which starts new stubs. A stub counts as
+  dead only while its version is still READY: the old version's stubs exit normally during a swap;
 - the repository: a new or changed version directory is loaded once its files stopped changing
   for one poll; Triton keeps answering from the old version until the new one is ready.
 
@@ -12,7 +13,6 @@ tritonserver dies with the supervisor (PR_SET_PDEATHSIG, serving/server.py).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -36,16 +36,25 @@ def child_pids(pid: int) -> set[int]:
     return children
 
 
-def stub_pids(pid: int) -> set[int]:
-    """The python-backend stubs that tritonserver `pid` started."""
-    stubs = set()
+def stub_pids(pid: int) -> dict[int, tuple[str, str, str]]:
+    """{stub pid: (model, version, instance)} of the python-backend stubs that tritonserver `pid`
+    started. A stub's command line is `stub <repository>/<model>/<version>/model.py <shm> ... <instance> ...`."""
+    stubs = {}
     for child in child_pids(pid):
         try:
-            if STUB_NAME in Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace"):
-                stubs.add(child)
+            argv = Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace").split("\0")
         except OSError:
             continue
+        if STUB_NAME in argv[0] and len(argv) > 8:
+            model_file = Path(argv[1])
+            stubs[child] = (model_file.parent.parent.name, model_file.parent.name, argv[8])
     return stubs
+
+
+def version_states(client) -> dict[tuple[str, str], str]:
+    """{(model, version): state} from Triton's repository index (READY, UNLOADING, UNAVAILABLE, ...)."""
+    index = client.get_model_repository_index(as_json=True).get("models", [])
+    return {(m["name"], m.get("version", "")): m.get("state", "") for m in index}
 
 
 def repository_state(root: Path) -> dict[str, tuple]:
@@ -73,17 +82,23 @@ class Supervisor:
         self.stable_s = stable_s  # up this long: the next failure starts the backoff afresh
         self.restarts = 0
         self.reloads = 0
-        self._stubs: set[int] = set()
+        self.heals = 0
+        self._unhealed: set[str] = set()  # a heal that failed is tried again next poll
+        self._stubs: dict[int, tuple[str, str, str]] = {}
         self._loaded: dict[str, tuple] = {}
         self._seen: dict[str, tuple] = {}
 
     def start(self) -> None:
+        before = repository_state(self.server.repository)
         self.server.start()
-        self._after_start()
+        self._after_start(before)
 
-    def _after_start(self) -> None:
+    def _after_start(self, before: dict[str, tuple]) -> None:
+        """`before`: the repository as it was before the start. A version copied in while the
+        server was starting may not have been loaded; it differs from `before`, so it is loaded."""
         self._stubs = stub_pids(self.server.process.pid)
-        self._loaded = self._seen = repository_state(self.server.repository)
+        self._unhealed = set()
+        self._loaded = self._seen = before
         self._up_since = time.monotonic()
 
     def run(self, stop: threading.Event) -> None:
@@ -105,25 +120,38 @@ class Supervisor:
         if stop.wait(delay):
             return failures
         self.server.stop()
+        before = repository_state(self.server.repository)
         try:
             self.server.start()
         except ServerError as err:
             log.error("restart failed: %s", err)
             return failures + 1
         self.restarts += 1
-        self._after_start()
+        self._after_start(before)
         log.warning("tritonserver restarted (%d restarts)", self.restarts)
         return failures + 1
 
     def _check_stubs(self) -> None:
         alive = stub_pids(self.server.process.pid)
-        dead = self._stubs - alive
-        if not dead:
-            self._stubs |= alive
-            return
-        log.warning("python backend stub(s) %s died: model(s) not ready; reloading", sorted(dead))
-        self._reload(list(self._loaded))
-        self._stubs = stub_pids(self.server.process.pid)
+        missing = {pid: key for pid, key in self._stubs.items() if pid not in alive}
+        if missing or self._unhealed:
+            import tritonclient.grpc as grpcclient
+
+            try:
+                with grpcclient.InferenceServerClient(self.server.grpc_url) as client:
+                    states = version_states(client)
+            except Exception as err:  # server busy or going down: look again next poll
+                log.warning("repository index unavailable: %s", err)
+                return
+            dead = {pid: key for pid, key in missing.items() if states.get(key[:2]) == "READY"}
+            if dead:
+                log.warning("python backend stub(s) %s died while their version was READY",
+                            sorted(f"{pid} {'/'.join(key)}" for pid, key in dead.items()))
+            names = sorted({key[0] for key in dead.values()} | self._unhealed)
+            if names:
+                self._unhealed = self._heal(names)
+                alive = stub_pids(self.server.process.pid)
+        self._stubs = alive
 
     def _check_repository(self) -> None:
         state = repository_state(self.server.repository)
@@ -134,24 +162,42 @@ class Supervisor:
             log.info("model repository changed: loading %s", stable)
             self._reload(stable)
             self._loaded = {**self._loaded, **{name: state[name] for name in stable}}
-            self._stubs = stub_pids(self.server.process.pid)
+            self._stubs = stub_pids(self.server.process.pid)  # the old version's stubs may still be exiting
 
     def _reload(self, names: list[str]) -> None:
-        """Loads each model again; the current version answers until the new instances are ready.
-        Triton skips a load whose files did not change, so the model's own config is passed as an
-        override: a dead stub is replaced even when nothing changed on disk."""
+        """Loads each changed model; the current version answers until the new one is ready."""
         import tritonclient.grpc as grpcclient
 
         with grpcclient.InferenceServerClient(self.server.grpc_url) as client:
             for name in names:
                 try:
-                    config = client.get_model_config(name, as_json=True)["config"]
-                    client.load_model(name, config=json.dumps(config))
+                    client.load_model(name)
                     self.reloads += 1
                     log.info("model %s loaded (%d reloads)", name, self.reloads)
                 except Exception as err:  # keep watching; the old version (if any) keeps answering
                     log.error("loading model %s failed: %s", name, err)
 
+    def _heal(self, names: list[str]) -> set[str]:
+        """Unload, then load: Triton skips a load whose files and config did not change, so a
+        plain (re)load would leave the dead stub in place. The load is sent at once: an instance
+        whose stub died stays UNLOADING for good (measured: still UNLOADING 30 s later), while a
+        load sent meanwhile is ready in ~1.5 s. The model answers NOT_FOUND "no available versions"
+        in between (the client retries it). Returns the models that could not be healed."""
+        import tritonclient.grpc as grpcclient
+
+        failed = set()
+        with grpcclient.InferenceServerClient(self.server.grpc_url) as client:
+            for name in names:
+                started = time.monotonic()
+                try:
+                    client.unload_model(name)
+                    client.load_model(name)
+                    self.heals += 1
+                    log.warning("model %s healed in %.1f s (%d heals)", name, time.monotonic() - started, self.heals)
+                except Exception as err:
+                    log.error("healing model %s failed (trying again next poll): %s", name, err)
+                    failed.add(name)
+        return failed
 
 def supervise(server: Server, stop: threading.Event, poll_s: float = 0.5) -> Supervisor:
     supervisor = Supervisor(server, poll_s)

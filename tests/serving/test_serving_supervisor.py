@@ -1,5 +1,6 @@
-"""`unirank serve` under faults, through the real tritonserver: kill -9 of a python-backend stub and
-of tritonserver are healed (correct answers again within RECOVERY_S), a new model version copied
+"""`unirank serve` under faults, through the real tritonserver: kill -9 of a python-backend stub (twice
+in a row: each heal must start a stub that can be healed again) and of tritonserver are healed
+(correct answers again within RECOVERY_S), a new model version copied
 into the repository is served with requests succeeding throughout, and kill -9 of the launcher
 leaves no tritonserver, stub or bound port behind (its shared memory is removed by the next start)."""
 from __future__ import annotations
@@ -24,7 +25,7 @@ from unirank.serving.server import SHM_DIR, Server, free_port, port_in_use
 from unirank.serving.supervisor import child_pids, stub_pids
 from unirank.serving.synthetic_requests import random_request
 
-RECOVERY_S = 60  # measured on the loaded 2-core CI box: a few seconds (stub) to ~15 s (server restart)
+RECOVERY_S = 60  # measured on the shared 2-core box: ~2 s after a stub or a tritonserver kill
 REQUEST = pad_and_stack([random_request(np.random.default_rng(3), 2, 300, 60, 12, 6)])
 
 
@@ -82,7 +83,7 @@ def copy_in_version(repository: Path, onnx_path: Path) -> None:
     shutil.copy2(onnx_path, staging / MODEL_FILE)
 
 
-@pytest.mark.slow  # ~60 s alone; once, under the full suite's load, no correct answer came 60 s after the stub kill
+@pytest.mark.slow  # ~40 s alone
 def test_faults_are_healed_and_versions_swap(tmp_path, repositories, session, second_version):
     repository = tmp_path / "repo"
     shutil.copytree(repositories["python"], repository)
@@ -98,10 +99,12 @@ def test_faults_are_healed_and_versions_swap(tmp_path, repositories, session, se
         assert np.array_equal(ask(url), expected_v1)
 
         server_pid = tritonserver_pid(launcher)
-        stubs = stub_pids(server_pid)
-        assert stubs
-        os.kill(next(iter(stubs)), signal.SIGKILL)
-        print("stub kill -9 -> correct after %.1f s" % wait_for(url, expected_v1))
+        for attempt in (1, 2):
+            stubs = stub_pids(server_pid)
+            assert stubs
+            os.kill(next(iter(stubs)), signal.SIGKILL)
+            print("stub kill -9 #%d -> correct after %.1f s" % (attempt, wait_for(url, expected_v1)))
+            assert not set(stub_pids(server_pid)) & set(stubs)  # answered by a new stub
 
         busy = subprocess.run([sys.executable, "-m", "unirank.cli.main", "serve", "--repository", str(repository),
                                "--grpc-port", str(ports[0]), "--http-port", str(ports[1]), "--metrics-port", str(ports[2])],
@@ -123,8 +126,9 @@ def test_faults_are_healed_and_versions_swap(tmp_path, repositories, session, se
                 except Exception as err:  # counted, must stay 0
                     errors.append(err)
 
-        asker = threading.Thread(target=keep_asking)
-        asker.start()
+        askers = [threading.Thread(target=keep_asking) for _ in range(2)]  # requests in flight during the swap
+        for asker in askers:
+            asker.start()
         try:
             time.sleep(1)
             copy_in_version(repository, second_version)
@@ -134,7 +138,8 @@ def test_faults_are_healed_and_versions_swap(tmp_path, repositories, session, se
             time.sleep(1)
         finally:
             stop.set()
-            asker.join()
+            for asker in askers:
+                asker.join()
         assert not errors, errors[:3]
         assert all(np.array_equal(a, expected_v1) or np.array_equal(a, expected_v2) for a in answers)
         assert np.array_equal(answers[-1], expected_v2) and len(answers) > 20
