@@ -7,8 +7,9 @@ directory (`from_model_dir`). Query text is tokenized here with the model's own 
 Requests follow the model's rules before they leave: the most recent `max_history` items, the first
 `max_query_len` query tokens; lengths are padded to a few buckets so the onnxruntime backend's
 batcher (equal shapes only) can merge requests. Calls time out after `timeout_s`; UNAVAILABLE
-(server restarting, connection refused) and an unhealthy model (a python-backend stub being
-replaced) are retried with jittered exponential backoff. Optional TLS; optional version pinning.
+(server restarting, connection refused), an unhealthy model and a model with no available versions
+(a python-backend stub being replaced) are retried, at most `retries` times, with jittered
+exponential backoff. Optional TLS; optional version pinning.
 """
 from __future__ import annotations
 
@@ -32,12 +33,15 @@ from unirank.serving.metadata import (METADATA_FILE, METADATA_PARAMETER, OUTPUT_
 from unirank.serving.request_arrays import FIELDS, ROW_FIELDS, RequestLimits, check_request
 
 RETRYABLE = "StatusCode.UNAVAILABLE"
-UNHEALTHY = ("is not healthy",)  # INTERNAL while the supervisor replaces a dead python-backend stub
+# Transient answers while the supervisor heals a model, by status: a dead python-backend stub
+# (INTERNAL), then the model unloaded and loading again (NOT_FOUND; an unknown model name or a
+# version the server does not have says "is not found" instead and is not retried).
+TRANSIENT = {"StatusCode.INTERNAL": "is not healthy", "StatusCode.NOT_FOUND": "has no available versions"}
 
 
 def retryable(err: InferenceServerException) -> bool:
-    return err.status() == RETRYABLE or (err.status() == "StatusCode.INTERNAL"
-                                         and any(m in (err.message() or "") for m in UNHEALTHY))
+    status = err.status()
+    return status == RETRYABLE or (status in TRANSIENT and TRANSIENT[status] in (err.message() or ""))
 
 
 def backoff_s(base_s: float, attempt: int) -> float:

@@ -120,11 +120,15 @@ def test_client_reads_limits_and_tokenizer_from_the_server(server, client, repos
             pinned.recommend([3], k=3)
 
 
-def test_unhealthy_model_is_retried(monkeypatch, client):
-    """Fault injection: the first call fails as a dead python-backend stub makes Triton answer."""
+def test_a_model_being_healed_is_retried_boundedly(monkeypatch, client):
+    """Fault injection: the answers Triton gives while the supervisor heals a dead python-backend
+    stub (INTERNAL from the dead stub, then NOT_FOUND while the model is unloaded and loading)."""
     sleeps, real_infer = [], client._client.infer
     monkeypatch.setattr(client_module.time, "sleep", sleeps.append)
-    failures = [InferenceServerException("Stub process 'unirank_0_0' is not healthy.", status="StatusCode.INTERNAL")]
+    healing = [InferenceServerException("Request for unknown model: 'unirank' has no available versions",
+                                        status="StatusCode.NOT_FOUND"),
+               InferenceServerException("Stub process 'unirank_0_0' is not healthy.", status="StatusCode.INTERNAL")]
+    failures = []
 
     def flaky(**kwargs):
         if failures:
@@ -132,7 +136,21 @@ def test_unhealthy_model_is_retried(monkeypatch, client):
         return real_infer(**kwargs)
 
     monkeypatch.setattr(client._client, "infer", flaky)
-    assert len(client.recommend([3], k=3).item_ids) == 3 and len(sleeps) == 1
+    failures[:] = healing
+    assert len(client.recommend([3], k=3).item_ids) == 3 and len(sleeps) == 2
+    base = client.retry_backoff_s  # jittered exponential: 0.5-1.5 x base, then 1-3 x base
+    assert 0.5 * base <= sleeps[0] <= 1.5 * base and base <= sleeps[1] <= 3 * base
+    sleeps.clear()
+    failures[:] = healing[:1] * (client.retries + 1)  # a heal longer than the backoff: the error surfaces
+    with pytest.raises(InferenceServerException, match="has no available versions"):
+        client.recommend([3], k=3)
+    assert len(sleeps) == client.retries and not failures
+    sleeps.clear()
+    failures[:] = [InferenceServerException("Request for unknown model: 'unirank' version 7 is not found",
+                                            status="StatusCode.NOT_FOUND")]
+    with pytest.raises(InferenceServerException, match="version 7 is not found"):  # not retried
+        client.recommend([3], k=3)
+    assert sleeps == []
 
 
 def test_only_unavailable_is_retried(monkeypatch, client, repositories):
