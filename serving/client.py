@@ -164,7 +164,7 @@ class _TypedCalls:
     """Construction and the per-task surface, shared by the sync and async clients (`_call` differs)."""
 
     def __init__(self, url: str, tokenizer: Tokenizer, metadata: ExportMetadata, model_name: str = "unirank",
-                 timeout_s: float = 2.0, retries: int = 3, retry_backoff_s: float = 0.1, model_version: str = "",
+                 timeout_s: float = 2.0, retries: int = 6, retry_backoff_s: float = 0.1, model_version: str = "",
                  tls: dict | None = None, query_texts: Sequence[str] = ()):
         """`model_version` "" lets the server pick (the newest loaded); "2" pins version 2. `tls`:
         tritonclient's TLS arguments, e.g. {"ssl": True, "root_certificates": "ca.pem"}.
