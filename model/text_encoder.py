@@ -138,7 +138,10 @@ class SentenceEncoder(torch.nn.Module):
         return mean_pool(hidden, mask)
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        if not self.memoize or torch.compiler.is_compiling():
+        tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+        if not tracing and ids.shape[0] == 0:  # a batch without search rows (eager); a traced graph handles 0 itself
+            return torch.zeros(0, self.dim, device=ids.device)
+        if not self.memoize or tracing:
             return self.encode(ids, lengths)
         keys = [tuple(row[:n]) for row, n in zip(ids.tolist(), lengths.clamp(0, ids.shape[1]).tolist())]
         missing = list(dict.fromkeys(k for k in keys if k not in self._memo))

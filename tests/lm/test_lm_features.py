@@ -117,6 +117,10 @@ def test_frozen_query_encoder_in_search_context(wordpiece):
     assert plain.query_encoder.memoize is False
     torch.testing.assert_close(plain(task, zeros, torch.zeros(4, dtype=torch.int64), ids, lengths,
                                      torch.zeros(4, dtype=torch.int64)), ctx, atol=1e-5, rtol=0)
+    no_search = torch.tensor([Task.PREQUERY, Task.SIMILAR, Task.PREQUERY, Task.PREQUERY])  # the encoder gets 0 rows
+    expected = ranker(no_search, zeros, torch.zeros(4, dtype=torch.int64), ids, lengths, torch.ones(4, dtype=torch.int64))
+    torch.testing.assert_close(plain(no_search, zeros, torch.zeros(4, dtype=torch.int64), ids, lengths,
+                                     torch.ones(4, dtype=torch.int64)), expected, atol=1e-5, rtol=0)
     ranker.train()
     assert not ranker.query_encoder.bert.training  # frozen encoder: no dropout in training either
     with pytest.raises(ValueError, match="wordpiece"):
