@@ -50,6 +50,9 @@ def random_ranker(num_items: int, dim: int, max_history: int, num_words: int = 2
     return UnifiedRanker(config, attributes, words).eval(), tokenizer
 
 
+PLAIN_WORDS = ("red", "nail", "polish", "shampoo", "hair", "care", "lipstick", "cream", "oil", "brush", "eye", "skin")
+
+
 def build_requests(builder: RequestBuilder, count: int, vocab: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
     """Mixed tasks, as the typed client would send them (bucketed lengths)."""
     rng = np.random.default_rng(seed)
@@ -57,7 +60,9 @@ def build_requests(builder: RequestBuilder, count: int, vocab: int, seed: int = 
     requests = []
     for i in range(count):
         row = random_request(rng, i % 3, md.num_items, vocab, md.max_history, md.max_query_len)
-        query_text = " ".join(builder.tokenizer.words[t - 2] for t in row["query"][0])
+        words = getattr(builder.tokenizer, "words", None)  # a word vocabulary; word pieces read any text
+        query_text = " ".join(words[t - 2] if words is not None else PLAIN_WORDS[t % len(PLAIN_WORDS)]
+                              for t in row["query"][0])
         requests.append(builder.build(i % 3, row["history"][0].tolist(), query_text, int(row["source_item"][0]),
                                       row["candidates"][0].tolist() or None))
     return requests
@@ -66,6 +71,7 @@ def build_requests(builder: RequestBuilder, count: int, vocab: int, seed: int = 
 def run_load(call, requests, concurrency: int, max_requests: int, max_seconds: float) -> dict:
     """`concurrency` threads call `call(worker, request)` until max_requests or max_seconds."""
     latencies: list[float] = []
+    errors: list[str] = []
     lock = threading.Lock()
     counter = iter(range(max_requests))
     deadline = time.perf_counter() + max_seconds
@@ -77,7 +83,12 @@ def run_load(call, requests, concurrency: int, max_requests: int, max_seconds: f
             if i is None:
                 return
             start = time.perf_counter()
-            call(index, requests[i % len(requests)])
+            try:
+                call(index, requests[i % len(requests)])
+            except Exception as err:  # counted and reported: a load cell must show its failures
+                with lock:
+                    errors.append(f"{type(err).__name__}: {err}"[:200])
+                continue
             elapsed = time.perf_counter() - start
             with lock:
                 latencies.append(elapsed)
@@ -90,8 +101,9 @@ def run_load(call, requests, concurrency: int, max_requests: int, max_seconds: f
         t.join()
     wall = time.perf_counter() - started
     ms = np.array(latencies) * 1e3
-    return {"requests": len(ms), "seconds": round(wall, 3), "throughput_rps": round(len(ms) / wall, 1),
-            **{f"p{q}_ms": round(float(np.percentile(ms, q)), 3) for q in (50, 90, 99)}}
+    percentiles = {f"p{q}_ms": round(float(np.percentile(ms, q)), 3) if len(ms) else None for q in (50, 90, 99)}
+    return {"requests": len(ms), "errors": len(errors), "first_errors": errors[:3], "seconds": round(wall, 3),
+            "throughput_rps": round(len(ms) / wall, 1), **percentiles}
 
 
 def in_process_calls(plain, session):
@@ -143,7 +155,11 @@ def markdown(results: list[dict], concurrencies: list[int]) -> str:
         for c in concurrencies:
             r = next(r for r in results if r["setup"] == setup and r["concurrency"] == c)
             batch = f", batch {r['mean_batch_size']:.1f}" if "mean_batch_size" in r else ""
-            cells.append(f"{r['throughput_rps']:.0f} req/s, p50 {r['p50_ms']:.2f} / p90 {r['p90_ms']:.2f} / p99 {r['p99_ms']:.2f} ms{batch}")
+            errors = f", **{r['errors']} errors**" if r.get("errors") else ""
+            if r["p50_ms"] is None:
+                cells.append(f"no answer{errors}")
+                continue
+            cells.append(f"{r['throughput_rps']:.0f} req/s, p50 {r['p50_ms']:.2f} / p90 {r['p90_ms']:.2f} / p99 {r['p99_ms']:.2f} ms{batch}{errors}")
         lines.append(f"| {setup} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
