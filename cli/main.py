@@ -133,22 +133,44 @@ def cmd_cold_start(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from unirank.serving.export import export_model
-    from unirank.serving.model_repository import build_model_repository
+    from unirank.serving.export import staged_directory
 
     index = None
     if args.index:
         from unirank.serving.item_index import IndexOptions
 
         index = IndexOptions(args.index, ef_search=args.ef_search, nprobe=args.nprobe, refine=args.refine, nlist=args.nlist)
-    report = export_model(args.checkpoint, args.out, top_k=args.top_k, index=index)
-    repos = build_model_repository(args.out, Path(args.out) / "repository", max_batch_size=args.max_batch_size,
+    if args.new_items is None:
+        report, repos = _export(args, args.out, index)
+    else:  # built aside and renamed into place: bad metadata or a failed check leaves nothing behind
+        with staged_directory(args.out) as staged:
+            report, staged_repos = _export(args, staged, index)
+        repos = {flavour: Path(args.out) / "repository" / flavour for flavour in staged_repos}
+    out = {"onnx": str(Path(args.out) / "model.onnx"), "parity_max_abs_diff": report.max_abs_diff,
+           "repositories": {k: str(v) for k, v in repos.items()}}
+    if report.new_items is not None:
+        added = report.new_items
+        out["new_items"] = {"added": len(added.items), "item_ids": [added.trained_items + 1, added.trained_items + len(added.items)],
+                            "unknown_attributes": added.unknown_attributes}
+        if added.unknown_attributes:
+            print(f"unirank export: {sum(added.unknown_attributes.values())} attribute names unknown to the training "
+                  f"vocabulary were left out ({len(added.unknown_attributes)} distinct): "
+                  f"{', '.join(sorted(added.unknown_attributes)[:10])}", file=sys.stderr)
+    print(json.dumps(out))
+    return 0
+
+
+def _export(args, out_dir, index):
+    from unirank.serving.export import export_model
+    from unirank.serving.model_repository import build_model_repository
+
+    report = export_model(args.checkpoint, out_dir, top_k=args.top_k, index=index, new_items=args.new_items,
+                          data_path=args.data)
+    repos = build_model_repository(out_dir, Path(out_dir) / "repository", max_batch_size=args.max_batch_size,
                                    instance_count=args.instances, device=args.device, ort_threads=args.ort_threads,
                                    preferred_batch_sizes=tuple(args.preferred_batch_sizes),
                                    graph_optimization=args.graph_optimization)
-    print(json.dumps({"onnx": str(Path(args.out) / "model.onnx"), "parity_max_abs_diff": report.max_abs_diff,
-                      "repositories": {k: str(v) for k, v in repos.items()}}))
-    return 0
+    return report, repos
 
 
 def cmd_serve(args) -> int:
@@ -209,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--top-k", type=int, default=100)
+    p.add_argument("--new-items", default=None, metavar="FILE",
+                   help="JSONL/CSV of items the model never saw (id, title, attributes): served through the content "
+                        "path, listed in OUT/new_items.json (docs/SERVING.md)")
+    p.add_argument("--data", default=None, help="with --new-items: the training dataset (default: the checkpoint's config)")
     p.add_argument("--index", choices=("flat", "hnsw", "ivfpq"), default=None,
                    help="two-stage serving: context graph + this item index (docs/SERVING.md); default: exact graph")
     p.add_argument("--ef-search", type=int, default=128, help="hnsw search breadth")

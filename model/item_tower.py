@@ -81,6 +81,7 @@ class ItemTower(nn.Module):
         super().__init__()
         self.num_items, self.dim = num_items, dim
         self.id_dropout = id_dropout
+        self.use_attributes, self.use_words = use_attributes, use_words
         rows = num_items + 2
         self.semantic_id_sizes = list(semantic_id_sizes or [])
         levels = len(self.semantic_id_sizes)
@@ -183,6 +184,38 @@ class ItemTower(nn.Module):
         uniq, inverse = torch.unique(item_ids.reshape(-1), return_inverse=True)
         vec, query_vec = self.lookup(uniq, query, query_lengths)
         return vec[inverse].reshape(*item_ids.shape, self.dim), query_vec
+
+    def content_vectors(self, attributes: list[list[int]], words: list[list[int]],
+                        text: torch.Tensor | None = None, codes: torch.Tensor | None = None) -> torch.Tensor:
+        """[M, dim] vectors of items that have no id row (new items): the content path alone, the
+        way id dropout trains it. Per item: attribute ids, content-word ids, the frozen text-encoder
+        vector `text` [M, text_dim] and semantic-ID codes `codes` [M, levels] (-1 = none)."""
+        m, dev = len(attributes), self.attr_offsets.device
+        if len(words) != m:
+            raise ValueError(f"{m} attribute rows but {len(words)} word rows")
+        if m == 0:
+            return torch.zeros(0, self.dim, device=dev)
+        attributes = attributes if self.use_attributes else [[] for _ in range(m)]
+        words = words if self.use_words else [[] for _ in range(m)]
+        zeros = torch.zeros(m, dtype=torch.int64, device=dev)
+        bags = [torch.tensor([len(r) for r in rows], dtype=torch.int64, device=dev) for rows in (attributes, words)]
+        values = [torch.tensor([v for r in rows for v in r], dtype=torch.int64, device=dev) for rows in (attributes, words)]
+        keys, lengths = [*ITEM_FEATURES, "query_words"], [zeros, *bags, zeros]
+        if self.semantic_id_sizes:
+            codes = torch.full((m, len(self.semantic_id_sizes)), -1, dtype=torch.int64) if codes is None else codes
+            for level in range(len(self.semantic_id_sizes)):
+                has = codes[:, level].to(dev) >= 0
+                keys.append(semantic_id_feature(level))
+                lengths.append(has.long())
+                values.append(codes[:, level].to(dev)[has])
+        features = JaggedFeatures(keys, torch.cat(values), torch.cat(lengths), m)
+        pooled = self.ebc(features)
+        vec = sum(pooled[key][:m] for key in keys if key != "query_words")
+        if hasattr(self, "text_proj"):
+            if text is None or tuple(text.shape) != (m, self.text_proj.in_features):
+                raise ValueError(f"this tower adds text vectors: text must be [{m}, {self.text_proj.in_features}]")
+            vec = vec + self.text_proj(text.to(dev, torch.float32))
+        return vec
 
     def id_table(self) -> nn.Parameter:
         """The item-id embedding weights (the table that only an item's own interactions train)."""

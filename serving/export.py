@@ -29,7 +29,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,8 +43,8 @@ from torch import nn
 
 from unirank.model.request import INPUT_NAMES, ROW_FIELDS, QueryTask, Task
 from unirank.serving.graph_checks import add_request_checks
-from unirank.serving.metadata import (METADATA_FILE, MODEL_FILE, OUTPUT_NAMES, QUERIES_FILE,  # noqa: F401
-                                      TOKENIZER_FILE, ExportMetadata, external_data_file)
+from unirank.serving.metadata import (METADATA_FILE, MODEL_FILE, NEW_ITEMS_FILE, OUTPUT_NAMES,  # noqa: F401
+                                      QUERIES_FILE, TOKENIZER_FILE, ExportMetadata, external_data_file)
 from unirank.serving.request_arrays import RequestLimits
 
 log = logging.getLogger(__name__)
@@ -146,6 +150,7 @@ class ExportReport:
     max_abs_diff: float | None  # ONNX Runtime vs PyTorch parity, None when skipped
     parity_requests: int
     seconds: float
+    new_items: object = None  # new_items.NewItemsReport when items were added
 
 
 def example_inputs(max_history: int, max_query_len: int, batch: int = 3, candidates: int = 6) -> tuple[torch.Tensor, ...]:
@@ -287,13 +292,41 @@ def parity_max_abs_diff(module: TopKRanker, session, batches: list[dict[str, np.
     return worst
 
 
+@contextmanager
+def staged_directory(out_dir: str | Path):
+    """Yields a fresh temp directory beside `out_dir`; on success it becomes `out_dir` by a rename (a
+    previous export there is replaced whole), on any error it is removed: a failed export writes
+    nothing. Refuses an existing `out_dir` that is not an export (no export.json), so that nothing
+    else is ever replaced."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / METADATA_FILE).exists():
+        raise ValueError(f"{out_dir} exists and is not an export (no {METADATA_FILE}): choose a new directory")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        yield staged
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+            os.replace(out_dir, old / out_dir.name)
+            os.replace(staged, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(staged, out_dir)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+
+
 def export_model(checkpoint_path: str | Path, out_dir: str | Path, top_k: int = 100,
                  parity_requests: int = 256, parity_tolerance: float = 1e-4, seed: int = 0,
-                 index=None) -> ExportReport:
+                 index=None, new_items: str | Path | None = None, data_path: str | None = None) -> ExportReport:
     """Checkpoint -> out_dir/{model.onnx, tokenizer.json, export.json}, then a parity check of ONNX
     Runtime against PyTorch on `parity_requests` random requests of every task (0 skips it).
     Raises AssertionError when the max abs score difference exceeds `parity_tolerance`.
-    `index` (item_index.IndexOptions): also the two-stage files (context.onnx + the item index)."""
+    `index` (item_index.IndexOptions): also the two-stage files (context.onnx + the item index).
+    `new_items` (a JSONL / CSV metadata file): items the model never saw join the served catalogue
+    through the content path (serving/new_items.py; `data_path`: the training dataset, default the
+    checkpoint's config), listed in out_dir/new_items.json; the metadata is checked before anything
+    is written."""
     from unirank.serving.synthetic_requests import random_batches
     from unirank.training.checkpoint import load_checkpoint
 
@@ -303,7 +336,15 @@ def export_model(checkpoint_path: str | Path, out_dir: str | Path, top_k: int = 
         raise ValueError("two-stage serving (--index) ranks items only: export a model with a query catalogue "
                          "(suggest) as the exact graph")
     plain = loaded.ranker.to_plain().eval()
+    added = None
+    if new_items is not None:
+        from unirank.serving.new_items import add_new_items
+
+        added = add_new_items(loaded, plain, new_items, data_path)
     metadata = export_onnx(plain, out_dir, top_k=top_k, tokenizer=loaded.tokenizer, query_texts=loaded.query_texts)
+    (Path(out_dir) / NEW_ITEMS_FILE).unlink(missing_ok=True)
+    if added is not None:
+        added.save(Path(out_dir) / NEW_ITEMS_FILE)
     from unirank.serving.context_export import export_two_stage, remove_two_stage
 
     remove_two_stage(out_dir)  # a previous export's index must not be served with this model
@@ -316,4 +357,4 @@ def export_model(checkpoint_path: str | Path, out_dir: str | Path, top_k: int = 
         if diff > parity_tolerance:
             raise AssertionError(f"ONNX parity failed: max abs score diff {diff:.3g} > {parity_tolerance:g}")
         log.info("ONNX parity over %d requests: max abs diff %.3g", parity_requests, diff)
-    return ExportReport(Path(out_dir), metadata, diff, parity_requests, time.perf_counter() - started)
+    return ExportReport(Path(out_dir), metadata, diff, parity_requests, time.perf_counter() - started, added)

@@ -10,6 +10,7 @@ OUTPUT_NAMES = ["item_ids", "scores"]
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 METADATA_FILE = "export.json"
+NEW_ITEMS_FILE = "new_items.json"  # items added after training (serving/new_items.py): served id <-> external id
 QUERIES_FILE = "queries.json"  # the suggest task's query catalogue: a JSON list, query id = position + 1
 # Model config parameters that carry the metadata, the tokenizer and the query catalogue to clients.
 METADATA_PARAMETER, TOKENIZER_PARAMETER, QUERIES_PARAMETER = "export_metadata", "tokenizer", "queries"

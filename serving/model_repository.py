@@ -23,8 +23,9 @@ from tritonclient.grpc import model_config_pb2 as pb
 
 from unirank.model import request as request_schema
 from unirank.model.request import ROW_FIELDS
-from unirank.serving.metadata import (METADATA_FILE, METADATA_PARAMETER, MODEL_FILE, QUERIES_FILE, QUERIES_PARAMETER,
-                                      TOKENIZER_FILE, TOKENIZER_PARAMETER, ExportMetadata, external_data_files)
+from unirank.serving.metadata import (METADATA_FILE, METADATA_PARAMETER, MODEL_FILE, NEW_ITEMS_FILE, QUERIES_FILE,
+                                      QUERIES_PARAMETER, TOKENIZER_FILE, TOKENIZER_PARAMETER, ExportMetadata,
+                                      external_data_files)
 from unirank.serving.item_index import CONTEXT_MODEL_FILE, INDEX_FILE, INDEX_FILES, INDEX_META_FILE, ITEM_TABLE_FILE
 
 FLAVOURS = ("python", "onnxruntime")
@@ -135,7 +136,7 @@ def build_model_repository(export_dir: str | Path, out_dir: str | Path, name: st
         version_dir.mkdir(parents=True)
         for graph_file in (MODEL_FILE, *external_data_files(export_dir / MODEL_FILE)):
             shutil.copy2(export_dir / graph_file, version_dir / graph_file)
-        for extra in (TOKENIZER_FILE, METADATA_FILE, QUERIES_FILE):
+        for extra in (TOKENIZER_FILE, METADATA_FILE, QUERIES_FILE, NEW_ITEMS_FILE):
             if (export_dir / extra).exists():
                 shutil.copy2(export_dir / extra, model_dir / extra)
         if flavour == "python":

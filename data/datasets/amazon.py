@@ -103,7 +103,12 @@ def load(root: Path) -> InteractionData:
                 if asin not in item2id:
                     raise DatasetError(f"{text_path}:{lineno}: ASIN {asin!r} not in datamaps.json item2id")
                 item_text[int(item2id[asin])] = text.strip()
+    item_keys = None
+    if maps["item2id"]:
+        item_keys = [""] * (num_items + 1)
+        for asin, item in maps["item2id"].items():
+            item_keys[int(item)] = asin
     return InteractionData(
         name=seq_path.stem, sequences=seqs, num_items=num_items, item_attributes=item_attributes,
-        attribute_names=attribute_names, item_text=item_text, user_keys=users,
+        attribute_names=attribute_names, item_text=item_text, user_keys=users, item_keys=item_keys,
     )

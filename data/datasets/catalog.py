@@ -22,10 +22,13 @@ class InteractionData:
     attribute_names: list[str]  # index = attribute id (0 = padding "")
     item_text: list[str]  # index = item id: title / content words ("" when unknown)
     user_keys: list[str]  # external user id per sequence
+    item_keys: list[str] | None = None  # index = item id: external item id (ASIN, movieId); None when unknown
 
     def __post_init__(self) -> None:
         if len(self.item_attributes) != self.num_items + 1 or len(self.item_text) != self.num_items + 1:
             raise DatasetError(f"{self.name}: item tables must have num_items + 1 rows")
+        if self.item_keys is not None and len(self.item_keys) != self.num_items + 1:
+            raise DatasetError(f"{self.name}: item_keys must have num_items + 1 rows")
 
     @property
     def num_attributes(self) -> int:

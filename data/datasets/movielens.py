@@ -72,5 +72,5 @@ def load(root: Path) -> InteractionData:
     item_text = [""] + [movie_title[m] for m in movie_ids]
     return InteractionData(
         name=root.name, sequences=seqs, num_items=len(movie_ids), item_attributes=item_attributes,
-        attribute_names=[""] + genres, item_text=item_text, user_keys=users,
+        attribute_names=[""] + genres, item_text=item_text, user_keys=users, item_keys=[""] + movie_ids,
     )

@@ -57,4 +57,5 @@ def generate(num_users: int = 600, num_items: int = 400, num_topics: int = 8, nu
     return InteractionData(
         name="synthetic", sequences=seqs, num_items=num_items, item_attributes=item_attributes,
         attribute_names=attribute_names, item_text=item_text, user_keys=[str(u) for u in range(num_users)],
+        item_keys=[""] + [f"item-{i}" for i in range(1, num_items + 1)],
     )
