@@ -1,0 +1,160 @@
+"""New items without retraining: metadata checks (each bad case names its line and leaves no export
+behind), the content path of an item with no id row, and ONNX parity of an export with appended rows
+(exact graph and two-stage index)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from unirank.cli.main import main as cli
+from unirank.serving.export import TopKRanker, export_model, onnx_session, parity_max_abs_diff
+from unirank.serving.new_items import NewItemsError, new_item_vectors, read_new_items
+from unirank.serving.synthetic_requests import random_batches
+from unirank.training.checkpoint import load_checkpoint, save_checkpoint
+from unirank.training.config import Config
+from unirank.training.train import build_ranker, prepare
+
+OVERRIDES = {"data": {"synthetic": {"num_users": 120, "num_items": 60}},
+             "model": {"dim": 16, "num_layers": 1, "num_heads": 2, "max_history": 12, "id_dropout": 0.5}}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """An untrained model of the small synthetic dataset, with its run config (export finds the data)."""
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(OVERRIDES))
+    prep = prepare(OmegaConf.to_object(cfg))
+    torch.manual_seed(0)
+    ranker = build_ranker(OmegaConf.to_object(cfg), prep).eval()
+    path = tmp_path_factory.mktemp("new_items") / "ckpt.pt"
+    save_checkpoint(path, ranker, prep.tokenizer, prep.data.item_attributes, prep.item_words,
+                    OmegaConf.to_yaml(cfg), metadata={})
+    return path, prep.data
+
+
+def write(path, lines: list) -> str:
+    path.write_text("".join((json.dumps(x) if not isinstance(x, str) else x) + "\n" for x in lines))
+    return str(path)
+
+
+GOOD = {"id": "new-1", "title": "kaqu lomi fresh", "attributes": ["Kaqu"]}
+BAD_JSONL = {
+    "missing id": ([GOOD, {"title": "x"}], ":2: missing id"),
+    "missing title": ([{"id": "a", "attributes": []}], ":1: item 'a' has no title"),
+    "duplicate id": ([GOOD, GOOD], ":2: id 'new-1' given twice (first on line 1)"),
+    "trained id": ([GOOD, {"id": "item-3", "title": "t"}], ":2: id 'item-3' is already in the trained catalogue"),
+    "attributes type": ([{"id": "a", "title": "t", "attributes": [1, 2]}], ":1: attributes must be a list"),
+    "not json": ([GOOD, "{oops"], ":2: not a JSON object"),
+    "empty": ([], ": no items"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_JSONL)
+def test_bad_jsonl_names_the_line_and_leaves_no_export(case, checkpoint, tmp_path, capsys):
+    lines, message = BAD_JSONL[case]
+    path = write(tmp_path / "new.jsonl", lines)
+    assert cli(["export", "--checkpoint", str(checkpoint[0]), "--out", str(tmp_path / "out"), "--new-items", path]) == 2
+    assert f"{path}{message}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["new.jsonl"]
+
+
+BAD_CSV = {
+    "missing id": ("id,title,attributes\nn1,kaqu,Kaqu\n,lomi,\n", ":3: missing id"),
+    "missing title": ("id,title,attributes\nn1,,Kaqu\n", ":2: item 'n1' has no title"),
+    "duplicate id": ("id,title,attributes\nn1,a,\nn1,b,\n", ":3: id 'n1' given twice (first on line 2)"),
+    "trained id": ("id,title,attributes\nitem-7,a,\n", ":2: id 'item-7' is already in the trained catalogue"),
+    "no header columns": ("name,attributes\nn1,a\n", ":1: the CSV header needs the columns"),
+    "empty": ("", ": no items"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CSV)
+def test_bad_csv_names_the_line(case, checkpoint, tmp_path):
+    text, message = BAD_CSV[case]
+    path = tmp_path / "new.csv"
+    path.write_text(text)
+    keys = set(checkpoint[1].item_keys[1:])
+    with pytest.raises(NewItemsError) as err:
+        read_new_items(path, keys)
+    assert f"{path}{message}" in str(err.value)
+
+
+def test_unreadable_metadata_is_an_error_naming_the_file_and_line(checkpoint, tmp_path, capsys):
+    with pytest.raises(NewItemsError, match="not found"):
+        read_new_items(tmp_path)  # a directory
+    path = tmp_path / "new.jsonl"
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n\xff\xfe\n")
+    with pytest.raises(NewItemsError, match=rf"{path}:2: not UTF-8"):
+        read_new_items(path)
+    previous = tmp_path / "out"
+    assert cli(["export", "--checkpoint", str(checkpoint[0]), "--out", str(previous), "--new-items",
+                write(tmp_path / "ok.jsonl", [GOOD]), "--top-k", "10"]) == 0
+    before = {p.name: p.stat().st_mtime_ns for p in previous.iterdir()}
+    assert cli(["export", "--checkpoint", str(checkpoint[0]), "--out", str(previous), "--new-items", str(path)]) == 2
+    assert {p.name: p.stat().st_mtime_ns for p in previous.iterdir()} == before  # the previous export is untouched
+
+
+def test_csv_and_jsonl_read_the_same_items(tmp_path):
+    csv = tmp_path / "n.csv"
+    csv.write_text('id,title,attributes\nn1,"kaqu, lomi",Kaqu| Lo mi \n')
+    jsonl = write(tmp_path / "n.jsonl", [{"id": "n1", "title": "kaqu, lomi", "attributes": ["Kaqu", " Lo mi "]}])
+    (from_csv,), (from_jsonl,) = read_new_items(csv), read_new_items(jsonl)
+    assert (from_csv.line, from_jsonl.line) == (2, 1)  # the CSV header is line 1
+    assert (from_csv.key, from_csv.title, from_csv.attributes) == (from_jsonl.key, from_jsonl.title, ["Kaqu", "Lo mi"])
+
+
+def test_content_path_scores_depend_on_the_text_alone(checkpoint, tmp_path):
+    path, data = checkpoint
+    loaded = load_checkpoint(path)
+    t, s, b = data.item_attributes[5]
+    names = data.attribute_names
+    items = read_new_items(write(tmp_path / "n.jsonl", [
+        {"id": "a", "title": data.item_text[5], "attributes": [names[t], names[s], names[b]]},
+        {"id": "b", "title": data.item_text[5], "attributes": [names[t], names[s], names[b]]},
+        {"id": "c", "title": data.item_text[9], "attributes": [names[a] for a in data.item_attributes[9]]}]))
+    vectors, unknown = new_item_vectors(loaded.ranker, loaded.tokenizer, data, items)
+    assert not unknown and torch.isfinite(vectors).all()
+    context = torch.randn(4, vectors.shape[1], generator=torch.Generator().manual_seed(0))
+    scores = loaded.ranker.similarity(context, vectors)
+    assert torch.isfinite(scores).all()
+    torch.testing.assert_close(scores[:, 0], scores[:, 1])  # same text -> same score
+    assert (scores[:, 0] - scores[:, 2]).abs().min() > 1e-4  # different text -> different score
+    # no id row: the trained item with the same content differs from it by its id vector
+    trained = loaded.ranker.item_tower(torch.tensor([5]))[0][0]
+    assert (trained - vectors[0]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("index", [None, "flat"])
+def test_export_with_new_items_matches_pytorch(index, checkpoint, tmp_path):
+    path, data = checkpoint
+    new = write(tmp_path / "n.jsonl", [GOOD, {"id": "new-2", "title": data.item_text[3], "attributes": ["Unheard"]}])
+    args = ["export", "--checkpoint", str(path), "--out", str(tmp_path / "out"), "--new-items", new, "--top-k", "10"]
+    assert cli(args + (["--index", index] if index else [])) == 0
+    listed = json.loads((tmp_path / "out" / "new_items.json").read_text())
+    n = data.num_items
+    assert [(i["item_id"], i["external_id"]) for i in listed["items"]] == [(n + 1, "new-1"), (n + 2, "new-2")]
+    assert listed["unknown_attributes"] == {"Kaqu": 1, "Unheard": 1}  # reported, not fatal
+    assert (tmp_path / "out" / "repository" / "python" / "unirank" / "new_items.json").exists()
+    # the PyTorch reference: the trained model's plain form with the two content rows appended
+    from unirank.serving.new_items import add_new_items
+
+    loaded = load_checkpoint(path)
+    plain = loaded.ranker.to_plain().eval()
+    add_new_items(loaded, plain, new)
+    assert plain.num_items == n + 2
+    report_meta = json.loads((tmp_path / "out" / "export.json").read_text())
+    assert report_meta["num_items"] == n + 2
+    from unirank.serving.metadata import ExportMetadata
+
+    batches = random_batches(ExportMetadata.load(tmp_path / "out" / "export.json"), loaded.tokenizer.vocab_size,
+                             requests=64, seed=1)
+    assert any(((b["history"] > n) | (b["source_item"][:, None] > n)).any() for b in batches)
+    diff = parity_max_abs_diff(TopKRanker(plain, 10).eval(), onnx_session(tmp_path / "out" / "model.onnx"), batches)
+    assert diff <= 1e-4
+    if index:
+        from unirank.serving.item_index import ItemIndex
+
+        assert len(ItemIndex.load(tmp_path / "out")) == n + 2  # the index holds the new items too
