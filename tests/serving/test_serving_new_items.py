@@ -158,3 +158,35 @@ def test_export_with_new_items_matches_pytorch(index, checkpoint, tmp_path):
         from unirank.serving.item_index import ItemIndex
 
         assert len(ItemIndex.load(tmp_path / "out")) == n + 2  # the index holds the new items too
+
+
+@pytest.mark.slow
+def test_tritonserver_serves_a_new_item_for_its_search_query_and_a_related_item(tmp_path):
+    """A small model trained with id dropout (about 50 s on 2 cores): a new item with the brand and
+    sub-category of trained item 40 (a title word the vocabulary lacks) comes back over gRPC for a
+    search naming its brand and sub-category and for similar-item on item 40."""
+    from unirank.data.datasets.synthetic import generate
+    from unirank.serving.client import RankerClient
+    from unirank.serving.server import Server, free_port
+
+    run = tmp_path / "run"
+    assert cli(["train", "--config", "quickstart", "--quiet", "data.synthetic.num_users=300",
+                "data.synthetic.num_items=150", "model.dim=32", "model.num_layers=1", "model.id_dropout=0.5",
+                "train.max_epochs=20", "train.eval_every=20", "eval.num_bootstrap=0", f"train.out_dir={run}"]) == 0
+    data, source = generate(num_users=300, num_items=150), 40
+    topic, sub, brand = (data.attribute_names[a] for a in data.item_attributes[source])
+    new = write(tmp_path / "n.jsonl", [{"id": "new-1", "title": f"{brand.lower()} {sub} zzqx",
+                                        "attributes": [topic, sub, brand]}])
+    assert cli(["export", "--checkpoint", str(run / "best.pt"), "--out", str(tmp_path / "out"), "--new-items", new,
+                "--top-k", "50"]) == 0
+    new_id = data.num_items + 1
+    repository = tmp_path / "out" / "repository" / "python"
+    with Server(repository, free_port(), free_port(), free_port(), startup_timeout_s=90) as server, \
+            RankerClient.from_model_dir(server.grpc_url, repository / "unirank", timeout_s=10) as client:
+        searched = client.search([], f"{brand.lower()} {sub}", k=50).item_ids.tolist()
+        similar = client.similar(source, k=50).item_ids.tolist()
+    ranks = {name: ids.index(new_id) + 1 if new_id in ids else None for name, ids in
+             (("search", searched), ("similar", similar))}
+    print(f"new item {new_id} of {new_id}: rank {ranks} (top-50 answers)")
+    assert ranks["search"] is not None and ranks["search"] <= 10
+    assert ranks["similar"] is not None and ranks["similar"] <= 10
