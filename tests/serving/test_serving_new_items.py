@@ -190,3 +190,19 @@ def test_tritonserver_serves_a_new_item_for_its_search_query_and_a_related_item(
     print(f"new item {new_id} of {new_id}: rank {ranks} (top-50 answers)")
     assert ranks["search"] is not None and ranks["search"] <= 10
     assert ranks["similar"] is not None and ranks["similar"] <= 10
+
+
+def test_new_items_keep_the_query_catalogue_of_a_suggest_model(tmp_path):
+    from unirank.training.train import trained_query_texts
+
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(OVERRIDES),
+                                              OmegaConf.create({"train": {"tasks": ["search", "suggest"]}})))
+    prep = prepare(cfg)
+    texts = trained_query_texts(cfg, prep)
+    save_checkpoint(tmp_path / "ckpt.pt", build_ranker(cfg, prep).eval(), prep.tokenizer, prep.data.item_attributes,
+                    prep.item_words, OmegaConf.to_yaml(OmegaConf.structured(cfg)), metadata={}, query_texts=texts)
+    report = export_model(tmp_path / "ckpt.pt", tmp_path / "out", top_k=10, parity_requests=64,
+                          new_items=write(tmp_path / "n.jsonl", [GOOD]))
+    assert report.max_abs_diff <= 1e-4 and report.metadata.num_items == prep.data.num_items + 1
+    assert report.metadata.num_queries == len(texts) > 0
+    assert json.loads((tmp_path / "out" / "queries.json").read_text()) == texts
