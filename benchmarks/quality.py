@@ -239,6 +239,7 @@ def train_ours(args: argparse.Namespace) -> Path:
     out = ROOT / "runs" / "quality" / Path(args.data).name / "unirank"
     cfg = load_config(args.ours_config, [f"data.path={args.data}", f"train.max_minutes={args.ours_minutes}",
                                          f"train.threads={args.threads}", f"train.out_dir={out}", *args.ours_set])
+    out = Path(cfg.train.out_dir)  # --ours-set may name another out_dir
     print(f"[unirank] training {args.ours_config} for at most {args.ours_minutes} min -> {out}", flush=True)
     train(cfg, quiet=True)
     return out
