@@ -57,10 +57,10 @@ def build_requests(builder: RequestBuilder, count: int, vocab: int, seed: int = 
     """Mixed tasks, as the typed client would send them (bucketed lengths)."""
     rng = np.random.default_rng(seed)
     md = builder.metadata
+    words = getattr(builder.tokenizer, "words", None)  # a word vocabulary; word pieces read any text
     requests = []
     for i in range(count):
         row = random_request(rng, i % 3, md.num_items, vocab, md.max_history, md.max_query_len)
-        words = getattr(builder.tokenizer, "words", None)  # a word vocabulary; word pieces read any text
         query_text = " ".join(words[t - 2] if words is not None else PLAIN_WORDS[t % len(PLAIN_WORDS)]
                               for t in row["query"][0])
         requests.append(builder.build(i % 3, row["history"][0].tolist(), query_text, int(row["source_item"][0]),

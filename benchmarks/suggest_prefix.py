@@ -23,9 +23,6 @@ from unirank.model.request import QueryTask
 from unirank.training.config import load_config
 from unirank.training.train import prepare
 
-METRICS = ("recall@10", "ndcg@10", "mrr")
-
-
 def markdown(rows: list[dict]) -> str:
     lines = ["| prefix chars | method | R@10 [95% CI] | N@10 [95% CI] | MRR | users |", "|---|---|---|---|---|---|"]
     for r in rows:

@@ -203,11 +203,12 @@ class ItemTower(nn.Module):
         keys, lengths = [*ITEM_FEATURES, "query_words"], [zeros, *bags, zeros]
         if self.semantic_id_sizes:
             codes = torch.full((m, len(self.semantic_id_sizes)), -1, dtype=torch.int64) if codes is None else codes
+            codes = codes.to(dev)
             for level in range(len(self.semantic_id_sizes)):
-                has = codes[:, level].to(dev) >= 0
+                has = codes[:, level] >= 0
                 keys.append(semantic_id_feature(level))
                 lengths.append(has.long())
-                values.append(codes[:, level].to(dev)[has])
+                values.append(codes[has, level])
         features = JaggedFeatures(keys, torch.cat(values), torch.cat(lengths), m)
         pooled = self.ebc(features)
         vec = sum(pooled[key][:m] for key in keys if key != "query_words")

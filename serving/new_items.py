@@ -64,13 +64,13 @@ def _lines(path: Path) -> list[str]:
         raw = path.read_bytes()
     except OSError as err:
         raise NewItemsError(f"{path}: cannot read the new-item metadata ({err.strerror or err})") from err
-    lines = raw.splitlines(keepends=True)
-    for lineno, line in enumerate(lines, 1):
+    lines = []
+    for lineno, line in enumerate(raw.splitlines(keepends=True), 1):
         try:
-            line.decode("utf-8")
+            lines.append(line.decode("utf-8"))
         except UnicodeDecodeError as err:
             raise NewItemsError(f"{path}:{lineno}: not UTF-8 text (byte {err.start + 1} of the line)") from err
-    return [line.decode("utf-8") for line in lines]
+    return lines
 
 
 def _rows(path: Path):
