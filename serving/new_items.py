@@ -151,8 +151,8 @@ def _nearest_codes(tower, catalogue_text: torch.Tensor, text: torch.Tensor) -> t
     """[M, levels] semantic-ID codes: the K-means levels of the trained item with the nearest text
     vector (cosine), no collision code (-1, the last level)."""
     catalogue = torch.nn.functional.normalize(catalogue_text[1: tower.num_items + 1].float(), dim=1)
-    nearest = (torch.nn.functional.normalize(text.float(), dim=1) @ catalogue.T).argmax(1) + 1
-    codes = tower.item_codes[nearest].clone()
+    nearest = (torch.nn.functional.normalize(text.float().to(catalogue.device), dim=1) @ catalogue.T).argmax(1) + 1
+    codes = tower.item_codes[nearest.to(tower.item_codes.device)].clone()
     codes[:, -1] = -1
     return codes
 

@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 
 from unirank.cli.main import main as cli
 from unirank.serving.export import TopKRanker, export_model, onnx_session, parity_max_abs_diff
-from unirank.serving.new_items import NewItemsError, new_item_vectors, read_new_items
+from unirank.model.item_tower import ItemTower
+from unirank.serving.new_items import NewItemsError, _nearest_codes, new_item_vectors, read_new_items
 from unirank.serving.synthetic_requests import random_batches
 from unirank.training.checkpoint import load_checkpoint, save_checkpoint
 from unirank.training.config import Config
@@ -206,3 +207,14 @@ def test_new_items_keep_the_query_catalogue_of_a_suggest_model(tmp_path):
     assert report.max_abs_diff <= 1e-4 and report.metadata.num_items == prep.data.num_items + 1
     assert report.metadata.num_queries == len(texts) > 0
     assert json.loads((tmp_path / "out" / "queries.json").read_text()) == texts
+
+
+def test_semantic_ids_of_a_new_item_are_its_nearest_trained_items_without_the_collision_code():
+    text = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+    codes = torch.tensor([[-1, -1, -1], [0, 1, 0], [1, 0, 1], [1, 1, 0], [-1, -1, -1]])
+    tower = ItemTower(3, [[]] * 4, 1, [[]] * 4, 2, dim=4, semantic_id_sizes=[2, 2, 2], item_codes=codes,
+                      text_dim=3, item_text=text)
+    new = torch.tensor([[0.1, 0.9, 0.0], [0.0, 0.2, 2.0]])  # nearest: item 2, item 3 (cosine)
+    assert _nearest_codes(tower, tower.item_text, new).tolist() == [[1, 0, -1], [1, 1, -1]]
+    vectors = tower.content_vectors([[], []], [[], []], new, _nearest_codes(tower, tower.item_text, new))
+    assert vectors.shape == (2, 4) and torch.isfinite(vectors).all() and not torch.equal(vectors[0], vectors[1])
