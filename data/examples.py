@@ -88,6 +88,15 @@ def item_content_text(data: InteractionData, item: int) -> str:
     return f"{data.item_text[item]} {data.item_attribute_text(item)}".strip()
 
 
+def item_lexical_rows(data: InteractionData, tokenizer: Tokenizer, field: str) -> list[list[int]]:
+    """Per id 0..num_items + 1, the token ids (repeats kept: term frequency) of the item's lexical
+    field (model.lexical): its attribute names (`names`) or title + names (`title+names`)."""
+    texts = {"names": data.item_attribute_text, "title+names": lambda item: item_content_text(data, item)}
+    if field not in texts:
+        raise ValueError(f"lexical field must be one of {sorted(texts)}, got {field!r}")
+    return [[]] + [tokenizer.encode(texts[field](i)) for i in range(1, data.num_items + 1)] + [[]]
+
+
 def fit_tokenizer(data: InteractionData, kind: str = "word") -> Tokenizer:
     """`word`: a vocabulary fitted on the catalogue's content; `wordpiece`: the text encoder's."""
     if kind == "wordpiece":

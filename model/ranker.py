@@ -23,6 +23,8 @@ from torch import nn
 from unirank.kernels.attention import prefix_causal_attention
 from unirank.kernels.dispatch import model_impl
 from unirank.model.item_tower import ItemTower, PrecomputedItemTower
+from unirank.model.lexical import FIELDS as LEXICAL_FIELDS
+from unirank.model.lexical import LexicalMatch
 from unirank.model.request import TASK_NAMES, QueryTask, Task
 from unirank.model.tokenizer import OOV_TOKEN_ID
 
@@ -75,13 +77,14 @@ class ModelConfig:
     query_bag: bool = True  # search context includes the pooled query-token bag
     tie_text_projection: bool = False  # query vector and item text vectors share one projection (one space)
     id_dropout: float = 0.0  # training: drop an item's id vector with this probability (content must carry it)
+    lexical: str = "none"  # search score adds learned-scale BM25 of the query against the items' "names" or "title+names"
 
     def __post_init__(self) -> None:
         if self.dim % self.num_heads:
             raise ValueError(f"model.dim={self.dim} must be divisible by model.num_heads={self.num_heads}")
         choices = {"block": ("prenorm", "ligr"), "similarity": ("dot", "cosine"), "attention_impl": IMPL_CHOICES,
                    "embedding_bag_impl": BAG_IMPL_CHOICES, "tokenizer": ("word", "wordpiece"),
-                   "query_encoder": ("none", "frozen", "finetune")}
+                   "query_encoder": ("none", "frozen", "finetune"), "lexical": LEXICAL_FIELDS}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"model.{key} must be one of {allowed}, got {getattr(self, key)!r}")
@@ -109,6 +112,7 @@ class RankerConfig(ModelConfig):
     text_dim: int = 0  # width of the item text vectors (0 = no text features)
     semantic_id_sizes: list[int] = field(default_factory=list)  # rows per semantic-ID level (incl. collision level)
     num_queries: int = 0  # size of the suggest task's query catalogue (0 = no suggest task)
+    lexical_width: int = 0  # distinct lexical tokens per item row of the BM25 table (model.lexical)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -168,11 +172,13 @@ class Block(nn.Module):
 class UnifiedRanker(nn.Module):
     def __init__(self, cfg: RankerConfig, item_attributes: list[list[int]], item_words: list[list[int]],
                  item_codes: torch.Tensor | None = None, item_text: torch.Tensor | None = None,
-                 query_tokens: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 query_tokens: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 lexical_rows: list[list[int]] | None = None):
         """`item_codes` / `item_text`: the LM item features (see ItemTower); `query_tokens`: the
         query catalogue's ([num_queries + 2, max_query_len] token ids, [num_queries + 2] lengths),
-        rows = query ids (QueryCatalogue.token_ids). None leaves zero placeholders of the configured
-        shape, to be filled by load_state_dict."""
+        rows = query ids (QueryCatalogue.token_ids); `lexical_rows`: per id, the token ids of the
+        item's lexical field (model.lexical, LexicalMatch). None leaves zero placeholders of the
+        configured shape, to be filled by load_state_dict."""
         super().__init__()
         self.config, self.num_items = cfg, cfg.num_items
         self.item_tower: ItemTower | PrecomputedItemTower = ItemTower(
@@ -193,6 +199,8 @@ class UnifiedRanker(nn.Module):
                 self.query_proj = self.item_tower.text_proj
             else:
                 self.query_proj = nn.Linear(self.query_encoder.dim, cfg.dim, bias=False)
+        if cfg.lexical != "none":
+            self.lexical = LexicalMatch(cfg.num_items, cfg.num_words, max(cfg.lexical_width, 1), lexical_rows)
         # A model without a query catalogue keeps the item tasks' table (and its initialisation) as it was.
         self.task_embedding = nn.Embedding(NUM_TASK_IDS if cfg.num_queries else NUM_TASKS, cfg.dim)
         self.no_context = nn.Parameter(torch.zeros(cfg.dim))
@@ -334,13 +342,33 @@ class UnifiedRanker(nn.Module):
     def all_item_embeddings(self) -> torch.Tensor:
         return self.item_tower.all_items()
 
-    def score(self, context: torch.Tensor, candidates: torch.Tensor | None = None) -> torch.Tensor:
+    def score(self, context: torch.Tensor, candidates: torch.Tensor | None = None, task: torch.Tensor | None = None,
+              query: torch.Tensor | None = None, query_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """[B, C] scores of candidate ids, or [B, num_items + 2] over the whole id space (columns 0
-        and num_items + 1 are padding / OOV: callers mask them)."""
+        and num_items + 1 are padding / OOV: callers mask them). With the request's `task` and
+        query, a model with model.lexical adds its lexical match to the search rows."""
         if candidates is None:
-            return self.similarity(context, self.all_item_embeddings())
-        cand_vec, _ = self.item_tower(candidates)
-        return self.similarity(context, cand_vec)
+            scores = self.similarity(context, self.all_item_embeddings())
+        else:
+            cand_vec, _ = self.item_tower(candidates)
+            scores = self.similarity(context, cand_vec)
+        if task is not None and query is not None and query_lengths is not None:
+            lexical = self.search_lexical(task, query, query_lengths, candidates)
+            if lexical is not None:
+                scores = scores + lexical.to(scores.dtype)
+        return scores
+
+    def search_lexical(self, task: torch.Tensor, query: torch.Tensor, query_lengths: torch.Tensor,
+                       candidates: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The lexical term of the score (model.lexical): [B, C] or [B, num_items + 2], zero on rows
+        that are not search; None when the model has none. The query is read as `encode` reads it
+        (the first max_query_len tokens)."""
+        if not hasattr(self, "lexical"):
+            return None
+        query = query[:, : self.config.max_query_len]
+        query_lengths = query_lengths.clamp(0, query.shape[1])
+        lexical = self.lexical(query, query_lengths, candidates)
+        return lexical * (task == Task.SEARCH).unsqueeze(1).to(lexical.dtype)
 
     def to_plain(self) -> "UnifiedRanker":
         """An eval-mode copy for export: no TorchRec modules (the item tower is precomputed into
@@ -350,6 +378,8 @@ class UnifiedRanker(nn.Module):
             with torch.no_grad():  # every catalogue query through the query path, once
                 plain.register_buffer("query_table", plain.all_query_embeddings().detach().clone())
         plain.item_tower = PrecomputedItemTower(plain.item_tower)
+        if hasattr(plain, "lexical"):
+            plain.lexical.gather = True  # ONNX has no sparse matrix product
         plain.config = replace(plain.config, attention_impl="reference", embedding_bag_impl="torch")
         if hasattr(plain, "query_encoder"):
             plain.query_encoder.memoize = False  # the graph runs the encoder itself

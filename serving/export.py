@@ -63,7 +63,8 @@ class TopKRanker(nn.Module):
 
     def forward(self, task, history, history_lengths, query, query_lengths, source_item, candidates):
         context = self.ranker(task, history, history_lengths, query, query_lengths, source_item)
-        top_ids, top_scores = self._top_items(context, task, history, history_lengths, source_item, candidates)
+        top_ids, top_scores = self._top_items(context, task, history, history_lengths, query, query_lengths,
+                                              source_item, candidates)
         if self.num_queries:
             query_ids, query_scores = self._top_queries(context, candidates)
             suggest = (task == int(QueryTask.SUGGEST)).unsqueeze(1)
@@ -82,10 +83,10 @@ class TopKRanker(nn.Module):
         ids = torch.cat([candidates, torch.arange(1, n + 1, device=context.device).expand(batch, -1)], dim=1)
         return _top(ids, torch.cat([cand_scores, catalogue_scores], dim=1), self.top_k)
 
-    def _top_items(self, context, task, history, history_lengths, source_item, candidates):
+    def _top_items(self, context, task, history, history_lengths, query, query_lengths, source_item, candidates):
         batch = task.shape[0]
-        cand_scores = self.ranker.score(context, candidates)
-        catalogue_scores = self.ranker.score(context)[:, 1 : self.num_items + 1]
+        cand_scores = self.ranker.score(context, candidates, task, query, query_lengths)
+        catalogue_scores = self.ranker.score(context, None, task, query, query_lengths)[:, 1 : self.num_items + 1]
         catalogue_ids = torch.arange(1, self.num_items + 1, device=task.device).expand(batch, -1)
 
         use_catalogue = (candidates == 0).all(dim=1, keepdim=True)
@@ -332,6 +333,10 @@ def export_model(checkpoint_path: str | Path, out_dir: str | Path, top_k: int = 
 
     started = time.perf_counter()
     loaded = load_checkpoint(checkpoint_path)
+    if index is not None and loaded.ranker.config.lexical != "none":
+        raise ValueError("two-stage serving (--index) retrieves by the context vector alone, and this model's "
+                         f"search score adds a lexical term (model.lexical={loaded.ranker.config.lexical}): "
+                         "export it without --index")
     if index is not None and loaded.query_texts:
         raise ValueError("two-stage serving (--index) ranks items only: export a model with a query catalogue "
                          "(suggest) as the exact graph")

@@ -186,11 +186,24 @@ def new_item_vectors(ranker, tokenizer, data, items: list[NewItem], cache_dir: s
     return vectors, unknown
 
 
-def extend_catalogue(plain, vectors: torch.Tensor) -> None:
+def lexical_rows(tokenizer, items: list[NewItem], field: str) -> list[list[int]]:
+    """The new items' token ids of the lexical field (model.lexical), as data.examples.item_lexical_rows
+    builds them for the training catalogue."""
+    names = [" ".join(it.attributes) for it in items]
+    texts = names if field == "names" else [f"{it.title} {n}".strip() for it, n in zip(items, names)]
+    return [tokenizer.encode(t) for t in texts]
+
+
+def extend_catalogue(plain, vectors: torch.Tensor, lexical: list[list[int]] | None = None) -> None:
     """Append item-table rows to an exported (plain) ranker: ids num_items + 1 .. num_items + M; row
-    0 stays padding and the OOV row moves to the new last id + 1."""
+    0 stays padding and the OOV row moves to the new last id + 1. `lexical`: the new rows' lexical
+    field token ids, for a model with model.lexical."""
     from dataclasses import replace
 
+    if hasattr(plain, "lexical"):
+        if lexical is None or len(lexical) != len(vectors):
+            raise ValueError("this model scores search with a lexical term: the new items' lexical rows are needed")
+        plain.lexical.extend(lexical)
     tower = plain.item_tower
     table = tower.table
     n = int(tower.num_items)
@@ -226,7 +239,8 @@ def add_new_items(loaded, plain, metadata_path: str | Path, data_path: str | Non
     items = read_new_items(metadata_path, keys)
     vectors, unknown = new_item_vectors(loaded.ranker, loaded.tokenizer, data, items, cache_dir)
     trained = int(plain.num_items)
-    extend_catalogue(plain, vectors)
+    field = loaded.ranker.config.lexical
+    extend_catalogue(plain, vectors, lexical_rows(loaded.tokenizer, items, field) if field != "none" else None)
     return NewItemsReport(trained, [{"item_id": trained + 1 + i, "external_id": it.key, "title": it.title}
                                     for i, it in enumerate(items)], dict(unknown))
 

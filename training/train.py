@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from unirank.model.lexical import table_width
 from unirank.model.ranker import RankerConfig, UnifiedRanker
 from unirank.model.request import TASK_NAMES, QueryTask, Task
 from unirank.model.tokenizer import Tokenizer
@@ -33,7 +34,7 @@ from unirank.training.config import Config, ConfigError, load_config, task_weigh
 from unirank.data.datasets import InteractionData, load_dataset
 from unirank.training.distill import load_teachers
 from unirank.evaluation.evaluate import ModelScorer, evaluate_task
-from unirank.data.examples import (RequestBuilder, Split, TrainingExamples, fit_tokenizer,
+from unirank.data.examples import (RequestBuilder, Split, TrainingExamples, fit_tokenizer, item_lexical_rows,
                                        item_word_ids, leave_one_out_split)
 from unirank.data.lm_features import ItemLMFeatures, item_lm_features
 from unirank.data.query_catalogue import QueryCatalogue, build_query_catalogue
@@ -59,6 +60,7 @@ class Prepared:
     lm: ItemLMFeatures | None = None  # text vectors + semantic IDs, when the model config uses them
     excluded_items: np.ndarray | None = None  # item ids training never ranks (cold-start: not yet in the catalogue)
     queries: QueryCatalogue | None = None  # the suggest task's candidates (train.tasks with suggest)
+    lexical_rows: list[list[int]] | None = None  # per id, the lexical field's token ids (model.lexical)
 
 
 def trained_queries(cfg: Config, prep: Prepared) -> QueryCatalogue | None:
@@ -90,7 +92,9 @@ def prepare(cfg: Config, data: InteractionData | None = None, fit_items: np.ndar
     lm = None
     if cfg.model.text_features or cfg.model.semantic_id_levels:
         lm = item_lm_features(data, cfg.data.cache_dir, cfg.model.semantic_id_levels, cfg.train.seed, fit_items)
-    return Prepared(data, split, tokenizer, item_word_ids(data, tokenizer), builder, lm, queries=queries)
+    lexical = item_lexical_rows(data, tokenizer, cfg.model.lexical) if cfg.model.lexical != "none" else None
+    return Prepared(data, split, tokenizer, item_word_ids(data, tokenizer), builder, lm, queries=queries,
+                    lexical_rows=lexical)
 
 
 def ranker_config(cfg: Config, prep: Prepared) -> RankerConfig:
@@ -99,7 +103,8 @@ def ranker_config(cfg: Config, prep: Prepared) -> RankerConfig:
                         num_words=prep.tokenizer.vocab_size, **asdict(cfg.model),
                         text_dim=int(lm.text.shape[1]) if lm is not None and cfg.model.text_features else 0,
                         semantic_id_sizes=lm.level_sizes if lm is not None else [],
-                        num_queries=len(trained_query_texts(cfg, prep)))
+                        num_queries=len(trained_query_texts(cfg, prep)),
+                        lexical_width=table_width(prep.lexical_rows) if prep.lexical_rows is not None else 0)
 
 
 def build_ranker(cfg: Config, prep: Prepared) -> UnifiedRanker:
@@ -109,7 +114,8 @@ def build_ranker(cfg: Config, prep: Prepared) -> UnifiedRanker:
                          item_codes=lm.codes if lm is not None and lm.level_sizes else None,
                          item_text=lm.text if lm is not None and cfg.model.text_features else None,
                          query_tokens=None if queries is None else queries.token_ids(prep.tokenizer,
-                                                                                    cfg.model.max_query_len))
+                                                                                    cfg.model.max_query_len),
+                         lexical_rows=prep.lexical_rows)
 
 
 def validate(ranker: UnifiedRanker, prep: Prepared, tasks: list[Task], cfg: Config) -> dict[str, dict]:
