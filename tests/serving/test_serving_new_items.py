@@ -161,6 +161,34 @@ def test_export_with_new_items_matches_pytorch(index, checkpoint, tmp_path):
         assert len(ItemIndex.load(tmp_path / "out")) == n + 2  # the index holds the new items too
 
 
+def test_new_items_join_the_lexical_match_of_a_lexical_model(tmp_path):
+    """model.lexical: a new item with the attribute names of trained item 7 gets item 7's BM25 weights
+    (the training catalogue's idf and length norm) for a search naming them, in PyTorch and ONNX."""
+    from unirank.model.request import Task
+    from unirank.serving.new_items import add_new_items
+
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(OVERRIDES),
+                          OmegaConf.create({"model": {"lexical": "names"}}))
+    prep = prepare(OmegaConf.to_object(cfg))
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "ckpt.pt", build_ranker(OmegaConf.to_object(cfg), prep).eval(), prep.tokenizer,
+                    prep.data.item_attributes, prep.item_words, OmegaConf.to_yaml(cfg), metadata={})
+    data, source = prep.data, 7
+    names = [data.attribute_names[a] for a in data.item_attributes[source]]
+    new = write(tmp_path / "n.jsonl", [{"id": "new-1", "title": "zzqx", "attributes": names}])
+    report = export_model(tmp_path / "ckpt.pt", tmp_path / "out", top_k=10, parity_requests=64, new_items=new)
+    assert report.max_abs_diff <= 1e-4 and report.metadata.num_items == data.num_items + 1
+    loaded = load_checkpoint(tmp_path / "ckpt.pt")
+    plain = loaded.ranker.to_plain().eval()
+    add_new_items(loaded, plain, new)
+    query = torch.tensor([loaded.tokenizer.encode(" ".join(names), max_length=plain.config.max_query_len)])
+    with torch.no_grad():
+        lexical = plain.search_lexical(torch.tensor([int(Task.SEARCH)]), query, torch.tensor([query.shape[1]]))
+    new_id = data.num_items + 1
+    assert lexical[0, new_id] > 0
+    torch.testing.assert_close(lexical[0, new_id], lexical[0, source])
+
+
 @pytest.mark.slow
 def test_tritonserver_serves_a_new_item_for_its_search_query_and_a_related_item(tmp_path):
     """A small model trained with id dropout (about 50 s on 2 cores): a new item with the brand and
