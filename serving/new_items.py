@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 FIELDS = ("id", "title", "attributes")
 
@@ -56,6 +59,16 @@ def _attributes(value, where: str) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
         raise NewItemsError(f"{where}: attributes must be a list of names (or one string, names separated by '|')")
     return [a.strip() for a in value if a.strip()]
+
+
+def _text(value, where: str, name: str) -> str:
+    """A scalar field as stripped text: 0 is the id "0", not a missing one; a list or an object is an
+    error, never its Python repr."""
+    if value is None:
+        return ""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise NewItemsError(f"{where}: {name} must be a string or a number, got {type(value).__name__}")
+    return str(value).strip()
 
 
 def _lines(path: Path) -> list[str]:
@@ -107,8 +120,7 @@ def read_new_items(path: str | Path, catalogue_keys: set[str] | None = None) -> 
     items, first_line = [], {}
     for lineno, row in _rows(path):
         where = f"{path}:{lineno}"
-        key = str(row.get("id") or "").strip()
-        title = str(row.get("title") or "").strip()
+        key, title = _text(row.get("id"), where, "id"), _text(row.get("title"), where, "title")
         if not key:
             raise NewItemsError(f"{where}: missing id")
         if not title:
@@ -236,6 +248,9 @@ def add_new_items(loaded, plain, metadata_path: str | Path, data_path: str | Non
     export form of `loaded.ranker`). Raises NewItemsError before changing anything."""
     data, cache_dir = training_data(loaded, data_path)
     keys = set(data.item_keys[1:]) if data.item_keys is not None else set()
+    if data.item_keys is None:
+        log.warning("%s carries no external item ids: the new items' ids cannot be checked against the "
+                    "trained catalogue", data_path or data.name)
     items = read_new_items(metadata_path, keys)
     vectors, unknown = new_item_vectors(loaded.ranker, loaded.tokenizer, data, items, cache_dir)
     trained = int(plain.num_items)

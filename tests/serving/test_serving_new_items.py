@@ -50,6 +50,8 @@ BAD_JSONL = {
     "attributes type": ([{"id": "a", "title": "t", "attributes": [1, 2]}], ":1: attributes must be a list"),
     "not json": ([GOOD, "{oops"], ":2: not a JSON object"),
     "empty": ([], ": no items"),
+    "list id": ([{"id": ["a"], "title": "t"}], ":1: id must be a string or a number, got list"),
+    "object title": ([{"id": "a", "title": {"en": "t"}}], ":1: title must be a string or a number, got dict"),
 }
 
 
@@ -96,6 +98,11 @@ def test_unreadable_metadata_is_an_error_naming_the_file_and_line(checkpoint, tm
     before = {p.name: p.stat().st_mtime_ns for p in previous.iterdir()}
     assert cli(["export", "--checkpoint", str(checkpoint[0]), "--out", str(previous), "--new-items", str(path)]) == 2
     assert {p.name: p.stat().st_mtime_ns for p in previous.iterdir()} == before  # the previous export is untouched
+
+
+def test_a_numeric_id_zero_is_an_id(tmp_path):
+    items = read_new_items(write(tmp_path / "n.jsonl", [{"id": 0, "title": "t"}, {"id": 17, "title": 5}]))
+    assert [(it.key, it.title) for it in items] == [("0", "t"), ("17", "5")]
 
 
 def test_csv_and_jsonl_read_the_same_items(tmp_path):
