@@ -50,7 +50,8 @@ class ModelScorer:
             if self._queries is None:
                 self._queries = self.ranker.all_query_embeddings()
             return self.ranker.score_queries(ctx, queries=self._queries).float().cpu()
-        return self.ranker.score(ctx, task=req.task, query=req.query, query_lengths=req.query_lengths).float().cpu()
+        inputs = (req.task, req.history, req.history_lengths, req.query, req.query_lengths, req.source_item)
+        return self.ranker.score(ctx, inputs=inputs).float().cpu()
 
 
 class EnsembleScorer:

@@ -26,6 +26,7 @@ from unirank.model.item_tower import ItemTower, PrecomputedItemTower
 from unirank.model.lexical import FIELDS as LEXICAL_FIELDS
 from unirank.model.lexical import LexicalMatch
 from unirank.model.request import TASK_NAMES, QueryTask, Task
+from unirank.model.text_neighbours import TextNeighbours
 from unirank.model.tokenizer import OOV_TOKEN_ID
 
 NUM_PREFIX = 2  # TASK + CONTEXT
@@ -78,6 +79,7 @@ class ModelConfig:
     tie_text_projection: bool = False  # query vector and item text vectors share one projection (one space)
     id_dropout: float = 0.0  # training: drop an item's id vector with this probability (content must carry it)
     lexical: str = "none"  # search score adds learned-scale BM25 of the query against the items' "names" or "title+names"
+    text_neighbours: int = 0  # similar-item / pre-query scores add w_task * text cosine for the anchor's K nearest items
 
     def __post_init__(self) -> None:
         if self.dim % self.num_heads:
@@ -96,6 +98,10 @@ class ModelConfig:
             raise ValueError("model.query_bag=false needs a model.query_encoder: search would have no query signal")
         if self.tie_text_projection and not (self.text_features and self.query_encoder != "none"):
             raise ValueError("model.tie_text_projection needs model.text_features=true and a model.query_encoder")
+        if self.text_neighbours < 0:
+            raise ValueError("model.text_neighbours must be >= 0")
+        if self.text_neighbours and not self.text_features:
+            raise ValueError("model.text_neighbours needs model.text_features=true (the items' text vectors)")
         if self.semantic_id_levels < 0:
             raise ValueError("model.semantic_id_levels must be >= 0")
         if not 0.0 <= self.id_dropout < 1.0:
@@ -201,6 +207,8 @@ class UnifiedRanker(nn.Module):
                 self.query_proj = nn.Linear(self.query_encoder.dim, cfg.dim, bias=False)
         if cfg.lexical != "none":
             self.lexical = LexicalMatch(cfg.num_items, cfg.num_words, max(cfg.lexical_width, 1), lexical_rows)
+        if cfg.text_neighbours:
+            self.text_neighbours = TextNeighbours(cfg.num_items, cfg.text_neighbours, item_text)
         # A model without a query catalogue keeps the item tasks' table (and its initialisation) as it was.
         self.task_embedding = nn.Embedding(NUM_TASK_IDS if cfg.num_queries else NUM_TASKS, cfg.dim)
         self.no_context = nn.Parameter(torch.zeros(cfg.dim))
@@ -342,21 +350,47 @@ class UnifiedRanker(nn.Module):
     def all_item_embeddings(self) -> torch.Tensor:
         return self.item_tower.all_items()
 
-    def score(self, context: torch.Tensor, candidates: torch.Tensor | None = None, task: torch.Tensor | None = None,
-              query: torch.Tensor | None = None, query_lengths: torch.Tensor | None = None) -> torch.Tensor:
+    def score(self, context: torch.Tensor, candidates: torch.Tensor | None = None,
+              inputs: tuple | None = None) -> torch.Tensor:
         """[B, C] scores of candidate ids, or [B, num_items + 2] over the whole id space (columns 0
-        and num_items + 1 are padding / OOV: callers mask them). With the request's `task` and
-        query, a model with model.lexical adds its lexical match to the search rows."""
+        and num_items + 1 are padding / OOV: callers mask them). `inputs`: the request (task, history,
+        history_lengths, query, query_lengths, source_item); with it, the configured terms beside
+        the vector score are added (`score_terms`)."""
         if candidates is None:
             scores = self.similarity(context, self.all_item_embeddings())
         else:
             cand_vec, _ = self.item_tower(candidates)
             scores = self.similarity(context, cand_vec)
-        if task is not None and query is not None and query_lengths is not None:
-            lexical = self.search_lexical(task, query, query_lengths, candidates)
-            if lexical is not None:
-                scores = scores + lexical.to(scores.dtype)
-        return scores
+        terms = None if inputs is None else self.score_terms(*inputs, candidates=candidates)
+        return scores if terms is None else scores + terms.to(scores.dtype)
+
+    def score_terms(self, task: torch.Tensor, history: torch.Tensor, history_lengths: torch.Tensor,
+                    query: torch.Tensor, query_lengths: torch.Tensor, source_item: torch.Tensor,
+                    candidates: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The score terms beside <context, item>: the lexical match on search rows (model.lexical)
+        plus the text neighbours of the anchor on similar-item / pre-query rows
+        (model.text_neighbours); [B, C] or [B, num_items + 2]; None when the model has neither."""
+        terms = self.search_lexical(task, query, query_lengths, candidates)
+        if hasattr(self, "text_neighbours"):
+            anchors = self.position_anchors(task, history, history_lengths, source_item)
+            _, hist_len = self._last_items(history, history_lengths)
+            hist_len = torch.where(task == Task.SIMILAR, torch.zeros_like(hist_len), hist_len)
+            last = anchors.gather(1, hist_len.unsqueeze(1)).squeeze(1)
+            near = self.text_neighbours(last, task, candidates)
+            terms = near if terms is None else terms + near
+        return terms
+
+    def position_anchors(self, task: torch.Tensor, history: torch.Tensor, history_lengths: torch.Tensor,
+                         source_item: torch.Tensor) -> torch.Tensor:
+        """[B, 1 + L] the text-neighbour anchor of each output position of `encode` (after the
+        TASK token): the similar-item source at the CONTEXT position, the history item just read at
+        a pre-query history position; 0 (none) elsewhere."""
+        history, hist_len = self._last_items(history, history_lengths)
+        valid = torch.arange(history.shape[1], device=history.device).unsqueeze(0) < hist_len.unsqueeze(1)
+        prequery = (task == Task.PREQUERY).unsqueeze(1)
+        items = torch.where(valid & prequery, history, torch.zeros_like(history))
+        source = torch.where(task == Task.SIMILAR, source_item, torch.zeros_like(source_item))
+        return torch.cat([source.unsqueeze(1), items], dim=1)
 
     def search_lexical(self, task: torch.Tensor, query: torch.Tensor, query_lengths: torch.Tensor,
                        candidates: torch.Tensor | None = None) -> torch.Tensor | None:

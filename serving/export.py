@@ -85,8 +85,9 @@ class TopKRanker(nn.Module):
 
     def _top_items(self, context, task, history, history_lengths, query, query_lengths, source_item, candidates):
         batch = task.shape[0]
-        cand_scores = self.ranker.score(context, candidates, task, query, query_lengths)
-        catalogue_scores = self.ranker.score(context, None, task, query, query_lengths)[:, 1 : self.num_items + 1]
+        inputs = (task, history, history_lengths, query, query_lengths, source_item)
+        cand_scores = self.ranker.score(context, candidates, inputs)
+        catalogue_scores = self.ranker.score(context, None, inputs)[:, 1 : self.num_items + 1]
         catalogue_ids = torch.arange(1, self.num_items + 1, device=task.device).expand(batch, -1)
 
         use_catalogue = (candidates == 0).all(dim=1, keepdim=True)
@@ -333,10 +334,11 @@ def export_model(checkpoint_path: str | Path, out_dir: str | Path, top_k: int = 
 
     started = time.perf_counter()
     loaded = load_checkpoint(checkpoint_path)
-    if index is not None and loaded.ranker.config.lexical != "none":
+    rc = loaded.ranker.config
+    if index is not None and (rc.lexical != "none" or rc.text_neighbours):
         raise ValueError("two-stage serving (--index) retrieves by the context vector alone, and this model's "
-                         f"search score adds a lexical term (model.lexical={loaded.ranker.config.lexical}): "
-                         "export it without --index")
+                         f"scores add terms beside it (model.lexical={rc.lexical}, "
+                         f"model.text_neighbours={rc.text_neighbours}): export it without --index")
     if index is not None and loaded.query_texts:
         raise ValueError("two-stage serving (--index) ranks items only: export a model with a query catalogue "
                          "(suggest) as the exact graph")

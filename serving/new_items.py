@@ -169,29 +169,35 @@ def _nearest_codes(tower, catalogue_text: torch.Tensor, text: torch.Tensor) -> t
     return codes
 
 
-def new_item_vectors(ranker, tokenizer, data, items: list[NewItem], cache_dir: str | Path = "~/.cache/unirank"
-                     ) -> tuple[torch.Tensor, Counter]:
-    """[M, d] content-path vectors of `items` from the trained `ranker` (UnifiedRanker with its full
-    item tower), and the attribute names the dataset's vocabulary does not know."""
+def encode_new_items(items: list[NewItem]) -> torch.Tensor:
+    """[M, text_dim] the text-encoder vectors of the new items' content, as the catalogue's were made."""
     from unirank.model.text_encoder import TextEncoder, format_item_text
+
+    return torch.from_numpy(TextEncoder().encode([format_item_text(it.title, it.attributes) for it in items]))
+
+
+def new_item_vectors(ranker, tokenizer, data, items: list[NewItem], cache_dir: str | Path = "~/.cache/unirank",
+                     text: torch.Tensor | None = None) -> tuple[torch.Tensor, Counter]:
+    """[M, d] content-path vectors of `items` from the trained `ranker` (UnifiedRanker with its full
+    item tower), and the attribute names the dataset's vocabulary does not know. `text`: the items'
+    text vectors (encode_new_items), when the caller has them already."""
     from unirank.model.tokenizer import OOV_TOKEN_ID
 
     tower = ranker.item_tower
     attrs, unknown = attribute_ids(items, data.attribute_names)
     words = [[w for w in tokenizer.encode(f"{it.title} {' '.join(it.attributes)}", unique=True) if w != OOV_TOKEN_ID]
              for it in items]
-    text = codes = None
+    codes = None
     needs_text = hasattr(tower, "text_proj") or bool(tower.semantic_id_sizes)
-    if needs_text:
-        encoder = TextEncoder()
-        text = torch.from_numpy(encoder.encode([format_item_text(it.title, it.attributes) for it in items]))
+    if needs_text and text is None:
+        text = encode_new_items(items)
     if tower.semantic_id_sizes:
         if hasattr(tower, "item_text"):
             catalogue_text = tower.item_text
         else:
             from unirank.data.lm_features import item_lm_features
 
-            catalogue_text = item_lm_features(data, Path(cache_dir).expanduser(), 0, 0, encoder=encoder).text
+            catalogue_text = item_lm_features(data, Path(cache_dir).expanduser(), 0, 0).text
         codes = _nearest_codes(tower, catalogue_text, text)
     with torch.no_grad():
         vectors = tower.eval().content_vectors(attrs, words, text if hasattr(tower, "text_proj") else None, codes)
@@ -252,10 +258,15 @@ def add_new_items(loaded, plain, metadata_path: str | Path, data_path: str | Non
         log.warning("%s carries no external item ids: the new items' ids cannot be checked against the "
                     "trained catalogue", data_path or data.name)
     items = read_new_items(metadata_path, keys)
-    vectors, unknown = new_item_vectors(loaded.ranker, loaded.tokenizer, data, items, cache_dir)
+    text = encode_new_items(items) if hasattr(plain, "text_neighbours") else None
+    vectors, unknown = new_item_vectors(loaded.ranker, loaded.tokenizer, data, items, cache_dir, text=text)
     trained = int(plain.num_items)
     field = loaded.ranker.config.lexical
     extend_catalogue(plain, vectors, lexical_rows(loaded.tokenizer, items, field) if field != "none" else None)
+    if text is not None:  # the neighbour lists over the extended catalogue: new items join the old items' lists
+        catalogue = loaded.ranker.item_tower.item_text
+        plain.text_neighbours.rebuild(torch.cat([catalogue[: trained + 1], text.to(catalogue.dtype),
+                                                 catalogue[trained + 1:]]))
     return NewItemsReport(trained, [{"item_id": trained + 1 + i, "external_id": it.key, "title": it.title}
                                     for i, it in enumerate(items)], dict(unknown))
 

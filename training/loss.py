@@ -79,10 +79,7 @@ def step_loss(ranker: UnifiedRanker, inputs: StepInputs, task_weights: dict[Task
         is_target = (seen.unsqueeze(2) == own.unsqueeze(1)).any(dim=2)
         seen = torch.where(is_target | (seen > n), torch.zeros_like(seen), seen)
 
-    # The lexical term of the search rows' scores (model.lexical), per request row: [B, ids].
-    lexical = ranker.search_lexical(req.task, req.query, req.query_lengths,
-                                    None if inputs.full else inputs.candidates.unsqueeze(0).expand(len(req.task), -1))
-    row_of = torch.arange(keep.shape[0], device=keep.device).unsqueeze(1).expand_as(keep)[keep]
+    bias = score_terms(ranker, req, keep)
     if inputs.full:
         # Columns = ids 1..n only (padding and OOV rows are never candidates): label = id - 1.
         per_position = full_softmax_cross_entropy(ranker, h, cand_vec,
@@ -90,13 +87,15 @@ def step_loss(ranker: UnifiedRanker, inputs: StepInputs, task_weights: dict[Task
                                                   None if excluded_items is None else excluded_items - 1,
                                                   masked_ids=seen, label_weights=weights_k,
                                                   label_smoothing=label_smoothing, teachers=teachers,
-                                                  row_bias=None if lexical is None else (lexical[:, 1: n + 1], row_of))
+                                                  logit_bias=bias)
     else:
         candidates = inputs.candidates
         uniq_targets = candidates[: inputs.num_unique_targets]
         logits = ranker.similarity(h, cand_vec) - inputs.logq.unsqueeze(0)
-        if lexical is not None:
-            logits = logits + lexical[row_of]
+        if bias is not None:  # in row chunks: one [positions, catalogue] matrix would be tens of MB
+            step = max(1, CHUNK_BYTES // (4 * (n + 1)))
+            logits = logits + torch.cat([bias(slice(s, s + step))[:, candidates - 1]
+                                         for s in range(0, len(targets), step)]).to(logits.dtype)
         labels = torch.searchsorted(uniq_targets, targets)
         hits = candidates.unsqueeze(0) == targets.unsqueeze(1)
         hits[torch.arange(len(targets), device=hits.device), labels] = False  # the target also drawn as a negative
@@ -124,6 +123,33 @@ def step_loss(ranker: UnifiedRanker, inputs: StepInputs, task_weights: dict[Task
     return loss, sums
 
 
+def score_terms(ranker: UnifiedRanker, req: RankRequest, keep: torch.Tensor):
+    """The score terms beside <context, item> (UnifiedRanker.score_terms) for the kept positions, as
+    a function of a slice of them -> [rows, num_items] (columns = ids 1..n), or None when the model
+    has none: the lexical match of the position's request row (search) and the text neighbours of
+    the position's anchor (similar-item source, the history item just read for pre-query)."""
+    n = ranker.num_items
+    lexical = ranker.search_lexical(req.task, req.query, req.query_lengths)
+    near = getattr(ranker, "text_neighbours", None)
+    if lexical is None and near is None:
+        return None
+    row_of = torch.arange(keep.shape[0], device=keep.device).unsqueeze(1).expand_as(keep)[keep]
+    anchors = None
+    if near is not None:
+        anchors = ranker.position_anchors(req.task, req.history, req.history_lengths, req.source_item)
+        anchors = F.pad(anchors, (0, max(0, keep.shape[1] - anchors.shape[1])))[:, : keep.shape[1]][keep]
+
+    def bias(rows: slice) -> torch.Tensor:
+        out = 0.0
+        if lexical is not None:
+            out = lexical[row_of[rows], 1: n + 1]
+        if near is not None:
+            out = out + near(anchors[rows], req.task[row_of[rows]])[:, 1: n + 1]
+        return out
+
+    return bias
+
+
 def query_loss(ranker: UnifiedRanker, inputs: StepInputs, h: torch.Tensor, targets: torch.Tensor,
                label_smoothing: float = 0.0) -> torch.Tensor:
     """Per-position cross-entropy of suggest positions h [N, d] against the query catalogue (ids
@@ -147,21 +173,20 @@ def full_softmax_cross_entropy(ranker: UnifiedRanker, h: torch.Tensor, items: to
                                masked_ids: torch.Tensor | None = None,
                                label_weights: torch.Tensor | None = None,
                                label_smoothing: float = 0.0, teachers: Teachers | None = None,
-                               row_bias: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                               logit_bias=None) -> torch.Tensor:
     """Per-row cross-entropy of h [N, d] against every row of `items` [C, d] (item ids 1..C), computed
     in row chunks of at most `chunk_bytes` of logits. Same values and gradients as one [N, C] matrix;
     the chunks stay in the allocator's heap instead of being mapped from and returned to the OS at
     every step (one [positions x catalogue] matrix is tens of MB). `masked_ids` [N, K]: per-row item ids left out of that row's softmax (0 = none).
     `label_weights` [N, L]: `labels` is then [N, L] columns with these weights (a soft target).
     `label_smoothing`, `teachers` (observed on h's rows): as in `softmax_loss`.
-    `row_bias` (table [R, C], row [N]): row i's logits add table[row[i]] (the lexical term of the
-    request row a position belongs to), gathered chunk by chunk."""
+    `logit_bias` (slice of rows -> [rows, C]): added to those rows' logits (`score_terms`)."""
     rows = max(1, chunk_bytes // (items.element_size() * max(1, items.shape[0])))
     out = []
     for start in range(0, h.shape[0], rows):
         logits = ranker.similarity(h[start: start + rows], items)
-        if row_bias is not None:
-            logits = logits + row_bias[0][row_bias[1][start: start + rows]].to(logits.dtype)
+        if logit_bias is not None:
+            logits = logits + logit_bias(slice(start, start + rows)).to(logits.dtype)
         if excluded_columns is not None:
             logits = logits.index_fill(1, excluded_columns, -torch.inf)
         if masked_ids is not None:
