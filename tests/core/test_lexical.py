@@ -78,7 +78,7 @@ def test_search_rows_only_and_an_item_without_id_row_is_scored_by_its_text():
     with torch.no_grad():
         ctx = ranker(task, history, torch.tensor([2, 2, 0]), query, lengths, torch.tensor([0, 0, 4]))
         plain = ranker.score(ctx)
-        full = ranker.score(ctx, task=task, query=query, query_lengths=lengths)
+        full = ranker.score(ctx, inputs=(task, history, torch.tensor([2, 2, 0]), query, lengths, torch.tensor([0, 0, 4])))
         lexical = ranker.search_lexical(task, query, lengths)
     torch.testing.assert_close(full[1:], plain[1:])  # pre-query and similar-item: no lexical term
     torch.testing.assert_close(full[0], plain[0] + lexical[0])

@@ -196,6 +196,32 @@ def test_new_items_join_the_lexical_match_of_a_lexical_model(tmp_path):
     torch.testing.assert_close(lexical[0, new_id], lexical[0, source])
 
 
+def test_new_items_join_the_text_neighbour_lists_of_the_trained_items(tmp_path):
+    """model.text_neighbours: a new item with trained item 7's title and names is item 7's nearest
+    text neighbour in the export (and 7 is its), so similar-item on 7 boosts it; ONNX parity holds."""
+    from unirank.serving.new_items import add_new_items
+
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(OVERRIDES),
+                          OmegaConf.create({"model": {"text_features": True, "text_neighbours": 10}}))
+    prep = prepare(OmegaConf.to_object(cfg))
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "ckpt.pt", build_ranker(OmegaConf.to_object(cfg), prep).eval(), prep.tokenizer,
+                    prep.data.item_attributes, prep.item_words, OmegaConf.to_yaml(cfg), metadata={})
+    data, source = prep.data, 7
+    names = [data.attribute_names[a] for a in data.item_attributes[source]]
+    new = write(tmp_path / "n.jsonl", [{"id": "new-1", "title": data.item_text[source], "attributes": names}])
+    report = export_model(tmp_path / "ckpt.pt", tmp_path / "out", top_k=10, parity_requests=64, new_items=new)
+    assert report.max_abs_diff <= 1e-4
+    loaded = load_checkpoint(tmp_path / "ckpt.pt")
+    plain = loaded.ranker.to_plain().eval()
+    add_new_items(loaded, plain, new)
+    new_id = data.num_items + 1
+    table = plain.text_neighbours
+    assert table.ids.shape[0] == new_id + 2
+    assert int(table.ids[source, 0]) == new_id and int(table.ids[new_id, 0]) == source
+    assert float(table.sims[source, 0]) > 0.99
+
+
 @pytest.mark.slow
 def test_tritonserver_serves_a_new_item_for_its_search_query_and_a_related_item(tmp_path):
     """A small model trained with id dropout (about 50 s on 2 cores): a new item with the brand and
