@@ -121,8 +121,9 @@ def cmd_cold_start(args) -> int:
     from unirank.evaluation.report import run_metadata
 
     cfg = _config(args)
+    run = run_metadata(" ".join(["unirank"] + sys.argv[1:]))  # the tree that runs, before a later commit moves HEAD
     report = run_cold_start(cfg, fraction=args.fraction, split_seed=args.split_seed, quiet=args.quiet)
-    report["run"] = run_metadata(" ".join(["unirank"] + sys.argv[1:]))
+    report["run"] = run
     out = Path(cfg.train.out_dir)
     (out / "cold_start.json").write_text(json.dumps(report, indent=1))
     for task, by_method in report["metrics"].items():
