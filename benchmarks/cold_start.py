@@ -1,6 +1,7 @@
 """Cold-start table: combine `unirank cold-start` runs (one per model variant, same split) into one
 JSON + Markdown table: R@10 / N@10 on the held-out items, model variants beside popularity and
-text kNN (the content-only baseline).
+text kNN (the content-only baseline), and each run's validation score on the warm split (mean
+N@10 over the trained tasks, the users whose next item is warm).
 
     unirank cold-start --config default train.out_dir=runs/cold/<variant> <model overrides>   # per variant
     python benchmarks/cold_start.py runs/cold/* --out runs/cold_start_beauty.json
@@ -37,14 +38,16 @@ def combine(run_dirs: list[Path]) -> dict:
         for name, r in runs.items():
             m = r["metrics"][task]["unirank"]
             rows.append({"task": task, "method": f"unirank/{name}", "epochs": r["best_epoch"],
-                         "train_seconds": r["train_seconds"], **{k: m[k] for k in ("recall@10", "ndcg@10")}})
+                         "train_seconds": r["train_seconds"], "warm_validation": (r.get("validation") or {}).get("score"),
+                         **{k: m[k] for k in ("recall@10", "ndcg@10")}})
     return {"split": dict(zip(("fraction", "split_seed", "num_cold_items", "num_eval_users"), splits.pop())),
             "rows": rows, "runs": {name: r.get("run", {}) for name, r in runs.items()}}
 
 
 def markdown(table: dict) -> str:
-    lines = ["| task | method | R@10 [95% CI] | N@10 [95% CI] |", "|---|---|---|---|"]
-    lines += [f"| {r['task']} | {r['method']} | {fmt(r, 'recall@10')} | {fmt(r, 'ndcg@10')} |" for r in table["rows"]]
+    lines = ["| task | method | R@10 [95% CI] | N@10 [95% CI] | warm validation score |", "|---|---|---|---|---|"]
+    lines += [f"| {r['task']} | {r['method']} | {fmt(r, 'recall@10')} | {fmt(r, 'ndcg@10')} | "
+              f"{'-' if r.get('warm_validation') is None else format(r['warm_validation'], '.4f')} |" for r in table["rows"]]
     return "\n".join(lines)
 
 
