@@ -51,9 +51,9 @@ def stub_pids(pid: int) -> dict[int, tuple[str, str, str]]:
     return stubs
 
 
-def version_states(client) -> dict[tuple[str, str], str]:
+def version_states(client, timeout_s: float | None = None) -> dict[tuple[str, str], str]:
     """{(model, version): state} from Triton's repository index (READY, UNLOADING, UNAVAILABLE, ...)."""
-    index = client.get_model_repository_index(as_json=True).get("models", [])
+    index = client.get_model_repository_index(as_json=True, client_timeout=timeout_s).get("models", [])
     return {(m["name"], m.get("version", "")): m.get("state", "") for m in index}
 
 
@@ -75,8 +75,14 @@ def _size_mtime(path: Path) -> tuple[int, int]:
 
 
 class Supervisor:
-    def __init__(self, server: Server, poll_s: float = 0.5, max_backoff_s: float = 30.0, stable_s: float = 60.0):
+    """Every call to Triton carries a deadline, so a hung server cannot stall the poll loop: the
+    repository index `index_timeout_s`, each model load or unload `load_timeout_s` (a load builds
+    ONNX Runtime sessions, seconds for a large graph). A call past its deadline counts as failed."""
+
+    def __init__(self, server: Server, poll_s: float = 0.5, max_backoff_s: float = 30.0, stable_s: float = 60.0,
+                 index_timeout_s: float = 10.0, load_timeout_s: float = 300.0):
         self.server = server
+        self.index_timeout_s, self.load_timeout_s = index_timeout_s, load_timeout_s
         self.poll_s = poll_s
         self.max_backoff_s = max_backoff_s
         self.stable_s = stable_s  # up this long: the next failure starts the backoff afresh
@@ -139,7 +145,7 @@ class Supervisor:
 
             try:
                 with grpcclient.InferenceServerClient(self.server.grpc_url) as client:
-                    states = version_states(client)
+                    states = version_states(client, self.index_timeout_s)
             except Exception as err:  # server busy or going down: look again next poll
                 log.warning("repository index unavailable: %s", err)
                 return
@@ -171,7 +177,7 @@ class Supervisor:
         with grpcclient.InferenceServerClient(self.server.grpc_url) as client:
             for name in names:
                 try:
-                    client.load_model(name)
+                    client.load_model(name, client_timeout=self.load_timeout_s)
                     self.reloads += 1
                     log.info("model %s loaded (%d reloads)", name, self.reloads)
                 except Exception as err:  # keep watching; the old version (if any) keeps answering
@@ -190,8 +196,8 @@ class Supervisor:
             for name in names:
                 started = time.monotonic()
                 try:
-                    client.unload_model(name)
-                    client.load_model(name)
+                    client.unload_model(name, client_timeout=self.load_timeout_s)
+                    client.load_model(name, client_timeout=self.load_timeout_s)
                     self.heals += 1
                     log.warning("model %s healed in %.1f s (%d heals)", name, time.monotonic() - started, self.heals)
                 except Exception as err:

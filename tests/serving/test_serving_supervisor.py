@@ -161,3 +161,45 @@ def test_faults_are_healed_and_versions_swap(tmp_path, repositories, session, se
     leftovers = list(SHM_DIR.glob(f"triton_python_backend_shm_region_unirank_{launcher.pid}_*"))
     with Server(repository, *(free_port() for _ in range(3)), startup_timeout_s=90):
         assert not any(p.exists() for p in leftovers)  # removed by the next start
+
+
+def test_every_call_to_triton_has_a_deadline_and_a_missed_one_is_a_failed_heal(monkeypatch):
+    """A hung tritonserver must not stall the poll loop: the fault (a gRPC call past its deadline)
+    is injected by a client stand-in that records the deadlines it was given."""
+    from unirank.serving import supervisor as sup
+
+    calls = []
+
+    class HungClient:
+        def __init__(self, url):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def get_model_repository_index(self, as_json=False, client_timeout=None):
+            calls.append(("index", client_timeout))
+            raise grpcclient.InferenceServerException("Deadline Exceeded")
+
+        def unload_model(self, name, client_timeout=None):
+            calls.append(("unload", client_timeout))
+            raise grpcclient.InferenceServerException("Deadline Exceeded")
+
+        def load_model(self, name, client_timeout=None):
+            calls.append(("load", client_timeout))
+            raise grpcclient.InferenceServerException("Deadline Exceeded")
+
+    monkeypatch.setattr(grpcclient, "InferenceServerClient", HungClient)
+
+    class FakeServer:
+        grpc_url = "localhost:1"
+
+    supervisor = sup.Supervisor(FakeServer(), index_timeout_s=2.0, load_timeout_s=7.0)
+    assert supervisor._heal(["unirank"]) == {"unirank"}  # tried again next poll
+    supervisor._reload(["unirank"])  # logged, not raised
+    with pytest.raises(grpcclient.InferenceServerException):
+        sup.version_states(HungClient(""), supervisor.index_timeout_s)
+    assert calls == [("unload", 7.0), ("load", 7.0), ("index", 2.0)]
