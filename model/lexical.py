@@ -29,10 +29,10 @@ K1, B = 1.5, 0.75
 FIELDS = ("none", "names", "title+names")
 
 
-def bm25_idf(rows: list[list[int]], vocab_size: int) -> torch.Tensor:
-    """[vocab_size] idf of each token over the item rows (row 0 = padding is not a document)."""
-    df = Counter(t for row in rows[1:] for t in set(row))
-    n = max(len(rows) - 1, 1)
+def bm25_idf(docs: list[list[int]], vocab_size: int) -> torch.Tensor:
+    """[vocab_size] idf of each token over the documents (the catalogue items' rows)."""
+    df = Counter(t for row in docs for t in set(row))
+    n = max(len(docs), 1)
     idf = torch.zeros(vocab_size)
     for token, count in df.items():
         idf[token] = math.log(1.0 + (n - count + 0.5) / (count + 0.5))
@@ -74,9 +74,9 @@ class LexicalMatch(nn.Module):
         if rows is not None:
             if len(rows) != num_items + 2:
                 raise ValueError(f"lexical rows: expected {num_items + 2} (ids 0..num_items + 1), got {len(rows)}")
-            docs = [r for r in rows[1: num_items + 1]]
+            docs = rows[1: num_items + 1]
             avgdl = sum(len(r) for r in docs) / max(len(docs), 1)
-            idf = bm25_idf([[]] + docs, vocab_size)
+            idf = bm25_idf(docs, vocab_size)
             tokens, weights = term_weights(rows, idf, avgdl, width)
         else:
             avgdl, idf = 1.0, torch.zeros(vocab_size)

@@ -23,17 +23,22 @@ OVERRIDES = {"data": {"synthetic": {"num_users": 120, "num_items": 60}},
              "model": {"dim": 16, "num_layers": 1, "num_heads": 2, "max_history": 12, "id_dropout": 0.5}}
 
 
+def untrained_checkpoint(path, model: dict):
+    """An untrained model of the small synthetic dataset with `model` settings on top of OVERRIDES,
+    saved with its run config at `path`; returns its Prepared data."""
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(OVERRIDES), OmegaConf.create({"model": model}))
+    prep = prepare(OmegaConf.to_object(cfg))
+    torch.manual_seed(0)
+    save_checkpoint(path, build_ranker(OmegaConf.to_object(cfg), prep).eval(), prep.tokenizer,
+                    prep.data.item_attributes, prep.item_words, OmegaConf.to_yaml(cfg), metadata={})
+    return prep
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """An untrained model of the small synthetic dataset, with its run config (export finds the data)."""
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(OVERRIDES))
-    prep = prepare(OmegaConf.to_object(cfg))
-    torch.manual_seed(0)
-    ranker = build_ranker(OmegaConf.to_object(cfg), prep).eval()
     path = tmp_path_factory.mktemp("new_items") / "ckpt.pt"
-    save_checkpoint(path, ranker, prep.tokenizer, prep.data.item_attributes, prep.item_words,
-                    OmegaConf.to_yaml(cfg), metadata={})
-    return path, prep.data
+    return path, untrained_checkpoint(path, {}).data
 
 
 def write(path, lines: list) -> str:
@@ -174,12 +179,7 @@ def test_new_items_join_the_lexical_match_of_a_lexical_model(tmp_path):
     from unirank.model.request import Task
     from unirank.serving.new_items import add_new_items
 
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(OVERRIDES),
-                          OmegaConf.create({"model": {"lexical": "names"}}))
-    prep = prepare(OmegaConf.to_object(cfg))
-    torch.manual_seed(0)
-    save_checkpoint(tmp_path / "ckpt.pt", build_ranker(OmegaConf.to_object(cfg), prep).eval(), prep.tokenizer,
-                    prep.data.item_attributes, prep.item_words, OmegaConf.to_yaml(cfg), metadata={})
+    prep = untrained_checkpoint(tmp_path / "ckpt.pt", {"lexical": "names"})
     data, source = prep.data, 7
     names = [data.attribute_names[a] for a in data.item_attributes[source]]
     new = write(tmp_path / "n.jsonl", [{"id": "new-1", "title": "zzqx", "attributes": names}])
@@ -201,12 +201,7 @@ def test_new_items_join_the_text_neighbour_lists_of_the_trained_items(tmp_path):
     text neighbour in the export (and 7 is its), so similar-item on 7 boosts it; ONNX parity holds."""
     from unirank.serving.new_items import add_new_items
 
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(OVERRIDES),
-                          OmegaConf.create({"model": {"text_features": True, "text_neighbours": 10}}))
-    prep = prepare(OmegaConf.to_object(cfg))
-    torch.manual_seed(0)
-    save_checkpoint(tmp_path / "ckpt.pt", build_ranker(OmegaConf.to_object(cfg), prep).eval(), prep.tokenizer,
-                    prep.data.item_attributes, prep.item_words, OmegaConf.to_yaml(cfg), metadata={})
+    prep = untrained_checkpoint(tmp_path / "ckpt.pt", {"text_features": True, "text_neighbours": 10})
     data, source = prep.data, 7
     names = [data.attribute_names[a] for a in data.item_attributes[source]]
     new = write(tmp_path / "n.jsonl", [{"id": "new-1", "title": data.item_text[source], "attributes": names}])
