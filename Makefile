@@ -29,11 +29,13 @@ quickstart: setup
 TRITON_INTERPRET ?= 1
 export TRITON_INTERPRET
 
+# The pytest script, not `python -m pytest`: the latter puts the checkout root on sys.path, where
+# kernels/ would shadow the Hugging Face `kernels` package that transformers imports.
 test: setup
-	$(PY) -m pytest -q -m "not slow" tests
+	$(VENV)/bin/pytest -q -m "not slow" tests
 
 test-all: setup
-	$(PY) -m pytest -q tests
+	$(VENV)/bin/pytest -q tests
 
 # On a machine with a GPU: the kernel tests compiled, 200 training steps on CUDA against the CPU,
 # samples/s with the kernels on and off (docs/DISTRIBUTED.md, "GPU check").

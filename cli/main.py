@@ -263,7 +263,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def drop_checkout_root_from_path() -> None:
+    """`python -m unirank.cli.main` started in the checkout root (torchrun's ranks, scripts) puts
+    that root first on sys.path, where its top-level folders (kernels/, data/, model/, ...) would
+    shadow PyPI packages of the same names: transformers imports Hugging Face's `kernels`. unirank
+    itself is imported as `unirank.<folder>` through its installed package map, never from there."""
+    root = Path(__file__).resolve().parent.parent
+    sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != root]
+
+
 def main(argv: list[str] | None = None) -> int:
+    drop_checkout_root_from_path()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("unirank").setLevel(logging.INFO)
     args = build_parser().parse_args(argv)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.metadata
+import importlib.util
 import logging
 import os
 import tempfile
@@ -39,6 +41,32 @@ def format_item_text(title: str, attribute_names: Sequence[str]) -> str:
     """The item content string the encoder is fed: title, then attribute names (either may be empty)."""
     attributes = ", ".join(name for name in attribute_names if name)
     return ". ".join(part for part in (title.strip(), attributes) if part)
+
+
+def _installed(distribution: str) -> bool:
+    try:
+        importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def import_transformers():
+    """`transformers`, after checking that the `kernels` it imports (Hugging Face's hub-kernels
+    package, a dependency of recent releases) is not this repository's `kernels/` folder. That folder
+    is importable as `kernels` only when the checkout root is on `sys.path` (`python -m ...` or a
+    notebook started from the root); unirank itself imports it as `unirank.kernels`."""
+    spec = importlib.util.find_spec("kernels")
+    ours = Path(__file__).resolve().parent.parent / "kernels"
+    if spec is not None and spec.origin and Path(spec.origin).resolve().parent == ours and _installed("kernels"):
+        raise RuntimeError(
+            f"the checkout root {ours.parent} is on sys.path, so its kernels/ folder shadows the "
+            "`kernels` package transformers imports. Run from another directory, use the `unirank` "
+            "command or `pytest`, or set PYTHONSAFEPATH=1 (`python -P`) with `python -m`."
+        )
+    import transformers
+
+    return transformers
 
 
 def bundled_model_dir() -> Path:
@@ -103,7 +131,8 @@ class SentenceEncoder(torch.nn.Module):
 
     def __init__(self, model_dir: str | Path | None = None, trainable: bool = False):
         super().__init__()
-        from transformers import AutoModel, AutoTokenizer  # heavy import, only when used
+        transformers = import_transformers()  # heavy import, only when used
+        AutoModel, AutoTokenizer = transformers.AutoModel, transformers.AutoTokenizer
 
         model_dir = Path(model_dir) if model_dir is not None else bundled_model_dir()
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
@@ -165,7 +194,8 @@ class TextEncoder:
 
     def __init__(self, model_dir: str | Path | None = None, max_length: int = 256,
                  device: str | torch.device = "cpu"):
-        from transformers import AutoModel, AutoTokenizer  # heavy import, only when used
+        transformers = import_transformers()  # heavy import, only when used
+        AutoModel, AutoTokenizer = transformers.AutoModel, transformers.AutoTokenizer
 
         self.model_dir = Path(model_dir) if model_dir is not None else bundled_model_dir()
         self.max_length = max_length

@@ -78,9 +78,9 @@ class WordPieceTokenizer:
     installed encoder package has the same vocabulary, so training and serving cannot drift."""
 
     def __init__(self, model_dir: str | Path | None = None):
-        from transformers import AutoTokenizer
+        from unirank.model.text_encoder import bundled_model_dir, import_transformers
 
-        from unirank.model.text_encoder import bundled_model_dir
+        AutoTokenizer = import_transformers().AutoTokenizer
 
         self.model_dir = Path(model_dir) if model_dir is not None else bundled_model_dir()
         self.hf = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
