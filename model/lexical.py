@@ -12,8 +12,11 @@ constant k1 + 1 of the numerator), over the model tokenizer's ids of the item's 
 (`model.lexical`: its attribute names, or title + names).
 A query term counts once. The per-item weights are a padded [num_items + 2, width] table of
 (token id, weight) pairs: rows 0 and num_items + 1 (padding, OOV) are empty. Eager PyTorch scores
-the catalogue with a sparse (COO) [items, vocabulary] matrix; the export form (`gather=True`) gathers
-the query's one-hot row at the table's token ids, which ONNX runs as one Gather.
+the catalogue with a sparse (COO) [items, vocabulary] matrix. ONNX has no sparse product, so the
+export form (`export_form()`) keeps the table's non-empty slots as flat (item, token, weight) lists,
+gathers the query's one-hot row at those tokens and scatter-adds the products into the items: one
+Gather and one ScatterElements over the catalogue's term count, not over items x width (which ONNX
+Runtime runs 3.4x slower on Beauty, where items average 8.9 of 45 slots).
 """
 from __future__ import annotations
 
@@ -70,7 +73,7 @@ class LexicalMatch(nn.Module):
     def __init__(self, num_items: int, vocab_size: int, width: int, rows: list[list[int]] | None = None):
         super().__init__()
         self.num_items, self.vocab_size = num_items, vocab_size
-        self.gather = False  # the export form: no sparse tensors in the graph
+        self.gather = False  # the export form (export_form()): no sparse tensors in the graph
         if rows is not None:
             if len(rows) != num_items + 2:
                 raise ValueError(f"lexical rows: expected {num_items + 2} (ids 0..num_items + 1), got {len(rows)}")
@@ -125,9 +128,20 @@ class LexicalMatch(nn.Module):
             matched = hot.gather(1, tokens.reshape(hot.shape[0], -1)).view(tokens.shape)
             return self.scale * (matched * weights).sum(-1)
         if self.gather:
-            matched = hot[:, self.tokens]  # [B, num_items + 2, W]
-            return self.scale * (matched * self.weights.unsqueeze(0)).sum(-1)
+            terms = hot.index_select(1, self.flat_tokens) * self.flat_weights  # [B, terms]
+            out = torch.zeros(hot.shape[0], self.tokens.shape[0], device=hot.device, dtype=terms.dtype)
+            return self.scale * out.scatter_add(1, self.flat_items.unsqueeze(0).expand_as(terms), terms)
         return self.scale * torch.sparse.mm(self.matrix(), hot.T).T
+
+    def export_form(self) -> None:
+        """Switch to the export form: flat (item, token, weight) lists of the table's non-empty slots
+        (non-persistent buffers; rebuilt by extend)."""
+        used = self.weights != 0
+        items = torch.arange(self.tokens.shape[0], device=self.tokens.device).unsqueeze(1).expand_as(self.tokens)
+        self.register_buffer("flat_items", items[used].contiguous(), persistent=False)
+        self.register_buffer("flat_tokens", self.tokens[used].contiguous(), persistent=False)
+        self.register_buffer("flat_weights", self.weights[used].contiguous(), persistent=False)
+        self.gather = True
 
     def extend(self, rows: list[list[int]]) -> None:
         """Append items (ids num_items + 1 ..) weighed with the training catalogue's idf and avgdl;
@@ -142,3 +156,5 @@ class LexicalMatch(nn.Module):
         self.weights = torch.cat([old_w[: n + 1], weights.to(old_w.device), old_w[n + 1:]])
         self.num_items = n + len(rows)
         self._matrix = None
+        if self.gather:
+            self.export_form()

@@ -413,7 +413,7 @@ class UnifiedRanker(nn.Module):
                 plain.register_buffer("query_table", plain.all_query_embeddings().detach().clone())
         plain.item_tower = PrecomputedItemTower(plain.item_tower)
         if hasattr(plain, "lexical"):
-            plain.lexical.gather = True  # ONNX has no sparse matrix product
+            plain.lexical.export_form()  # ONNX has no sparse matrix product
         plain.config = replace(plain.config, attention_impl="reference", embedding_bag_impl="torch")
         if hasattr(plain, "query_encoder"):
             plain.query_encoder.memoize = False  # the graph runs the encoder itself

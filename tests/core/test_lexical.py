@@ -54,7 +54,7 @@ def test_every_path_gives_the_same_scores_and_padding_never_matches():
     query = torch.tensor([[4, 9, 1, 0, 300], [2, 3, 4, 5, 6]])  # OOV (1), padding (0), out of range (300)
     lengths = torch.tensor([5, 2])
     sparse = lex(query, lengths)
-    lex.gather = True
+    lex.export_form()
     dense = lex(query, lengths)
     candidates = torch.tensor([[0, 3, 17, NUM_ITEMS, NUM_ITEMS + 1, 5], [1, 2, 3, 4, 5, 6]])
     picked = lex(query, lengths, candidates)
@@ -66,6 +66,15 @@ def test_every_path_gives_the_same_scores_and_padding_never_matches():
     only = lex(torch.tensor([[4, 9], [2, 3]]), torch.tensor([2, 2]))
     torch.testing.assert_close(dense, only)
     assert (sparse[:, 0] == 0).all() and (sparse[:, -1] == 0).all()
+    # New items appended to the export form score as in the sparse form.
+    eager = LexicalMatch(NUM_ITEMS, VOCAB, table_width(rows), rows)
+    with torch.no_grad():
+        eager.scale.fill_(0.7)
+    new = [[4, 4, 9], [2, 3, 5, 6, 7, 8, 10, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26]]
+    lex.extend(new)
+    eager.extend(new)
+    torch.testing.assert_close(lex(query, lengths), eager(query, lengths))
+    assert lex.flat_items.max() == NUM_ITEMS + len(new) and float(lex(query, lengths)[:, NUM_ITEMS + 1].abs().sum()) > 0
 
 
 def test_search_rows_only_and_an_item_without_id_row_is_scored_by_its_text():
