@@ -26,7 +26,10 @@ ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = ("model", "training", "serving", "kernels", "configs")
 
 DRIVER = r"""
-import json, sys, time, tempfile
+import json, os, sys, time, tempfile
+# `python -c` puts the working directory first on sys.path; from a checkout its kernels/ folder
+# would shadow Hugging Face's kernels package (imported by transformers)
+sys.path[:] = [p for p in sys.path if p not in ("", os.getcwd())]
 sys.path.insert(0, sys.argv[1]) if sys.argv[1] else None
 from unirank.training.config import load_config
 from unirank.data.examples import TrainingExamples
