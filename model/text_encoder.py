@@ -43,26 +43,32 @@ def format_item_text(title: str, attribute_names: Sequence[str]) -> str:
     return ". ".join(part for part in (title.strip(), attributes) if part)
 
 
-def _installed(distribution: str) -> bool:
+def _shadowed_kernels() -> Path | None:
+    """The folder that `import kernels` would load instead of the installed Hugging Face `kernels`
+    distribution (None when that distribution is not installed or is what resolves)."""
+    spec = importlib.util.find_spec("kernels")
+    if spec is None or not spec.origin:
+        return None
     try:
-        importlib.metadata.version(distribution)
+        dist = importlib.metadata.distribution("kernels")
     except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
+        return None
+    found = Path(spec.origin).resolve()
+    return None if found == Path(dist.locate_file("kernels/__init__.py")).resolve() else found.parent
 
 
 def import_transformers():
     """`transformers`, after checking that the `kernels` it imports (Hugging Face's hub-kernels
-    package, a dependency of recent releases) is not this repository's `kernels/` folder. That folder
-    is importable as `kernels` only when the checkout root is on `sys.path` (`python -m ...` or a
-    notebook started from the root); unirank itself imports it as `unirank.kernels`."""
-    spec = importlib.util.find_spec("kernels")
-    ours = Path(__file__).resolve().parent.parent / "kernels"
-    if spec is not None and spec.origin and Path(spec.origin).resolve().parent == ours and _installed("kernels"):
+    package, a dependency of recent releases) is the installed distribution, not a folder such as
+    this repository's `kernels/`. That folder is importable as `kernels` only when a checkout root
+    is on `sys.path` (`python -m ...` or a notebook started from the root); unirank itself imports
+    it as `unirank.kernels`."""
+    shadow = _shadowed_kernels()
+    if shadow is not None:
         raise RuntimeError(
-            f"the checkout root {ours.parent} is on sys.path, so its kernels/ folder shadows the "
-            "`kernels` package transformers imports. Run from another directory, use the `unirank` "
-            "command or `pytest`, or set PYTHONSAFEPATH=1 (`python -P`) with `python -m`."
+            f"{shadow.parent} is on sys.path, so its kernels/ folder shadows the `kernels` package "
+            "transformers imports. Run from another directory, use the `unirank` command or "
+            "`pytest`, or set PYTHONSAFEPATH=1 (`python -P`) with `python -m`."
         )
     import transformers
 
