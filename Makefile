@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 
 .PHONY: setup quickstart test test-all peers gpu-check serving-gpu-check throughput benchmark
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "torch==2.13.0" "numpy<2"
@@ -29,8 +29,6 @@ quickstart: setup
 TRITON_INTERPRET ?= 1
 export TRITON_INTERPRET
 
-# The pytest script, not `python -m pytest`: the latter puts the checkout root on sys.path, where
-# kernels/ would shadow the Hugging Face `kernels` package that transformers imports.
 test: setup
 	$(VENV)/bin/pytest -q -m "not slow" tests
 

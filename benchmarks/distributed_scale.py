@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def launch(nproc: int, out: Path, overrides: list[str]) -> tuple[int, str, float]:
     cmd = ["nice", "-n", "10", sys.executable, "-m", "unirank.cli.main", "train", "--nproc-per-node", str(nproc),
-           "--config", str(ROOT / "configs" / "scale.yaml"), "--quiet", f"train.out_dir={out}", *overrides]
+           "--config", str(ROOT / "src" / "unirank" / "configs" / "scale.yaml"), "--quiet", f"train.out_dir={out}", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     t0 = time.time()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)

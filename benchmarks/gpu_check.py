@@ -54,7 +54,6 @@ def main() -> int:
     report: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
                     "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                              text=True).stdout.strip()}
-    # the pytest script: `python -m pytest` would put the checkout root (and its kernels/) on sys.path
     tests = subprocess.run([str(Path(sys.executable).with_name("pytest")), "-q", str(ROOT / "tests" / "kernels")],
                            env={**os.environ, "TRITON_INTERPRET": "0"}, capture_output=True, text=True)
     report["kernel_tests"] = {"returncode": tests.returncode, "summary": tests.stdout.strip().splitlines()[-1:]}

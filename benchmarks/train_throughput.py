@@ -27,9 +27,6 @@ FOLDERS = ("model", "training", "serving", "kernels", "configs")
 
 DRIVER = r"""
 import json, os, sys, time, tempfile
-# `python -c` puts the working directory first on sys.path; from a checkout its kernels/ folder
-# would shadow Hugging Face's kernels package (imported by transformers)
-sys.path[:] = [p for p in sys.path if p not in ("", os.getcwd())]
 sys.path.insert(0, sys.argv[1]) if sys.argv[1] else None
 from unirank.training.config import load_config
 from unirank.data.examples import TrainingExamples
@@ -49,7 +46,10 @@ print("RESULT " + json.dumps({"seconds": seconds, "rows": rows, "module": module
 
 
 def package_tree(checkout: Path, into: Path) -> Path:
-    """A `unirank` package made of links to a checkout's top-level folders (as setup.py maps them)."""
+    """The import root of a checkout's `unirank`: its src/ folder, or for a revision from before the
+    src/ layout a `unirank` package made of links to its top-level folders."""
+    if (checkout / "src" / "unirank").is_dir():
+        return checkout / "src"
     pkg = into / "unirank"
     pkg.mkdir(parents=True)
     for folder in FOLDERS:

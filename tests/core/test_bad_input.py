@@ -17,7 +17,7 @@ from unirank.training.config import ConfigError, load_config
 # ---------------------------------------------------------------- config
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).parents[2] / "configs").glob("*.yaml")))
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).parents[2] / "src" / "unirank" / "configs").glob("*.yaml")))
 def test_every_packaged_config_loads(name):
     """A typo in a shipped config must fail here, not in a user's first run."""
     assert load_config(name).train.max_epochs >= 1

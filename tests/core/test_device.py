@@ -18,7 +18,7 @@ from test_training import first_batch
 
 FACTORIES = {torch.arange, torch.zeros, torch.ones, torch.full, torch.empty, torch.tensor, torch.as_tensor,
              torch.rand, torch.randn, torch.randint, torch.randperm, torch.eye, torch.linspace}
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[2] / "src" / "unirank"
 CHECKED = [ROOT / "model", ROOT / "training" / "batches.py", ROOT / "training" / "loss.py",
            ROOT / "training" / "distill.py", ROOT / "kernels"]
 

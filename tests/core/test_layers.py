@@ -6,7 +6,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+SRC = Path(__file__).resolve().parents[2] / "src"
+REPO = SRC / "unirank"
 PACKAGES = ("model", "kernels", "data", "evaluation", "training", "serving", "cli")
 
 # longest matching prefix wins

@@ -263,24 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def drop_checkout_root_from_path() -> None:
-    """`python -m unirank.cli.main` started in the checkout root (torchrun's ranks, scripts) puts
-    that root first on sys.path, where its top-level folders (kernels/, data/, model/, ...) would
-    shadow PyPI packages of the same names: transformers imports Hugging Face's `kernels`. unirank
-    itself is imported as `unirank.<folder>` through its installed package map, never from there.
-    Dropped: this installation's root and any other unirank checkout (one holding setup.py,
-    kernels/ and model/ranker.py), e.g. a second clone run with the first one's environment."""
-    root = Path(__file__).resolve().parent.parent
-
-    def checkout(entry: str) -> bool:
-        path = Path(entry or os.curdir).resolve()
-        return path == root or all((path / name).exists() for name in ("setup.py", "kernels", "model/ranker.py"))
-
-    sys.path[:] = [p for p in sys.path if not checkout(p)]
-
-
 def main(argv: list[str] | None = None) -> int:
-    drop_checkout_root_from_path()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("unirank").setLevel(logging.INFO)
     args = build_parser().parse_args(argv)

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import importlib.metadata
-import importlib.util
 import logging
 import os
 import tempfile
@@ -43,33 +41,8 @@ def format_item_text(title: str, attribute_names: Sequence[str]) -> str:
     return ". ".join(part for part in (title.strip(), attributes) if part)
 
 
-def _shadowed_kernels() -> Path | None:
-    """The folder that `import kernels` would load instead of the installed Hugging Face `kernels`
-    distribution (None when that distribution is not installed or is what resolves)."""
-    spec = importlib.util.find_spec("kernels")
-    if spec is None or not spec.origin:
-        return None
-    try:
-        dist = importlib.metadata.distribution("kernels")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    found = Path(spec.origin).resolve()
-    return None if found == Path(dist.locate_file("kernels/__init__.py")).resolve() else found.parent
-
-
 def import_transformers():
-    """`transformers`, after checking that the `kernels` it imports (Hugging Face's hub-kernels
-    package, a dependency of recent releases) is the installed distribution, not a folder such as
-    this repository's `kernels/`. That folder is importable as `kernels` only when a checkout root
-    is on `sys.path` (`python -m ...` or a notebook started from the root); unirank itself imports
-    it as `unirank.kernels`."""
-    shadow = _shadowed_kernels()
-    if shadow is not None:
-        raise RuntimeError(
-            f"{shadow.parent} is on sys.path, so its kernels/ folder shadows the `kernels` package "
-            "transformers imports. Run from another directory, use the `unirank` command or "
-            "`pytest`, or set PYTHONSAFEPATH=1 (`python -P`) with `python -m`."
-        )
+    """`transformers`, imported where it is first needed (it is an optional extra, `text`)."""
     import transformers
 
     return transformers
