@@ -149,7 +149,7 @@ def peer_report(out: Path, split, valid_eval: np.ndarray, num_bootstrap: int) ->
 def ours_report(run_dir: Path, data_path: str, num_bootstrap: int) -> dict:
     """unirank from a finished run directory: test metrics of best.pt, the validation curve from
     train_history.json."""
-    from unirank.evaluation.report import evaluate_checkpoint
+    from unirank.experiments.report import evaluate_checkpoint
 
     cfg = run_config(run_dir, data_path, num_bootstrap)
     evaluated = evaluate_checkpoint(cfg, run_dir / "best.pt", baselines=False)
@@ -207,7 +207,7 @@ def ensemble_report(run_dirs: list[Path], data_path: str, num_bootstrap: int) ->
     validation subset (its train.eval_users and train.seed), every task."""
     from unirank.model.request import TASK_NAMES, Task
     from unirank.evaluation.evaluate import EnsembleScorer, evaluate_all, evaluate_task
-    from unirank.evaluation.report import load_trained
+    from unirank.experiments.report import load_trained
     from unirank.training.train import prepare
 
     configs = [run_config(run_dir, data_path, num_bootstrap) for run_dir in run_dirs]
@@ -378,7 +378,7 @@ def check_inputs(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from unirank.training.config import load_config
-    from unirank.evaluation.report import run_metadata
+    from unirank.experiments.report import run_metadata
     from unirank.training.train import prepare
 
     cfg = load_config("default", [f"data.path={args.data}"])

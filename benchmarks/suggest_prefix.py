@@ -18,7 +18,7 @@ from pathlib import Path
 
 from unirank.evaluation.baselines import LastItemQueries, QueryPopularity
 from unirank.evaluation.evaluate import ModelScorer, evaluate_task
-from unirank.evaluation.report import load_trained, run_metadata
+from unirank.experiments.report import load_trained, run_metadata
 from unirank.model.request import QueryTask
 from unirank.training.config import load_config
 from unirank.training.train import prepare

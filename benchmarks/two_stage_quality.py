@@ -21,7 +21,7 @@ import torch
 
 from serving_load import commit, machine
 from unirank.evaluation.evaluate import ModelScorer, evaluate_all
-from unirank.evaluation.report import load_trained, markdown_table
+from unirank.experiments.report import load_trained, markdown_table
 from unirank.model.request import INPUT_NAMES, Task
 from unirank.serving.context_export import export_context_onnx, item_vectors, load_two_stage
 from unirank.serving.item_index import IndexOptions, ItemIndex

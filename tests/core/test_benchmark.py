@@ -66,5 +66,5 @@ def test_benchmark_refuses_a_used_out_dir(tmp_path):
     assert main(["train", "--config", "quickstart", "--quiet", f"train.out_dir={tmp_path / 'runs' / 'seed-0'}",
                  *SMALL, "train.max_epochs=1"]) == 0
     with pytest.raises(CheckpointError, match="finished run|already holds"):
-        from unirank.evaluation.benchmark import run_benchmark
+        from unirank.experiments.benchmark import run_benchmark
         run_benchmark("synthetic", "quickstart", seeds=1, out=tmp_path / "runs", overrides=SMALL)

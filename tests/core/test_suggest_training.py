@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from unirank.data.examples import TrainingExamples
-from unirank.evaluation.report import evaluate_checkpoint
+from unirank.experiments.report import evaluate_checkpoint
 from unirank.model.request import QueryTask, Task
 from unirank.training.checkpoint import load_checkpoint
 from unirank.training.config import ConfigError, load_config

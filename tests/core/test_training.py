@@ -14,7 +14,7 @@ from unirank.training.checkpoint import load_checkpoint
 from unirank.training.config import ConfigError, load_config
 from unirank.data.examples import TrainingExamples
 from unirank.training.loss import item_frequencies, softmax_loss
-from unirank.evaluation.report import evaluate_checkpoint
+from unirank.experiments.report import evaluate_checkpoint
 from unirank.training.train import build_ranker, prepare, ranker_config, train
 
 TINY = ["data.synthetic.num_users=300", "data.synthetic.num_items=150", "model.dim=16", "model.max_history=10",

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from unirank.evaluation.cold_start import ColdStartCase, cold_start_split
+from unirank.experiments.cold_start import ColdStartCase, cold_start_split
 
 
 def random_sequences(num_users=300, num_items=200, seed=0):

@@ -152,7 +152,7 @@ def test_excluded_items_are_never_negatives(tmp_path):
 
 
 def test_cold_start_run_on_synthetic(tmp_path):
-    from unirank.evaluation.cold_start import run_cold_start
+    from unirank.experiments.cold_start import run_cold_start
 
     cfg = load_config("quickstart", [f"train.out_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}",
                                      "train.max_epochs=2", "train.tasks=[prequery]", "model.text_features=true",
@@ -189,7 +189,7 @@ def test_finetuned_encoder_gets_its_own_learning_rate(wordpiece):
 def test_cold_start_evaluates_a_given_checkpoint(tmp_path):
     from dataclasses import replace
 
-    from unirank.evaluation.cold_start import run_cold_start
+    from unirank.experiments.cold_start import run_cold_start
 
     cfg = load_config("quickstart", [f"train.out_dir={tmp_path}", "train.max_epochs=1", "train.tasks=[prequery]",
                                      "eval.num_bootstrap=0", "train.threads=1"])

@@ -73,7 +73,7 @@ def cmd_consolidate(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from unirank.evaluation.report import evaluate_checkpoint, markdown_table, run_metadata, write_report
+    from unirank.experiments.report import evaluate_checkpoint, markdown_table, run_metadata, write_report
 
     cfg = _config(args)
     checkpoint = cfg.eval.checkpoint or str(Path(cfg.train.out_dir) / "best.pt")
@@ -86,7 +86,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_benchmark(args) -> int:
-    from unirank.evaluation.benchmark import run_benchmark, write_benchmark
+    from unirank.experiments.benchmark import run_benchmark, write_benchmark
 
     report = run_benchmark(args.data, args.config or "fast", args.seeds, args.out, args.overrides,
                            eval_every=args.eval_every, quiet=args.quiet,
@@ -98,8 +98,8 @@ def cmd_benchmark(args) -> int:
 
 
 def cmd_alignment_tax(args) -> int:
-    from unirank.evaluation.alignment import alignment_tax, markdown
-    from unirank.evaluation.report import run_metadata
+    from unirank.experiments.alignment import alignment_tax, markdown
+    from unirank.experiments.report import run_metadata
 
     cfg = _config(args)
     bad = [pair for pair in args.single if "=" not in pair]
@@ -117,8 +117,8 @@ def cmd_alignment_tax(args) -> int:
 
 
 def cmd_cold_start(args) -> int:
-    from unirank.evaluation.cold_start import run_cold_start
-    from unirank.evaluation.report import run_metadata
+    from unirank.experiments.cold_start import run_cold_start
+    from unirank.experiments.report import run_metadata
 
     cfg = _config(args)
     run = run_metadata(" ".join(["unirank"] + sys.argv[1:]))  # the tree that runs, before a later commit moves HEAD

@@ -14,7 +14,7 @@ from unirank.training.checkpoint import load_checkpoint
 from unirank.training.config import load_config
 from unirank.evaluation.evaluate import ModelScorer, filter_seen
 from unirank.data.examples import build_search_query
-from unirank.evaluation.report import evaluate_checkpoint, markdown_table, write_report
+from unirank.experiments.report import evaluate_checkpoint, markdown_table, write_report
 from unirank.training.train import prepare, train
 
 

@@ -1,1 +1,1 @@
-"""Per-task offline evaluation: metrics, the ranking path, baselines, reports, alignment tax, cold start."""
+"""Per-task offline evaluation: metrics, the ranking path (full catalogue, the protocol's filtering), baselines."""

@@ -17,6 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unirank.kernels.dispatch import model_impl
+from unirank.kernels.embedding_bag import multi_embedding_bag
+
 POOLINGS = ("sum", "mean")
 
 
@@ -87,8 +90,6 @@ class EmbeddingTables(nn.Module):
         keys = [k for k in features.keys if k in self.table_of]
         weights = [self.embedding_bags[self.table_of[k].name].weight for k in keys]
         if self._use_kernel(weights[0]):
-            from unirank.kernels.embedding_bag import multi_embedding_bag
-
             # MEAN over a one-id bag is its SUM, so the SUM tables (ids, semantic codes) pool as MEAN too
             pooled = multi_embedding_bag(weights, [bags[k][0] for k in keys], [bags[k][1] for k in keys],
                                          mode="mean", impl="triton")
@@ -97,6 +98,4 @@ class EmbeddingTables(nn.Module):
                 for k, w in zip(keys, weights)}
 
     def _use_kernel(self, weight: torch.Tensor) -> bool:
-        from unirank.kernels.dispatch import model_impl
-
         return self.impl != "torch" and model_impl(self.impl, weight) == "triton"

@@ -14,6 +14,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
+from unirank.model.text_encoder import bundled_model_dir, import_transformers
+
 WORD_RE = re.compile(r"[a-z]+")
 PAD_TOKEN_ID = 0
 OOV_TOKEN_ID = 1
@@ -78,8 +80,6 @@ class WordPieceTokenizer:
     installed encoder package has the same vocabulary, so training and serving cannot drift."""
 
     def __init__(self, model_dir: str | Path | None = None):
-        from unirank.model.text_encoder import bundled_model_dir, import_transformers
-
         AutoTokenizer = import_transformers().AutoTokenizer
 
         self.model_dir = Path(model_dir) if model_dir is not None else bundled_model_dir()

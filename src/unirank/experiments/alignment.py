@@ -7,7 +7,7 @@ from pathlib import Path
 
 from unirank.training.config import Config
 from unirank.evaluation.evaluate import ZERO_SHOT
-from unirank.evaluation.report import evaluate_checkpoint
+from unirank.experiments.report import evaluate_checkpoint
 from unirank.training.train import TASK_BY_NAME, Prepared, prepare, train
 
 METRICS = ("recall@10", "ndcg@10")

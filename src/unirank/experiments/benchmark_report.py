@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from unirank.evaluation.report import bar_chart  # noqa: E402
+from unirank.experiments.report import bar_chart  # noqa: E402
 
 METRICS = ("recall@10", "ndcg@10", "recall@20", "mrr")
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from unirank.evaluation.benchmark_report import alignment, leaderboard, markdown, plot_tasks, plot_validation
-from unirank.evaluation.evaluate import evaluate_all
-from unirank.evaluation.report import baseline_scorers, evaluate_checkpoint, run_metadata
+from unirank.experiments.benchmark_report import alignment, leaderboard, markdown, plot_tasks, plot_validation
+from unirank.evaluation.evaluate import ZERO_SHOT, evaluate_all
+from unirank.experiments.report import baseline_scorers, evaluate_checkpoint, run_metadata
 from unirank.training.config import Config, load_config, to_yaml
-from unirank.training.train import Prepared, prepare, train
+from unirank.training.train import TASK_BY_NAME, Prepared, prepare, train
 
 SELECTION = "best validation round: mean NDCG@10 over the trained tasks, all validation users"
 
@@ -78,9 +78,6 @@ def train_and_test(cfg: Config, prep: Prepared, quiet: bool, tasks=None) -> dict
 def twins(cfg: Config, prep: Prepared, quiet: bool) -> dict:
     """The same recipe trained on ONE task per run (out_dir/single-TASK), each read on its own task
     (and the search twin on the zero-shot queries)."""
-    from unirank.evaluation.evaluate import ZERO_SHOT
-    from unirank.training.train import TASK_BY_NAME
-
     out = {}
     for task in cfg.train.tasks:
         single = replace(cfg, train=replace(cfg.train, tasks=[task], out_dir=str(Path(cfg.train.out_dir) / f"single-{task}")))
