@@ -1,5 +1,5 @@
 """Non-neural baselines shown beside the model: popularity (all item tasks), item-to-item
-co-occurrence kNN (similar-item), BM25 over item text + attribute names (search), text kNN
+co-occurrence kNN (similar-item), next-item transitions from the last history item (pre-query), BM25 over item text + attribute names (search), text kNN
 over the frozen text-encoder vectors (similar-item / pre-query; the content-only cold-start bar),
 and for suggest the most popular queries and the queries made of the last item's attribute names.
 
@@ -58,6 +58,31 @@ class ItemKNN:
         src = request.source_item.numpy()
         sims = (self.item_user[src] @ self.item_user.T).toarray().astype(np.float32)
         return torch.from_numpy(sims) + self.tiebreak
+
+
+class LastItemTransitions:
+    """Pre-query: how often each item directly followed the user's last history item in the training
+    sequences (a first-order Markov chain, the sequential bar beside the model); ties, and users
+    whose last item was never followed, by popularity."""
+
+    name = "last-item-transitions"
+    tasks = (Task.PREQUERY,)
+
+    def __init__(self, train: list[np.ndarray], num_items: int):
+        n = _padded_ids(num_items)
+        pairs = [(s[:-1], s[1:]) for s in train if len(s) > 1]
+        rows = np.concatenate([a for a, _ in pairs]) if pairs else np.zeros(0, dtype=np.int64)
+        cols = np.concatenate([b for _, b in pairs]) if pairs else np.zeros(0, dtype=np.int64)
+        self.next = sp.csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, cols)), shape=(n, n))
+        self.next.sum_duplicates()
+        pop = Popularity(train, num_items).counts
+        self.tiebreak = pop / (pop.max() + 1.0) * 1e-3
+        self.num_items = num_items
+
+    def scores(self, task: Task, request: RankRequest) -> torch.Tensor:
+        last = request.history.gather(1, (request.history_lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+        last = torch.where((request.history_lengths > 0) & (last <= self.num_items), last, torch.zeros_like(last))
+        return torch.from_numpy(self.next[last.numpy()].toarray()) + self.tiebreak
 
 
 class TextKNN:

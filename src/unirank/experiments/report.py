@@ -13,7 +13,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from unirank.evaluation.baselines import BM25, ItemKNN, LastItemQueries, Popularity, QueryPopularity  # noqa: E402
+from unirank.evaluation.baselines import (BM25, ItemKNN, LastItemQueries, LastItemTransitions, Popularity,
+                                          QueryPopularity)  # noqa: E402
 from unirank.training.checkpoint import load_checkpoint, read_bundle  # noqa: E402
 from unirank.training.config import Config, to_yaml  # noqa: E402
 from unirank.evaluation.evaluate import ModelScorer, evaluate_all  # noqa: E402
@@ -34,10 +35,11 @@ def run_metadata(command: str) -> dict:
 
 
 def baseline_scorers(prep: Prepared, bm25_fields: tuple[str, ...] = ("title+names",)) -> list:
-    """Popularity, item-kNN and one BM25 per entry of `bm25_fields` (BM25.FIELDS); with a query
-    catalogue, the suggest baselines too."""
+    """Popularity, item-kNN, last-item transitions and one BM25 per entry of `bm25_fields`
+    (BM25.FIELDS); with a query catalogue, the suggest baselines too."""
     suggest = [] if prep.queries is None else [QueryPopularity(prep.queries), LastItemQueries(prep.data, prep.queries)]
     return [Popularity(prep.split.train, prep.data.num_items), ItemKNN(prep.split.train, prep.data.num_items),
+            LastItemTransitions(prep.split.train, prep.data.num_items),
             *(BM25(prep.data, prep.tokenizer, fields) for fields in bm25_fields), *suggest]
 
 
