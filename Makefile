@@ -63,7 +63,7 @@ $(PEERS_VENV)/.installed:
 peers: $(PEERS_VENV)/.installed
 
 # One recipe over seeds, selected on validation, beside the baselines (docs/RESULTS.md):
-# make benchmark DATA=../shared/data/ml-latest-small CONFIG=fast SEEDS=3 REPORT=docs/bench/leaderboard_ml-latest-small
+# make benchmark DATA=../shared/data/ml-latest-small CONFIG=fast SEEDS=3 REPORT=docs/bench/leaderboards/leaderboard_ml-latest-small
 DATA   ?= ../shared/data/amazon-beauty
 CONFIG ?= fast
 SEEDS  ?= 3

@@ -299,8 +299,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="serve: max seconds per cell")
     parser.add_argument("--build-threads", type=int, default=2)
     parser.add_argument("--nlist", type=int, default=0, help="build: ivfpq lists (0: 4 sqrt(N))")
-    parser.add_argument("--out", default="docs/bench/catalogue_scale.json")
-    parser.add_argument("--plot", default="docs/bench/catalogue_scale.png")
+    parser.add_argument("--out", default="docs/bench/serving/catalogue_scale.json")
+    parser.add_argument("--plot", default="docs/bench/serving/catalogue_scale.png")
     args = parser.parse_args()
     if args.step == "report":
         return report(args)

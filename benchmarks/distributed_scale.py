@@ -1,7 +1,7 @@
 """Scale demo of distributed training (configs/scale.yaml): per-rank embedding memory and samples/s
 at 1 vs 2 ranks, plus the planner refusing 1 rank under the 4 GB per-rank budget.
 
-    python benchmarks/distributed_scale.py [--out docs/bench/distributed_scale.json] [key=value ...]
+    python benchmarks/distributed_scale.py [--out docs/bench/distributed/distributed_scale.json] [key=value ...]
 
 Runs `unirank train --nproc-per-node N` itself (OMP_NUM_THREADS=1 per rank, niced). The 1-rank run lifts the
 budget (distributed.memory_budget_gb=12) so there is a 1-rank number to compare with.
@@ -31,7 +31,7 @@ def launch(nproc: int, out: Path, overrides: list[str]) -> tuple[int, str, float
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(ROOT / "docs" / "bench" / "distributed_scale.json"))
+    parser.add_argument("--out", default=str(ROOT / "docs" / "bench" / "distributed" / "distributed_scale.json"))
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     report: dict = {"config": "configs/scale.yaml", "overrides": args.overrides, "runs": {}}

@@ -6,7 +6,7 @@
 3. samples/s on CUDA with the Triton kernels on (the default there) and off (SDPA + F.embedding_bag),
    bf16 autocast, and on the CPU.
 
-    python benchmarks/gpu_check.py [--out docs/bench/gpu_check.json] [--steps 200] [key=value ...]
+    python benchmarks/gpu_check.py [--out docs/bench/training/gpu_check.json] [--steps 200] [key=value ...]
 
 Needs no TorchRec / FBGEMM: one process trains the plain-PyTorch tables. Writes JSON with the device,
 the commit and every number; exits non-zero if a check fails.
@@ -41,7 +41,7 @@ def run_steps(device: str, steps: int, overrides: list[str], out: Path) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(ROOT / "docs" / "bench" / "gpu_check.json"))
+    parser.add_argument("--out", default=str(ROOT / "docs" / "bench" / "training" / "gpu_check.json"))
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()

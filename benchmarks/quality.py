@@ -1,5 +1,5 @@
 r"""Side-by-side test quality of unirank and the peers a user would pick (rectools SASRec and
-BERT4Rec) on one dataset, per task, under ../shared/docs/PROTOCOL.md, plus validation NDCG@10
+BERT4Rec) on one dataset, per task, under docs/PROTOCOL.md, plus validation NDCG@10
 against wall time.
 
     python benchmarks/quality.py --data ../shared/data/amazon-beauty --out runs/quality_beauty.json \
@@ -37,7 +37,7 @@ PEERS = ("sasrec", "bert4rec")
 PEER_LOSS, PEER_NEGATIVES = "sampled_softmax", 256  # the published rectools setting for Beauty (rectools_peer.py)
 TASKS = ("search", "similar", "prequery")
 K = 20
-# Published pre-query test R@10 on Amazon Beauty (PROTOCOL.md); "seconds to reach" reads them off
+# Published pre-query test R@10 on Amazon Beauty (docs/PROTOCOL.md); "seconds to reach" reads them off
 # the VALIDATION curve, which is the only per-epoch signal.
 ANCHORS_R10 = {"SASRec (TIGER paper)": 0.0605, "HSTU (eSASRec recomputation)": 0.0788, "eSASRec": 0.0928}
 PEER_SEARCH = "not applicable: the peer has no query input (BM25 is the search baseline, docs/RESULTS.md)"
@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
             "peers_reused_from_work_dir": bool(args.reuse_peers)}
     report = json.loads(Path(args.out).read_text()) if args.merge else {
         "benchmark": "quality", "dataset": prep.data.name, "data_path": args.data, "num_items": prep.data.num_items,
-        "num_users": len(prep.split.users), "protocol": "../shared/docs/PROTOCOL.md (leave-one-out, full "
+        "num_users": len(prep.split.users), "protocol": "docs/PROTOCOL.md (leave-one-out, full "
         "catalogue, history filtered; peers: filter_viewed=True)", "metric_notes": [
             "peers: metrics from top-20 lists (target absent = miss); MRR is mrr@20 (truncated), ours is full MRR",
             "peers can only recommend items seen in training (rectools id map); a target unseen in training is a miss",

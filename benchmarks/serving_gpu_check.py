@@ -7,7 +7,7 @@
    and the same filled slots;
 3. latency p50/p99 per batch size on CUDA and on CPU.
 
-    python benchmarks/serving_gpu_check.py [--checkpoint runs/x/best.pt] [--out docs/bench/serving_gpu_check.json]
+    python benchmarks/serving_gpu_check.py [--checkpoint runs/x/best.pt] [--out docs/bench/serving/serving_gpu_check.json]
 
 Without --checkpoint a random-init ranker of the Beauty size (12,000 items, d=64, top-100) is exported.
 Writes JSON with command, machine, commit and every number; exits non-zero if a check fails.
@@ -57,7 +57,7 @@ def latency_ms(session, feed, repeats: int = 200) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint")
-    parser.add_argument("--out", default="docs/bench/serving_gpu_check.json")
+    parser.add_argument("--out", default="docs/bench/serving/serving_gpu_check.json")
     args = parser.parse_args()
     import onnxruntime as ort
 

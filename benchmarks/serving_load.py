@@ -9,7 +9,7 @@ Each in-process runtime and the server model use one intra-op thread; the load g
 the same machine. Every cell is bounded by --requests and --seconds.
 
     python benchmarks/serving_load.py                       # random-init model of realistic size
-    python benchmarks/serving_load.py --checkpoint runs/x/best.pt --out docs/bench/serving_load.json
+    python benchmarks/serving_load.py --checkpoint runs/x/best.pt --out docs/bench/serving/serving_load.json
 """
 from __future__ import annotations
 
@@ -174,7 +174,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests", type=int, default=1500, help="max requests per cell")
     parser.add_argument("--seconds", type=float, default=5.0, help="max seconds per cell")
-    parser.add_argument("--out", default="docs/bench/serving_load.json")
+    parser.add_argument("--out", default="docs/bench/serving/serving_load.json")
     args = parser.parse_args()
 
     torch.set_num_threads(1)

@@ -7,7 +7,7 @@ without prefixes, its order among the completions is the personalization.
 Each run's test read is logged in its `test_reads.jsonl` (one read per run and command).
 
     python benchmarks/suggest_prefix.py --runs RUN_DIR [RUN_DIR ...] --names NAME [NAME ...] \\
-        --prefix-chars 0 1 2 3 --out docs/bench/suggest_prefix_DATASET.json
+        --prefix-chars 0 1 2 3 --out docs/bench/suggest/suggest_prefix_DATASET.json
 """
 from __future__ import annotations
 

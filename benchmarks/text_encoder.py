@@ -2,7 +2,7 @@
 
     nice -n 10 python benchmarks/text_encoder.py [data_dir=...] [batch_size=64] [num_levels=3]
 
-Prints a table and writes `docs/bench/text_encoder.json` (command, machine, commit, numbers).
+Prints a table and writes `docs/bench/text_encoder/text_encoder.json` (command, machine, commit, numbers).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ class BenchConfig:
     codebook_size: int | None = None  # None: derived from the number of items
     seed: int = 0
     query_batches: int = 8  # batches of batch_size protocol queries timed through the in-model query encoder
-    output: str = str(REPO_ROOT / "docs" / "bench" / "text_encoder.json")
+    output: str = str(REPO_ROOT / "docs" / "bench" / "text_encoder" / "text_encoder.json")
 
 
 def machine_info() -> dict:

@@ -3,7 +3,7 @@ by side in one run: the same config, data and seed, one epoch each, alternating 
 load on the machine hits both alike.
 
     python benchmarks/train_throughput.py --baseline-rev REV [--config fast] [--repeats 3]
-        [--out docs/bench/train_throughput.json] [key=value ...]
+        [--out docs/bench/training/train_throughput.json] [key=value ...]
 
 Each measurement is a fresh process that prepares the data (not timed), then times `train(cfg, prep)`
 for one epoch (validation on train.eval_users users and the checkpoints included, as a user pays
@@ -72,7 +72,7 @@ def main() -> int:
     parser.add_argument("--baseline-rev", required=True, help="git revision whose trainer is the baseline")
     parser.add_argument("--config", default="fast")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=str(ROOT / "docs" / "bench" / "train_throughput.json"))
+    parser.add_argument("--out", default=str(ROOT / "docs" / "bench" / "training" / "train_throughput.json"))
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     overrides = ["train.max_epochs=1", "train.eval_every=1", "train.eval_users=1000", *args.overrides]

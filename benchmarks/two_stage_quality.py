@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=100)
     parser.add_argument("--num-bootstrap", type=int, default=1000)
     parser.add_argument("--max-users", type=int, default=None, help="a fixed random subset of users (default: all)")
-    parser.add_argument("--out", default="docs/bench/two_stage_quality.json")
+    parser.add_argument("--out", default="docs/bench/serving/two_stage_quality.json")
     parser.add_argument("overrides", nargs="*", help="config overrides (e.g. data.path=...)")
     args = parser.parse_args()
 

@@ -1,4 +1,4 @@
-"""Search query construction (PROTOCOL.md, "search"): 1-3 of the target's attribute names, lowercased,
+"""Search query construction (docs/PROTOCOL.md, "Tasks"): 1-3 of the target's attribute names, lowercased,
 split on non-letters, duplicate words dropped, seeded by (user id, item id), never the title."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Leave-one-out split (PROTOCOL.md): test = s_n, validation = s_{n-1}, training = s_1 .. s_{n-2}."""
+"""Leave-one-out split (docs/PROTOCOL.md): test = s_n, validation = s_{n-1}, training = s_1 .. s_{n-2}."""
 from __future__ import annotations
 
 import numpy as np

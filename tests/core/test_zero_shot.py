@@ -1,4 +1,4 @@
-"""Zero-shot search (PROTOCOL.md): names held out by crc32(name) % modulus never reach a training
+"""Zero-shot search (docs/PROTOCOL.md): names held out by crc32(name) % modulus never reach a training
 query; test queries built from them alone form the zero-shot set, evaluated beside the usual one."""
 from __future__ import annotations
 

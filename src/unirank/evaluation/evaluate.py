@@ -1,4 +1,4 @@
-"""Per-task offline evaluation (../shared/docs/PROTOCOL.md): every catalogue item is scored, padding
+"""Per-task offline evaluation (docs/PROTOCOL.md): every catalogue item is scored, padding
 and OOV ids are never ranked, personalized tasks (search, pre-query) drop the user's history items,
 similar-item drops the source item. Suggest ranks every query of the query catalogue, nothing
 filtered; its target is the query of the user's next search (a query outside the catalogue is a miss)."""
@@ -149,7 +149,7 @@ ZERO_SHOT = "search_zero_shot"
 
 def evaluate_all(scorers: list[Scorer], cases: EvalCases, builder: RequestBuilder, **kwargs) -> dict:
     """{task name: {scorer name: metrics}} for every scorer on every task it supports, plus
-    `search_zero_shot` (the users whose held-out-names query is non-empty, PROTOCOL.md) when the
+    `search_zero_shot` (the users whose held-out-names query is non-empty, docs/PROTOCOL.md) when the
     builder holds names out."""
     out: dict[str, dict] = {}
     for task in (*Task, *(QueryTask if builder.queries is not None else ())):

@@ -25,7 +25,7 @@ PEAKS = {  # name: (bf16 TFLOP/s, fp32 TFLOP/s, GB/s)
 
 
 def add_common_args(parser):
-    parser.add_argument("--out", help="write the JSON report here (e.g. docs/bench/attention.json)")
+    parser.add_argument("--out", help="write the JSON report here (e.g. docs/bench/kernels/attention.json)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes on CPU under TRITON_INTERPRET=1: checks the script, not speed")
 

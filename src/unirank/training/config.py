@@ -34,7 +34,7 @@ class DataConfig:
     path: str = "synthetic"  # a dataset directory, or "synthetic"
     format: str = "auto"  # auto | amazon | movielens | synthetic
     cache_dir: str = "~/.cache/unirank"  # text-encoder item vectors, keyed by a hash of model files + texts
-    # Zero-shot search (PROTOCOL.md): attribute names with crc32(name) % zero_shot_modulus == 0 never
+    # Zero-shot search (docs/PROTOCOL.md): attribute names with crc32(name) % zero_shot_modulus == 0 never
     # appear in a training query; test queries built from them alone form the zero-shot set. 0 = off.
     zero_shot_modulus: int = 10
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)

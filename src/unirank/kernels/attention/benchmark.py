@@ -1,6 +1,6 @@
 """Benchmark: jagged prefix-causal Triton attention vs PyTorch SDPA, forward and forward+backward.
 
-    python -m unirank.kernels.attention.benchmark --out docs/bench/attention.json   # needs CUDA
+    python -m unirank.kernels.attention.benchmark --out docs/bench/kernels/attention.json   # needs CUDA
     python -m unirank.kernels.attention.benchmark --smoke                           # CPU run-through
 
 Dense shapes compare against SDPA's causal flash path (num_prefix = 0, so the math is identical);

@@ -1,6 +1,6 @@
 """Benchmark: multi-table Triton embedding bag vs F.embedding_bag (one call per table) and FBGEMM TBE.
 
-    python -m unirank.kernels.embedding_bag.benchmark --out docs/bench/embedding_bag.json   # needs CUDA
+    python -m unirank.kernels.embedding_bag.benchmark --out docs/bench/kernels/embedding_bag.json   # needs CUDA
     python -m unirank.kernels.embedding_bag.benchmark --smoke                               # CPU run-through
 
 Bag sizes are long-tailed (most bags short, a few near the cap), sum pooling with per-sample
