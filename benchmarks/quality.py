@@ -8,10 +8,11 @@ against wall time.
          [--ours-set train.eval_every=1 ...] | --no-ours] \
         [--merge] [--plot runs/quality_beauty.png]
 
-The split is the trainer's own (`prepare(cfg)`). Peers run in .venv-peers (`make peers`) through
-benchmarks/peers/rectools_peer.py and return top-20 lists; their metrics are computed here from
-the target's position in the list (absent = miss), so their MRR is truncated: `mrr@20`. Peers get
-no query input, so search is marked not applicable for them. `--merge` adds the models of this
+The split is the trainer's own (`prepare(cfg)`). Peers run in .venv-peers (`make peers`, or
+$UNIRANK_PEERS_PYTHON) through unirank.experiments.peers, which also gives them to `unirank
+benchmark --peers`: top-20 lists, metrics from the target's position in the list (absent = miss),
+so their MRR is truncated: `mrr@20`. Peers get no query input, so search is marked not applicable
+for them. `--merge` adds the models of this
 run to an existing --out JSON (e.g. peers today, `--ours-run` later). Several `--ours-run`
 directories are evaluated as one ensemble (`EnsembleScorer`: the mean of their log-softmax scores),
 with test metrics and the validation metrics on the trainer's validation subset; an ensemble is
@@ -23,50 +24,25 @@ import argparse
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from unirank.experiments.peers import (PEER_LOSS, PEER_NEGATIVES, PEER_NOTES, PEERS, PeerInputError, PeerSettings,
+                                       export_split, parse_peers, peer_result, peer_test_metrics, peers_python,
+                                       run_peer, validation_curve, validation_subset)
+
 ROOT = Path(__file__).resolve().parent.parent
-PEER_SCRIPT = ROOT / "benchmarks" / "peers" / "rectools_peer.py"
-PEER_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
-PEERS = ("sasrec", "bert4rec")
-PEER_LOSS, PEER_NEGATIVES = "sampled_softmax", 256  # the published rectools setting for Beauty (rectools_peer.py)
 TASKS = ("search", "similar", "prequery")
-K = 20
 # Published pre-query test R@10 on Amazon Beauty (docs/PROTOCOL.md); "seconds to reach" reads them off
 # the VALIDATION curve, which is the only per-epoch signal.
 ANCHORS_R10 = {"SASRec (TIGER paper)": 0.0605, "HSTU (eSASRec recomputation)": 0.0788, "eSASRec": 0.0928}
-PEER_SEARCH = "not applicable: the peer has no query input (BM25 is the search baseline, docs/RESULTS.md)"
 
 
 class BenchmarkInputError(ValueError):
     pass
-
-
-# ---------------------------------------------------------------- metrics from top-K lists
-
-
-def ranks_from_top_k(lists: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """0-based position of each row's target in its top-K list; +inf (a miss) when absent.
-    Padding (-1) never matches: item ids start at 1."""
-    lists, targets = np.asarray(lists), np.asarray(targets)
-    hit = lists == targets[:, None]
-    return np.where(hit.any(1), hit.argmax(1), np.inf).astype(np.float64)
-
-
-def top_k_metrics(lists: np.ndarray, targets: np.ndarray, ks=(5, 10, 20), num_bootstrap: int = 1000) -> dict:
-    """Protocol metrics (mean + bootstrap CI) from top-K lists; MRR is cut at K: `mrr@K`."""
-    from unirank.evaluation.metrics import metrics_from_ranks, summarize
-
-    if max(ks) > lists.shape[1]:
-        raise BenchmarkInputError(f"metrics @{max(ks)} need top-{max(ks)} lists, got top-{lists.shape[1]}")
-    per_user = metrics_from_ranks(ranks_from_top_k(lists, targets), list(ks))
-    per_user[f"mrr@{lists.shape[1]}"] = per_user.pop("mrr")
-    return summarize(per_user, num_bootstrap=num_bootstrap) | {"num_users": int(len(targets))}
 
 
 def seconds_to_reach(curve: list[list[float]], levels=ANCHORS_R10) -> dict:
@@ -75,65 +51,18 @@ def seconds_to_reach(curve: list[list[float]], levels=ANCHORS_R10) -> dict:
     return {name: next((s for s, _, r in curve if r >= level), None) for name, level in levels.items()}
 
 
-# ---------------------------------------------------------------- the split for the peers
-
-
-def validation_subset(num_users: int, eval_users: int | None, seed: int) -> np.ndarray:
-    """The users the trainer validates on (`train.eval_users`, same draw as evaluate_task), so the
-    peers' validation curves are on the same users as ours."""
-    idx = np.arange(num_users)
-    if eval_users is not None and eval_users < num_users:
-        idx = np.sort(np.random.default_rng(seed).choice(idx, eval_users, replace=False))
-    return idx
-
-
-def export_split(split, valid_eval: np.ndarray, path: Path) -> Path:
-    """split.npz for the peer: training rows (user, item, position) from s_1..s_{n-2}, the
-    validation target s_{n-1} with its position (test histories end with it), and the validation
-    subset. Test targets stay here: the peer never sees them."""
-    lengths = np.array([len(s) for s in split.train], dtype=np.int64)
-    np.savez(path, user=split.users, train_user=np.repeat(split.users, lengths),
-             train_item=np.concatenate(split.train).astype(np.int64),
-             train_position=np.concatenate([np.arange(n) for n in lengths]).astype(np.int64),
-             valid_target=split.valid.targets.astype(np.int64), valid_position=lengths,
-             valid_eval=np.asarray(valid_eval, dtype=np.int64))
-    return path
-
-
 # ---------------------------------------------------------------- peers
-
-
-def run_peer(name: str, split_path: Path, out: Path, args: argparse.Namespace) -> None:
-    """Trains the peer in .venv-peers; its lists and result.json land in `out`."""
-    cmd = [str(PEER_PYTHON), str(PEER_SCRIPT), "--split", str(split_path), "--model", name, "--out", str(out),
-           "--minutes", str(args.peer_minutes), "--threads", str(args.threads), "--loss", args.peer_loss,
-           "--max-epochs", str(args.peer_max_epochs), "--n-negatives", str(args.peer_negatives)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore"}
-    print(f"[{name}] {' '.join(cmd)}", flush=True)
-    load_before = os.getloadavg()
-    proc = subprocess.run(cmd, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"peer {name} failed (exit {proc.returncode})")
-    # The machine is shared: the load average says how much of a core the peer really had.
-    load = {"start": [round(x, 2) for x in load_before], "end": [round(x, 2) for x in os.getloadavg()]}
-    (out / "load_average.json").write_text(json.dumps(load))
 
 
 def peer_report(out: Path, split, valid_eval: np.ndarray, num_bootstrap: int) -> dict:
     """Test metrics (with CIs) and validation curves from the peer's lists in `out`."""
-    result = json.loads((out / "result.json").read_text())
-    epochs = [json.loads(line) for line in (out / "epochs.jsonl").read_text().splitlines()]
-    eval_targets = split.valid.targets[valid_eval]
-    test = np.load(out / "test.npz")
-    tasks: dict = {"search": {"not_applicable": PEER_SEARCH}}
+    result = peer_result(out)
+    epochs = result["epoch_rows"]
+    tasks = peer_test_metrics(out, split.test.targets, num_bootstrap)
     for task in ("similar", "prequery"):
-        curve = []
-        for row in epochs:
-            lists = np.load(out / f"valid_epoch{row['epoch']:04d}.npz")[task]
-            m = top_k_metrics(lists, eval_targets, num_bootstrap=0)
-            curve.append([row["seconds"], round(m["ndcg@10"]["mean"], 5), round(m["recall@10"]["mean"], 5)])
-        tasks[task] = {"test": top_k_metrics(test[task], split.test.targets, num_bootstrap=num_bootstrap),
-                       "validation_curve": curve, "seconds_to_reach_validation_recall@10": seconds_to_reach(curve)}
+        curve = validation_curve(out, epochs, split.valid.targets[valid_eval], task)
+        tasks[task] = {"test": tasks[task], "validation_curve": curve,
+                       "seconds_to_reach_validation_recall@10": seconds_to_reach(curve)}
     load_file = out / "load_average.json"  # absent when the lists came from an older runner
     load = json.loads(load_file.read_text()) if load_file.is_file() else None
     # Wall seconds up to the end of the last epoch's validation (test lists excluded), as for ours.
@@ -341,7 +270,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     try:
         check_inputs(args)
-    except BenchmarkInputError as err:
+    except (BenchmarkInputError, PeerInputError) as err:
         parser.error(str(err))
     return args
 
@@ -350,16 +279,12 @@ def check_inputs(args: argparse.Namespace) -> None:
     """Everything that can be wrong with the arguments, before any data is loaded."""
     if args.data != "synthetic" and not Path(args.data).is_dir():
         raise BenchmarkInputError(f"--data {args.data}: no such dataset directory")
-    args.peer_list = [p.strip() for p in args.peers.split(",") if p.strip()]
-    unknown = [p for p in args.peer_list if p not in PEERS]
-    if unknown:
-        raise BenchmarkInputError(f"--peers: unknown peer {', '.join(unknown)} (known: {', '.join(PEERS)})")
+    args.peer_list = parse_peers(args.peers)
     if args.ours_set and (args.ours_run or args.no_ours):
         raise BenchmarkInputError("--ours-set applies to the model trained here (not with --ours-run / --no-ours)")
     if args.reuse_peers and not args.work_dir:
         raise BenchmarkInputError("--reuse-peers needs --work-dir (where the earlier run kept its lists)")
-    if args.peer_list and not PEER_PYTHON.is_file():
-        raise BenchmarkInputError(f"peers need {PEER_PYTHON.relative_to(ROOT)}: run `make peers` first")
+    args.peers_python = peers_python() if args.peer_list else None
     for run in args.ours_run or []:
         if not Path(run).is_dir():
             raise BenchmarkInputError(f"--ours-run {run}: no such directory")
@@ -395,7 +320,9 @@ def main(argv: list[str] | None = None) -> int:
             key += f"-{args.peer_tag}" if args.peer_tag else ""
             out = Path(tmp) / key
             if not (args.reuse_peers and (out / "result.json").is_file()):
-                run_peer(name, split_path, out, args)
+                settings = PeerSettings(minutes=args.peer_minutes, max_epochs=args.peer_max_epochs,
+                                        threads=args.threads, loss=args.peer_loss, negatives=args.peer_negatives)
+                run_peer(name, split_path, out, settings, args.peers_python)
             models[key] = peer_report(out, prep.split, valid_eval, args.num_bootstrap)
     if not args.no_ours:
         if args.ours_run and len(args.ours_run) > 1:
@@ -411,9 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "quality", "dataset": prep.data.name, "data_path": args.data, "num_items": prep.data.num_items,
         "num_users": len(prep.split.users), "protocol": "docs/PROTOCOL.md (leave-one-out, full "
         "catalogue, history filtered; peers: filter_viewed=True)", "metric_notes": [
-            "peers: metrics from top-20 lists (target absent = miss); MRR is mrr@20 (truncated), ours is full MRR",
-            "peers can only recommend items seen in training (rectools id map); a target unseen in training is a miss",
-            "similar-item for peers: a one-item history (the source item), only the source item filtered",
+            *PEER_NOTES,
             "validation_curve rows: [wall seconds since training start, validation ndcg@10, validation recall@10], "
             "on the trainer's validation subset (train.eval_users), NOT test",
             "seconds_to_reach_validation_recall@10: first validation-curve point at or above each published "

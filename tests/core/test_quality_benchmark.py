@@ -1,83 +1,27 @@
-"""benchmarks/quality.py: metrics from top-K lists, the split the peers get, bad input; one slow
-end-to-end run of a real rectools SASRec (needs .venv-peers: `make peers`)."""
+"""benchmarks/quality.py: time to quality, bad input, ensembles and distilled runs; one slow
+end-to-end run of a real rectools SASRec (needs .venv-peers: `make peers`). The peers' metrics and
+split are tested with unirank.experiments.peers (test_peers.py)."""
 from __future__ import annotations
 
 import importlib.util
 import json
 
-import numpy as np
 import pytest
 
 from core_data import REPO
-from unirank.data.examples import leave_one_out_split
+from unirank.experiments.peers import PeerInputError, peers_python
 
 SPEC = importlib.util.spec_from_file_location("quality_benchmark", REPO / "benchmarks" / "quality.py")
 quality = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(quality)
 
-# ---------------------------------------------------------------- metrics from top-K lists
-
-
-def test_ranks_are_list_positions_and_absent_targets_miss():
-    lists = np.array([[5, 3, 9], [1, 2, 4], [7, -1, -1], [8, 6, 2]])
-    ranks = quality.ranks_from_top_k(lists, np.array([3, 7, 7, 8]))
-    assert ranks.tolist() == [1.0, np.inf, 0.0, 0.0]
-
-
-def test_padding_never_matches():
-    ranks = quality.ranks_from_top_k(np.array([[-1, -1], [4, -1]]), np.array([1, 5]))
-    assert np.isinf(ranks).all()
-
-
-def test_top_k_metrics_by_hand():
-    # targets at positions 0, 4 and 12 of a top-20 list, and one miss
-    lists = np.tile(np.arange(100, 120), (4, 1))
-    targets = np.array([100, 104, 112, 7])
-    m = quality.top_k_metrics(lists, targets, num_bootstrap=0)
-    assert m["recall@5"]["mean"] == pytest.approx(2 / 4)
-    assert m["recall@10"]["mean"] == pytest.approx(2 / 4)
-    assert m["recall@20"]["mean"] == pytest.approx(3 / 4)
-    assert m["ndcg@10"]["mean"] == pytest.approx((1 + 1 / np.log2(6)) / 4)
-    assert m["ndcg@20"]["mean"] == pytest.approx((1 + 1 / np.log2(6) + 1 / np.log2(14)) / 4)
-    assert "mrr" not in m and m["mrr@20"]["mean"] == pytest.approx((1 + 1 / 5 + 1 / 13) / 4)
-    assert m["num_users"] == 4
-
-
-def test_top_k_metrics_refuse_k_beyond_the_list():
-    with pytest.raises(quality.BenchmarkInputError, match="top-20"):
-        quality.top_k_metrics(np.ones((2, 10), dtype=int), np.array([1, 2]))
+# ---------------------------------------------------------------- time to quality
 
 
 def test_seconds_to_reach_reads_the_first_crossing():
     curve = [[10, 0.01, 0.02], [20, 0.03, 0.07], [30, 0.04, 0.065], [40, 0.05, 0.08]]
     reach = quality.seconds_to_reach(curve, {"a": 0.0605, "b": 0.0788, "c": 0.0928})
     assert reach == {"a": 20, "b": 40, "c": None}
-
-
-# ---------------------------------------------------------------- split export
-
-
-def test_export_split_holds_training_rows_validation_targets_and_no_test_targets(tmp_path):
-    split = leave_one_out_split([np.array([3, 1, 4, 1, 5]), np.array([9, 2]), np.array([2, 6, 5])])
-    path = quality.export_split(split, np.array([1]), tmp_path / "split.npz")
-    s = dict(np.load(path))
-    assert set(s) == {"user", "train_user", "train_item", "train_position", "valid_target", "valid_position",
-                      "valid_eval"}
-    assert s["user"].tolist() == [0, 2]  # user 1 has < 3 interactions
-    assert s["train_user"].tolist() == [0, 0, 0, 2]
-    assert s["train_item"].tolist() == [3, 1, 4, 2]
-    assert s["train_position"].tolist() == [0, 1, 2, 0]
-    assert s["valid_target"].tolist() == [1, 6] and s["valid_position"].tolist() == [3, 1]
-    assert s["valid_eval"].tolist() == [1]
-    assert 5 not in s["valid_target"]  # both test targets are 5: the peer never sees them
-
-
-def test_validation_subset_matches_the_trainer_draw():
-    assert quality.validation_subset(10, None, 0).tolist() == list(range(10))
-    assert quality.validation_subset(10, 50, 0).tolist() == list(range(10))
-    sub = quality.validation_subset(1000, 100, 42)
-    expected = np.sort(np.random.default_rng(42).choice(np.arange(1000), 100, replace=False))
-    assert sub.tolist() == expected.tolist()
 
 
 # ---------------------------------------------------------------- bad input
@@ -204,8 +148,16 @@ def test_a_distilled_runs_clock_counts_its_teachers_training(tmp_path):
 # ---------------------------------------------------------------- end to end (real rectools)
 
 
+def has_peers_python() -> bool:
+    try:
+        return bool(peers_python())
+    except PeerInputError:
+        return False
+
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not quality.PEER_PYTHON.is_file(), reason="no .venv-peers (run `make peers`)")
+@pytest.mark.skipif(not has_peers_python(), reason="no .venv-peers (run `make peers`)")
 def test_sasrec_one_epoch_on_synthetic_data(tmp_path):
     out, plot, work = tmp_path / "q.json", tmp_path / "q.png", tmp_path / "work"
     argv = ["--data", "synthetic", "--out", str(out), "--peers", "sasrec", "--peer-max-epochs", "1", "--no-ours",

@@ -87,10 +87,13 @@ def cmd_evaluate(args) -> int:
 
 def cmd_benchmark(args) -> int:
     from unirank.experiments.benchmark import run_benchmark, write_benchmark
+    from unirank.experiments.peers import PeerSettings, parse_peers
 
     report = run_benchmark(args.data, args.config or "fast", args.seeds, args.out, args.overrides,
                            eval_every=args.eval_every, quiet=args.quiet,
-                           command=" ".join(["unirank"] + sys.argv[1:]), with_twins=args.twins)
+                           command=" ".join(["unirank"] + sys.argv[1:]), with_twins=args.twins,
+                           peers=parse_peers(args.peers), peer_settings=PeerSettings(minutes=args.peer_minutes),
+                           peer_python=args.peers_python)
     paths = write_benchmark(report, args.report or Path(args.out) / "benchmark")
     print(Path(paths["markdown"]).read_text())
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
@@ -218,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=None, help="epochs between validation rounds (default: the config's)")
     p.add_argument("--twins", action="store_true",
                    help="also train the single-task twins per seed (leaderboard rows + alignment tax)")
+    p.add_argument("--peers", default="", metavar="sasrec[,bert4rec]",
+                   help="also train these rectools peers once per seed on the same split (needs `make peers`)")
+    p.add_argument("--peer-minutes", type=float, default=15.0, help="wall-clock cap per peer run")
+    p.add_argument("--peers-python", default=None,
+                   help="python of the peers' virtualenv (default: $UNIRANK_PEERS_PYTHON, else .venv-peers)")
     p.set_defaults(func=cmd_benchmark)
     p = with_config(sub.add_parser("alignment-tax", help="unified vs one model per task"))
     p.add_argument("--unified", default=None, help="checkpoint of the unified model (else trained)")

@@ -1,9 +1,12 @@
 """`unirank benchmark`: one recipe trained once per seed (each run in its own out_dir), each run's
 checkpoint chosen on validation only (all validation users), the test split read once per final
-run, beside the baselines; one JSON, one Markdown page and two plots, mean and spread over seeds."""
+run, beside the baselines and, with `--peers`, the sequential peers (rectools SASRec / BERT4Rec,
+once per seed on the same split); one JSON, one Markdown page and two plots, mean and spread over
+seeds."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -13,6 +16,8 @@ import numpy as np
 
 from unirank.experiments.benchmark_report import alignment, leaderboard, markdown, plot_tasks, plot_validation
 from unirank.evaluation.evaluate import ZERO_SHOT, evaluate_all
+from unirank.experiments.peers import (PEER_NOTES, PeerSettings, check_peers, export_split, peer_result,
+                                       peer_test_metrics, peers_python, run_peer)
 from unirank.experiments.report import baseline_scorers, evaluate_checkpoint, run_metadata
 from unirank.training.config import Config, load_config, to_yaml
 from unirank.training.train import TASK_BY_NAME, Prepared, prepare, train
@@ -87,11 +92,36 @@ def twins(cfg: Config, prep: Prepared, quiet: bool) -> dict:
     return out
 
 
+def peer_runs(names: list[str], python: Path, prep: Prepared, seeds: list[int], work: Path,
+              settings: PeerSettings, num_bootstrap: int, progress: Progress) -> dict:
+    """{peer: one run per seed}: each peer trained with the run's seed on the benchmark's split, its
+    epoch chosen on all validation users, its test lists read once (work/NAME-seed-S)."""
+    work.mkdir(parents=True, exist_ok=True)
+    split_path = export_split(prep.split, np.arange(len(prep.split.valid)), work / "split.npz")
+    runs = {}
+    for name in names:
+        runs[name] = []
+        for seed in seeds:
+            progress.say(f"peer {name}: seed {seed}, at most {settings.minutes:g} min")
+            out = work / f"{name}-seed-{seed}"
+            run_peer(name, split_path, out, replace(settings, seed=seed), python)
+            result = peer_result(out)
+            test = peer_test_metrics(out, prep.split.test.targets, num_bootstrap)
+            runs[name].append({"seed": seed, "out_dir": str(out), "epochs": result["epochs"],
+                               "best_epoch": result["best_epoch"], "seconds": result["seconds"],
+                               "train_seconds": result["train_seconds"], "settings": result["settings"],
+                               "versions": result["versions"], "test": {**test, ZERO_SHOT: test["search"]}})
+    return runs
+
+
 def run_benchmark(data: str, config: str = "fast", seeds: int = 3, out: str | Path = "runs/benchmark",
                   overrides: list[str] = (), eval_every: int | None = None, quiet: bool = True,
-                  command: str = "", with_twins: bool = False) -> dict:
+                  command: str = "", with_twins: bool = False, peers: list[str] = (),
+                  peer_settings: PeerSettings = PeerSettings(), peer_python: str | Path | None = None) -> dict:
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    peers = check_peers(list(peers))
+    python = peers_python(peer_python) if peers else None  # refused now, before any training
     out = Path(out)
     run = run_metadata(command)  # the tree that runs, before any later checkout moves HEAD
     base = run_config(config, data, None, out / "seed-0", list(overrides), eval_every)
@@ -99,6 +129,10 @@ def run_benchmark(data: str, config: str = "fast", seeds: int = 3, out: str | Pa
     progress = Progress(runs=seeds)
     progress.say(f"preparing {data}")
     prep = prepare(base)
+    # Peers first: a broken peer environment fails in minutes, not after the recipe's runs.
+    peer_settings = replace(peer_settings, threads=base.train.threads or os.cpu_count() or 1)
+    peer_results = peer_runs(peers, python, prep, list(range(first, first + seeds)), out / "peers", peer_settings,
+                             base.eval.num_bootstrap, progress) if peers else {}
     per_seed_prep = bool(base.model.text_features or base.model.semantic_id_levels)  # codebook fit is seeded
     runs = []
     for i, seed in enumerate(range(first, first + seeds)):
@@ -118,8 +152,10 @@ def run_benchmark(data: str, config: str = "fast", seeds: int = 3, out: str | Pa
     report = {"dataset": prep.data.name, "data": str(data), "config": config, "seeds": [r["seed"] for r in runs],
               "selection": SELECTION, "eval_every": base.train.eval_every,
               "num_validation_users": len(prep.split.valid.users), "num_test_users": len(prep.split.test.users),
-              "runs": runs, "baselines": base_results,
-              "leaderboard": leaderboard(runs, base_results, f"unirank ({config})"), "alignment": alignment(runs),
+              "runs": runs, "baselines": base_results, "peers": peer_results,
+              "peer_notes": list(PEER_NOTES) if peers else [],
+              "leaderboard": leaderboard(runs, base_results, f"unirank ({config})", peer_results),
+              "alignment": alignment(runs),
               "recipe": to_yaml(base), "seconds": round(time.time() - progress.t0, 1),
               "run": run}
     progress.say("done")

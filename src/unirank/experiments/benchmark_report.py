@@ -29,18 +29,28 @@ def over_runs(cells: list[dict]) -> dict:
     return out
 
 
-def leaderboard(runs: list[dict], baselines: dict[str, dict[str, dict]], name: str) -> dict:
-    """{task: {method: over_runs(...)}}: the recipe's runs first, then each baseline (one run:
-    baselines are deterministic)."""
+def leaderboard(runs: list[dict], baselines: dict[str, dict[str, dict]], name: str,
+                peers: dict[str, list[dict]] | None = None) -> dict:
+    """{task: {method: over_runs(...)}}: the recipe's runs first, then each peer's runs (one per
+    seed; a task the peer cannot answer keeps its `not_applicable` cell), then each baseline (one
+    run: baselines are deterministic)."""
     board = {}
     for task in runs[0]["test"]:
         board[task] = {name: over_runs([r["test"][task] for r in runs])}
         singles = [_twin_rows(r)[task] for r in runs if task in _twin_rows(r)]
         if singles:
             board[task][f"{name} single-task"] = over_runs(singles)
+        for peer, peer_runs in (peers or {}).items():
+            cells = [r["test"][task] for r in peer_runs if task in r["test"]]
+            if cells:
+                board[task][peer_label(peer)] = cells[0] if "not_applicable" in cells[0] else over_runs(cells)
         for method, metrics in baselines.get(task, {}).items():
             board[task][method] = over_runs([metrics])
     return board
+
+
+def peer_label(peer: str) -> str:
+    return f"{peer} (rectools)"
 
 
 def _twin_rows(run: dict) -> dict:
@@ -66,6 +76,18 @@ def _cell(m: dict) -> str:
     return f"{m['mean']:.4f} ± {m['std']:.4f}" if m["n"] > 1 else f"{m['mean']:.4f}"
 
 
+def _row(task: str, method: str, m: dict) -> str:
+    """One leaderboard line; a peer's MRR is cut at its list length (`mrr@20`), a task it cannot
+    answer reads n/a."""
+    if "not_applicable" in m:
+        return f"| {task} | {method} | n/a (no query input) |" + " |" * len(METRICS)
+    cells = [_cell(m[k]) if k in m else "" for k in METRICS]
+    truncated = [k for k in m if k.startswith("mrr@")]
+    if "mrr" not in m and truncated:
+        cells[METRICS.index("mrr")] = f"{_cell(m[truncated[0]])} ({truncated[0]})"
+    return f"| {task} | {method} | " + " | ".join(cells) + f" | {m['ndcg@10']['n']} |"
+
+
 def markdown(report: dict, paths: dict[str, Path]) -> str:
     lines = [f"# {report['dataset']}: `{report['config']}` over seeds {report['seeds']}", "",
              f"Command: `{report['run']['command']}` (commit {report['run']['commit']}, {report['run']['machine']}).",
@@ -75,8 +97,7 @@ def markdown(report: dict, paths: dict[str, Path]) -> str:
     lines += ["| task | method | " + " | ".join(METRICS) + " | runs |", "|---|---|" + "---|" * (len(METRICS) + 1)]
     for task, by_method in report["leaderboard"].items():
         for method, m in by_method.items():
-            lines.append(f"| {task} | {method} | " + " | ".join(_cell(m[k]) if k in m else "" for k in METRICS)
-                         + f" | {m['ndcg@10']['n']} |")
+            lines.append(_row(task, method, m))
     if report.get("alignment"):
         lines += ["", "Alignment tax (unified minus single-task, paired by seed; negative = tax):", "",
                   "| task | Δ recall@10 | Δ ndcg@10 | seeds |", "|---|---|---|---|"]
@@ -87,13 +108,22 @@ def markdown(report: dict, paths: dict[str, Path]) -> str:
     for r in report["runs"]:
         lines.append(f"| {r['seed']} | {r['selected_epoch']} | {r['validation_rounds']} | {r['train_seconds']} "
                      f"| {r['test_reads']} |")
+    if report.get("peers"):
+        lines += ["", "Peers (rectools, their own virtualenv, one run per seed on the same split; "
+                  "epoch chosen on all validation users): " + "; ".join(report["peer_notes"]) + ".", "",
+                  "| peer | seed | epochs | best epoch | train seconds |", "|---|---|---|---|---|"]
+        for peer, peer_runs in report["peers"].items():
+            lines += [f"| {peer_label(peer)} | {r['seed']} | {r['epochs']} | {r['best_epoch']} | {r['train_seconds']} |"
+                      for r in peer_runs]
     lines += ["", f"![per-task test NDCG@10]({paths['tasks_png'].name})",
               f"![validation NDCG@10 over wall time]({paths['validation_png'].name})"]
     return "\n".join(lines)
 
 
 def plot_tasks(board: dict, path: Path, metric: str = "ndcg@10") -> None:
-    bar_chart(board, path, metric, ylabel="test {metric}\n(mean over seeds, 95% CI)")
+    answered = {task: {method: m for method, m in by_method.items() if "not_applicable" not in m}
+                for task, by_method in board.items()}
+    bar_chart(answered, path, metric, ylabel="test {metric}\n(mean over seeds, 95% CI)")
 
 
 def plot_validation(runs: list[dict], path: Path) -> None:

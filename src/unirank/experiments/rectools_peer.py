@@ -1,13 +1,15 @@
-r"""Trains one rectools peer (SASRec or BERT4Rec) on a split exported by benchmarks/quality.py and
-writes its top-K lists: per epoch for the validation users, at the end for every test user.
+r"""Trains one rectools peer (SASRec or BERT4Rec) on a split exported by unirank.experiments.peers
+(`unirank benchmark --peers`, benchmarks/quality.py) and writes its top-K lists: per epoch for the
+validation users, at the end for every test user.
 
-    .venv-peers/bin/python benchmarks/peers/rectools_peer.py --split DIR/split.npz --model sasrec \
-        --out DIR/sasrec [--minutes 15] [--threads 1] [--loss softmax] [--max-epochs 200]
+    .venv-peers/bin/python src/unirank/experiments/rectools_peer.py --split DIR/split.npz --model sasrec \
+        --out DIR/sasrec [--minutes 15] [--threads 1] [--loss softmax] [--max-epochs 200] [--seed 0]
 
-Runs in .venv-peers (rectools, pytorch-lightning) and imports nothing from unirank. Epochs are
-`fit_partial(max_epochs=1)` calls: rectools' `recommend` needs a fitted model, which a lightning
-callback inside one long `fit()` does not have. The weights of the epoch with the best pre-query
-validation NDCG@10 give the test lists (validation-only model selection, as in the protocol).
+Runs in .venv-peers (rectools, pytorch-lightning), never in unirank's own environment, and imports
+nothing from unirank. Epochs are `fit_partial(max_epochs=1)` calls: rectools' `recommend` needs a
+fitted model, which a lightning callback inside one long `fit()` does not have. The weights of the
+epoch with the best pre-query validation NDCG@10 give the test lists (validation-only model
+selection, as in the protocol).
 """
 from __future__ import annotations
 
@@ -77,7 +79,7 @@ def top_k(model, users: np.ndarray, dataset: Dataset, k: int) -> np.ndarray:
 
 
 def ndcg_at_10(lists: np.ndarray, targets: np.ndarray) -> float:
-    """Only for picking the best epoch here; the reported metrics are computed by quality.py."""
+    """Only for picking the best epoch here; the reported metrics are computed by unirank.experiments.peers."""
     hit_rank = np.where(lists[:, :10] == targets[:, None])
     gains = np.zeros(len(targets))
     gains[hit_rank[0]] = 1.0 / np.log2(hit_rank[1] + 2.0)
@@ -155,7 +157,7 @@ def train_and_recommend(args: argparse.Namespace) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--split", required=True, help="split.npz written by benchmarks/quality.py")
+    parser.add_argument("--split", required=True, help="split.npz written by unirank.experiments.peers")
     parser.add_argument("--model", required=True, choices=sorted(PEER_SETTINGS))
     parser.add_argument("--out", required=True)
     parser.add_argument("--minutes", type=float, default=15.0, help="wall-clock cap, evaluation included")
