@@ -49,7 +49,7 @@ BASELINE ?= HEAD~1
 throughput: setup
 	$(PY) benchmarks/train_throughput.py --baseline-rev $(BASELINE)
 
-# Peers for benchmarks/quality.py (rectools SASRec / BERT4Rec) in their own venv, so their
+# Peers for `unirank benchmark --peers` and benchmarks/quality.py (rectools SASRec / BERT4Rec) in their own venv, so their
 # dependencies (pytorch-lightning, pandas, ...) cannot break ours. torch is pinned first: a plain
 # `torch` requirement would pull a multi-GB CUDA build.
 PEERS_VENV ?= .venv-peers
