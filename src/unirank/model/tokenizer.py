@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
-from unirank.model.text_encoder import bundled_model_dir, import_transformers
+from unirank.model.encoder_files import bundled_model_dir, import_transformers
 
 WORD_RE = re.compile(r"[a-z]+")
 PAD_TOKEN_ID = 0
