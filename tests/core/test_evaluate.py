@@ -17,10 +17,10 @@ NEG = -torch.inf
 NUM_ITEMS = 6
 
 
-def _request(source: list[int]) -> RankRequest:
+def _request(source: list[int], task: Task = Task.SEARCH) -> RankRequest:
     b = len(source)
     z = torch.zeros(b, 1, dtype=torch.int64)
-    return RankRequest(task=torch.zeros(b, dtype=torch.int64), history=z, history_lengths=z[:, 0], query=z,
+    return RankRequest(task=torch.full((b,), int(task), dtype=torch.int64), history=z, history_lengths=z[:, 0], query=z,
                        query_lengths=z[:, 0], source_item=torch.tensor(source))
 
 
@@ -31,14 +31,14 @@ def _neg_columns(scores: torch.Tensor) -> list[list[int]]:
 @pytest.mark.parametrize("task", [Task.SEARCH, Task.PREQUERY])
 def test_filter_seen_drops_history_for_personalized_tasks(task):
     scores = torch.ones(2, NUM_ITEMS + 2)
-    out = filter_seen(scores, task, _request([5, 6]), [np.array([1, 3, 3]), np.array([], dtype=np.int64)])
+    out = filter_seen(scores, task, _request([5, 6], task), [np.array([1, 3, 3]), np.array([], dtype=np.int64)])
     assert _neg_columns(out) == [[0, 1, 3, 7], [0, 7]]  # padding 0 and OOV (last) are never ranked
     assert torch.all(scores == 1)  # the caller's scores are not modified
 
 
 def test_filter_seen_drops_only_the_source_for_similar_item():
     scores = torch.ones(2, NUM_ITEMS + 2)
-    out = filter_seen(scores, Task.SIMILAR, _request([2, 4]), [np.array([1, 2]), np.array([3, 4])])
+    out = filter_seen(scores, Task.SIMILAR, _request([2, 4], Task.SIMILAR), [np.array([1, 2]), np.array([3, 4])])
     assert _neg_columns(out) == [[0, 2, 7], [0, 4, 7]]
 
 

@@ -33,6 +33,13 @@ def make_ranker(seed: int = 0, lexical: str = "names") -> UnifiedRanker:
     return UnifiedRanker(cfg, attributes, words, lexical_rows=rows if lexical != "none" else None).eval()
 
 
+
+def lexical_scores(ranker, task, query, lengths):
+    """The lexical term alone over the id space, for search rows of `task`."""
+    empty = torch.zeros(len(task), 1, dtype=torch.long)
+    view = ranker.view(task, empty, empty[:, 0], query, lengths, empty[:, 0])
+    return ranker.terms["lexical"].scores(view)
+
 def test_scores_are_bm25s_lucene_scores():
     rows = item_rows()
     lex = LexicalMatch(NUM_ITEMS, VOCAB, table_width(rows), rows)
@@ -88,7 +95,7 @@ def test_search_rows_only_and_an_item_without_id_row_is_scored_by_its_text():
         ctx = ranker(task, history, torch.tensor([2, 2, 0]), query, lengths, torch.tensor([0, 0, 4]))
         plain = ranker.score(ctx)
         full = ranker.score(ctx, inputs=(task, history, torch.tensor([2, 2, 0]), query, lengths, torch.tensor([0, 0, 4])))
-        lexical = ranker.search_lexical(task, query, lengths)
+        lexical = lexical_scores(ranker, task, query, lengths)
     torch.testing.assert_close(full[1:], plain[1:])  # pre-query and similar-item: no lexical term
     torch.testing.assert_close(full[0], plain[0] + lexical[0])
     matching = [i for i, r in enumerate(item_rows()) if 5 in r or 6 in r]
@@ -97,10 +104,10 @@ def test_search_rows_only_and_an_item_without_id_row_is_scored_by_its_text():
     item = matching[0]
     with torch.no_grad():
         ranker.item_tower.id_table()[item].zero_()
-        cold = ranker.search_lexical(task, query, lengths)
+        cold = lexical_scores(ranker, task, query, lengths)
     assert torch.isfinite(cold).all() and cold[0, item] == lexical[0, item] > 0
     other_text = torch.tensor([[7, 8, 0, 0, 0]] * b)
-    assert ranker.search_lexical(task, other_text, lengths)[0, item] != cold[0, item] or \
+    assert lexical_scores(ranker, task, other_text, lengths)[0, item] != cold[0, item] or \
         not set(item_rows()[item]) & {7, 8}
 
 
@@ -121,7 +128,7 @@ def test_the_scale_is_learned_through_the_search_loss():
         ranker.zero_grad()
         loss, _ = softmax_loss(ranker, batch, negatives, freq, torch.Generator().manual_seed(0), {Task.SEARCH: 1.0})
         loss.backward()
-        assert ranker.lexical.scale.grad is not None and float(ranker.lexical.scale.grad.abs()) > 0
+        assert ranker.terms["lexical"].scale.grad is not None and float(ranker.terms["lexical"].scale.grad.abs()) > 0
 
 
 def test_new_rows_use_the_training_statistics():
@@ -167,7 +174,7 @@ def test_onnx_export_keeps_the_lexical_term(tmp_path):
     # The graph does add it: the same graph without it (scale 0) answers search differently.
     off = ranker.to_plain()
     with torch.no_grad():
-        off.lexical.scale.zero_()
+        off.terms["lexical"].scale.zero_()
     batches = random_batches(report.metadata, vocab_size=VOCAB, requests=64, seed=1)
     assert parity_max_abs_diff(TopKRanker(off, 10).eval(), onnx_session(tmp_path / "export" / MODEL_FILE),
                                [{k: v for k, v in b.items()} for b in batches]) > 1e-3

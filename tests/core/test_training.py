@@ -200,18 +200,14 @@ def test_chunked_full_softmax_matches_one_matrix(chunk_bytes):
     excluded columns included."""
     from unirank.training.loss import full_softmax_cross_entropy
 
-    class Dot:
-        @staticmethod
-        def similarity(h, items):
-            return h @ items.T
-
     g = torch.Generator().manual_seed(0)
     h = torch.randn(10, 4, generator=g, requires_grad=True)
     items = torch.randn(7, 4, generator=g, requires_grad=True)
     labels = torch.tensor([0, 1, 2, 3, 4, 5, 0, 1, 2, 3])
     excluded = torch.tensor([6])  # a column no label points to
     weights = torch.rand(10, generator=g)
-    chunked = full_softmax_cross_entropy(Dot, h, items, labels, excluded,
+    logits_of = lambda rows: h[rows] @ items.T  # noqa: E731
+    chunked = full_softmax_cross_entropy(logits_of, len(h), 4 * len(items), labels, excluded,
                                          chunk_bytes=chunk_bytes)
     grads = torch.autograd.grad((chunked * weights).sum(), (h, items))
     logits = (h @ items.T).index_fill(1, excluded, -torch.inf)
@@ -222,7 +218,7 @@ def test_chunked_full_softmax_matches_one_matrix(chunk_bytes):
         torch.testing.assert_close(got, want)
     # Label smoothing spreads its share over the candidates only: PyTorch's own, on the matrix
     # without the excluded column (with it, PyTorch's loss is infinite).
-    smoothed = full_softmax_cross_entropy(Dot, h, items, labels, excluded, chunk_bytes=chunk_bytes,
+    smoothed = full_softmax_cross_entropy(logits_of, len(h), 4 * len(items), labels, excluded, chunk_bytes=chunk_bytes,
                                           label_smoothing=0.2)
     grads = torch.autograd.grad((smoothed * weights).sum(), (h, items))
     whole = F.cross_entropy((h @ items.T)[:, :6], labels, reduction="none", label_smoothing=0.2)

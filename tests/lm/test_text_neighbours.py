@@ -10,6 +10,7 @@ import torch
 
 from unirank.model.ranker import ModelConfig, RankerConfig, UnifiedRanker
 from unirank.model.request import Task
+from unirank.model.scoring import NeighbourTerm, term_scores
 from unirank.model.text_neighbours import TextNeighbours, neighbour_table
 
 NUM_ITEMS, TEXT_DIM, K = 30, 8, 5
@@ -76,17 +77,17 @@ def test_the_anchor_is_the_source_or_the_newest_history_item_the_model_reads():
     query = torch.zeros(4, 2, dtype=torch.long)
     inputs = (task, history, lengths, query, torch.zeros(4, dtype=torch.long), source)
     with torch.no_grad():
-        terms = ranker.score_terms(*inputs)
-        expected = ranker.text_neighbours(torch.tensor([8, 11, 0, 0]), task)
+        terms = term_scores(ranker.terms, ranker.view(*inputs))
+        expected = ranker.terms["text_neighbours"](torch.tensor([8, 11, 0, 0]), task)
     torch.testing.assert_close(terms, expected)
     assert terms[0].abs().sum() > 0 and terms[1].abs().sum() > 0 and (terms[2:] == 0).all()
-    anchors = ranker.position_anchors(task, history, lengths, source)  # the newest 3 of 4: 5, 6, 8
+    anchors = NeighbourTerm.position_anchors(ranker.view(*inputs))  # the newest 3 of 4: 5, 6, 8
     assert anchors[0].tolist() == [0, 5, 6, 8] and anchors[1].tolist() == [11, 0, 0, 0]
     # Content only: a cold target (zeroed id row) keeps the term.
-    target = int(ranker.text_neighbours.ids[8, 0])
+    target = int(ranker.terms["text_neighbours"].ids[8, 0])
     with torch.no_grad():
         ranker.item_tower.id_table()[target].zero_()
-        assert ranker.score_terms(*inputs)[0, target] == terms[0, target] != 0
+        assert term_scores(ranker.terms, ranker.view(*inputs))[0, target] == terms[0, target] != 0
 
 
 @pytest.mark.parametrize("negatives", [0, 8])
@@ -106,8 +107,8 @@ def test_the_task_weights_are_learned_through_the_loss(negatives):
     weights = {Task.SEARCH: 1.0, Task.SIMILAR: 1.0, Task.PREQUERY: 1.0}
     loss, _ = softmax_loss(ranker, batch, negatives, freq, torch.Generator().manual_seed(0), weights)
     loss.backward()
-    assert (ranker.text_neighbours.weight.grad.abs() > 0).all()
-    assert float(ranker.lexical.scale.grad.abs()) > 0
+    assert (ranker.terms["text_neighbours"].weight.grad.abs() > 0).all()
+    assert float(ranker.terms["lexical"].scale.grad.abs()) > 0
 
 
 def test_bad_settings_are_refused():
@@ -133,12 +134,12 @@ def test_onnx_export_and_a_rebuilt_table_with_new_items(tmp_path):
     assert parity_max_abs_diff(TopKRanker(plain, 8).eval(), session, batches) <= 1e-4
     with torch.no_grad():
         off = ranker.to_plain()
-        off.text_neighbours.weight.zero_()
+        off.terms["text_neighbours"].weight.zero_()
     assert parity_max_abs_diff(TopKRanker(off, 8).eval(), session, batches) > 1e-3  # the graph has the term
     # A new item with item 3's text joins item 3's list (and has item 3 first in its own).
     text = item_text()
     extended = torch.cat([text[: NUM_ITEMS + 1], text[3:4], text[NUM_ITEMS + 1:]])
-    plain.text_neighbours.rebuild(extended)
-    assert plain.text_neighbours.num_items == NUM_ITEMS + 1 and plain.text_neighbours.ids.shape[0] == NUM_ITEMS + 3
-    assert int(plain.text_neighbours.ids[3, 0]) == NUM_ITEMS + 1 and int(plain.text_neighbours.ids[NUM_ITEMS + 1, 0]) == 3
+    plain.terms["text_neighbours"].rebuild(extended)
+    assert plain.terms["text_neighbours"].num_items == NUM_ITEMS + 1 and plain.terms["text_neighbours"].ids.shape[0] == NUM_ITEMS + 3
+    assert int(plain.terms["text_neighbours"].ids[3, 0]) == NUM_ITEMS + 1 and int(plain.terms["text_neighbours"].ids[NUM_ITEMS + 1, 0]) == 3
     assert metadata.num_items == NUM_ITEMS

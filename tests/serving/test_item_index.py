@@ -46,11 +46,12 @@ def test_flat_two_stage_equals_the_exact_graph(flat_dir, plain_topk):
         assert_same_answer(answer(batch), torch_topk(plain_topk, batch))
 
 
-def _row(task, history=(), source=0, candidates=(), query=(5,)):
+def _row(task, history=(), source=0, candidates=(), query=(5,), exclude=()):
     history, candidates, query = list(history), list(candidates), list(query) if task == 0 else []
     return {"task": np.array([task]), "history": np.array([history or [0]]), "history_lengths": np.array([len(history)]),
             "query": np.array([query or [0]]), "query_lengths": np.array([len(query)]),
-            "source_item": np.array([source]), "candidates": np.array([candidates or [0]])}
+            "source_item": np.array([source]), "candidates": np.array([candidates or [0]]),
+            "exclude": np.array([list(exclude) or [0]]), "exclude_lengths": np.array([len(exclude)])}
 
 
 def test_exclusions_and_candidates_follow_the_graph_rules(flat_dir, plain_topk):
@@ -59,13 +60,17 @@ def test_exclusions_and_candidates_follow_the_graph_rules(flat_dir, plain_topk):
     rows = [_row(2, history=exact[:12]),  # every history item is a top item: over-fetch must cover them
             _row(0, history=[7, 9], candidates=[7, 8, 9, 10, 0, 11, 8, NUM_ITEMS + 3, 9]),
             _row(1, history=[3], source=int(exact[0]), candidates=[int(exact[0]), 4, 5]),
-            _row(1, source=int(exact[1]))]
+            _row(1, source=int(exact[1])),
+            _row(2, history=exact[:2], exclude=[*exact[2:8].tolist(), NUM_ITEMS + 9]),  # exclude: never shown either
+            _row(1, source=int(exact[1]), candidates=[int(exact[2]), 4, 5], exclude=[int(exact[2]), 5])]
     batch = pad_and_stack([{k: v.astype(np.int64) for k, v in r.items()} for r in rows])
     ids, scores = answer(batch)
     assert_same_answer((ids, scores), torch_topk(plain_topk, batch))
     assert not set(exact[:12].tolist()) & set(ids[0].tolist()) and (ids[0] != 0).all()
     assert sorted(ids[1][ids[1] != 0].tolist()) == [8, 10, 11, NUM_ITEMS + 3]  # 8 once; unknown id kept
     assert sorted(ids[2][ids[2] != 0].tolist()) == [4, 5]
+    assert not set(exact[:8].tolist()) & set(ids[4].tolist()) and (ids[4] != 0).all()
+    assert ids[5][ids[5] != 0].tolist() == [4]
 
 
 def test_cosine_model_flat_index_equals_the_exact_graph(tmp_path):

@@ -54,7 +54,7 @@ def test_batch_composition_does_not_change_a_row(session, metadata):
 
 def _run(session, **fields):
     base = {"task": [2], "history": [[0]], "history_lengths": [0], "query": [[0]], "query_lengths": [0],
-            "source_item": [0], "candidates": [[0]]}
+            "source_item": [0], "candidates": [[0]], "exclude": [[0]], "exclude_lengths": [0]}
     base.update(fields)
     feed = {k: np.asarray(v, dtype=np.int64) for k, v in base.items()}
     ids, scores = session.run(OUTPUT_NAMES, feed)

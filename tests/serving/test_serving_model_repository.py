@@ -12,7 +12,7 @@ from unirank.model.tokenizer import WordTokenizer
 from unirank.serving.model_repository import (InvalidModelRepository, build_model_repository, read_model_config,
                                               validate_model_repository)
 
-ROW_INPUTS = {"task", "history_lengths", "query_lengths", "source_item"}
+ROW_INPUTS = {"task", "history_lengths", "query_lengths", "source_item", "exclude_lengths"}
 
 
 def _io(config: pb.ModelConfig):
@@ -27,7 +27,8 @@ def test_both_flavours_share_the_endpoint_contract(repositories):
     assert onnxruntime.platform == "onnxruntime_onnx" and not onnxruntime.backend
     assert _io(python) == _io(onnxruntime)
     inputs, outputs = _io(python)
-    assert [n for n, _, _ in inputs] == ["task", "history", "history_lengths", "query", "query_lengths", "source_item", "candidates"]
+    assert [n for n, _, _ in inputs] == ["task", "history", "history_lengths", "query", "query_lengths", "source_item", "candidates",
+                                          "exclude", "exclude_lengths"]
     assert {d for _, d, _ in inputs} == {pb.TYPE_INT64}
     assert outputs == [("item_ids", pb.TYPE_INT64, [20]), ("scores", pb.TYPE_FP32, [20])]
     for config in (python, onnxruntime):
@@ -37,7 +38,7 @@ def test_both_flavours_share_the_endpoint_contract(repositories):
             # 0-row batches before they reach the python backend.
             assert tensor.HasField("reshape") == (tensor.name in ROW_INPUTS and config is onnxruntime)
     # Only the python model pads ragged batches itself.
-    assert {t.name for t in python.input if t.allow_ragged_batch} == {"history", "query", "candidates"}
+    assert {t.name for t in python.input if t.allow_ragged_batch} == {"history", "query", "candidates", "exclude"}
     assert not any(t.allow_ragged_batch for t in onnxruntime.input)
 
 

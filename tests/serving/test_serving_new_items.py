@@ -190,7 +190,10 @@ def test_new_items_join_the_lexical_match_of_a_lexical_model(tmp_path):
     add_new_items(loaded, plain, new)
     query = torch.tensor([loaded.tokenizer.encode(" ".join(names), max_length=plain.config.max_query_len)])
     with torch.no_grad():
-        lexical = plain.search_lexical(torch.tensor([int(Task.SEARCH)]), query, torch.tensor([query.shape[1]]))
+        empty = torch.zeros(1, 1, dtype=torch.long)
+        view = plain.view(torch.tensor([int(Task.SEARCH)]), empty, empty[:, 0], query, torch.tensor([query.shape[1]]),
+                          empty[:, 0])
+        lexical = plain.terms["lexical"].scores(view)
     new_id = data.num_items + 1
     assert lexical[0, new_id] > 0
     torch.testing.assert_close(lexical[0, new_id], lexical[0, source])
@@ -211,7 +214,7 @@ def test_new_items_join_the_text_neighbour_lists_of_the_trained_items(tmp_path):
     plain = loaded.ranker.to_plain().eval()
     add_new_items(loaded, plain, new)
     new_id = data.num_items + 1
-    table = plain.text_neighbours
+    table = plain.terms["text_neighbours"]
     assert table.ids.shape[0] == new_id + 2
     assert int(table.ids[source, 0]) == new_id and int(table.ids[new_id, 0]) == source
     assert float(table.sims[source, 0]) > 0.99

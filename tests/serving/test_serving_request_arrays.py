@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from unirank.model.request import INPUT_NAMES, TASK_NAMES
+from unirank.model.request import INPUT_NAMES, SEQUENCE_LENGTHS, TASK_NAMES
 from unirank.serving.request_arrays import FIELDS, TASK_IDS, RequestError, RequestLimits, check_request, pad_and_stack
 
 LIMITS = RequestLimits(num_items=100, max_history=4, max_query_len=3)
@@ -12,7 +12,7 @@ LIMITS = RequestLimits(num_items=100, max_history=4, max_query_len=3)
 
 def request(**fields):
     base = {"task": [2], "history": [[3, 4, 0]], "history_lengths": [2], "query": [[0]], "query_lengths": [0],
-            "source_item": [0], "candidates": [[0]]}
+            "source_item": [0], "candidates": [[0]], "exclude": [[0]], "exclude_lengths": [0]}
     base.update(fields)
     return {k: np.asarray(v, dtype=np.int64) for k, v in base.items()}
 
@@ -20,7 +20,8 @@ def request(**fields):
 @pytest.mark.parametrize("fields, field, message", [
     ({"task": [7]}, "task", r"unknown task id \(expected 0 search, 1 similar, 2 prequery\), got 7"),
     ({"task": [2, -1], "history_lengths": [2, 2], "query_lengths": [0, 0], "source_item": [0, 0],
-      "history": [[3, 4, 0]] * 2, "query": [[0]] * 2, "candidates": [[0]] * 2}, "task", "unknown task id .*got -1"),
+      "history": [[3, 4, 0]] * 2, "query": [[0]] * 2, "candidates": [[0]] * 2,
+      "exclude": [[0]] * 2, "exclude_lengths": [0, 0]}, "task", "unknown task id .*got -1"),
     ({"task": [1]}, "source_item", "need a source item"),
     ({"history": [[1, 2, 3, 4, 5]], "history_lengths": [5]}, "history_lengths", "history longer than the model limit 4, got 5"),
     ({"query": [[1, 2, 3, 4]], "query_lengths": [4]}, "query_lengths", "query longer than the model limit 3, got 4"),
@@ -28,7 +29,7 @@ def request(**fields):
     ({"query_lengths": [-1]}, "query_lengths", "negative length"),
     ({"candidates": [[5, -2]]}, "candidates", "negative id, got -2"),
     ({"candidates": np.ones((1, 10_001))}, "candidates", "more candidates than the limit 10000, got 10001"),
-    ({k: np.zeros((0, 1) if k in ("history", "query", "candidates") else (0,)) for k in INPUT_NAMES}, "task", "batch size 0"),
+    ({k: np.zeros((0, 1) if k in SEQUENCE_LENGTHS else (0,)) for k in INPUT_NAMES}, "task", "batch size 0"),
     ({"source_item": [[1, 2]]}, "source_item", "expected rank 1"),
     ({"history_lengths": [2, 2]}, "history_lengths", "batch dimension 2"),
 ])

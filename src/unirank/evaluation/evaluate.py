@@ -1,9 +1,14 @@
 """Per-task offline evaluation (docs/PROTOCOL.md): every catalogue item is scored, padding
 and OOV ids are never ranked, personalized tasks (search, pre-query) drop the user's history items,
 similar-item drops the source item. Suggest ranks every query of the query catalogue, nothing
-filtered; its target is the query of the user's next search (a query outside the catalogue is a miss)."""
+filtered; its target is the query of the user's next search (a query outside the catalogue is a miss).
+
+The request carries what a served request carries: the newest max_history items as `history` and the
+user's whole seen set as `exclude`, and the items dropped are those the exported graph drops for that
+request (model/scoring.py hidden_ids), so offline metrics measure what the server answers."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Protocol
 
 import numpy as np
@@ -12,6 +17,7 @@ from tqdm import tqdm
 
 from unirank.model.request import TASK_NAMES, QueryTask, RankRequest, Task
 from unirank.model.ranker import UnifiedRanker
+from unirank.model.scoring import hidden_catalogue, hidden_ids
 from unirank.data.examples import EvalCases, RequestBuilder
 from unirank.data.query_catalogue import suggest_cases, typed_prefixes
 from unirank.evaluation.metrics import metrics_from_ranks, summarize, target_ranks
@@ -81,20 +87,36 @@ class EnsembleScorer:
         return total / len(self.members)
 
 
-def filter_seen(scores: torch.Tensor, task: Task, request: RankRequest, histories: list[np.ndarray]) -> torch.Tensor:
-    """-inf for ids never ranked (padding 0, OOV) and for the items the protocol filters."""
+def with_seen(task: Task, request: RankRequest, histories: list[np.ndarray]) -> RankRequest:
+    """The request with the user's whole seen set (`histories`, oldest first) as its exclude list on
+    personalized rows (search, pre-query); similar-item (an item page) and suggest rows exclude
+    nothing."""
+    rows = histories if task in (Task.SEARCH, Task.PREQUERY) else [np.zeros(0, dtype=np.int64)] * len(histories)
+    lengths = torch.tensor([len(h) for h in rows], dtype=torch.int64)
+    exclude = torch.zeros(len(rows), max([1, *(len(h) for h in rows)]), dtype=torch.int64)
+    for i, h in enumerate(rows):
+        exclude[i, : len(h)] = torch.as_tensor(np.asarray(h, dtype=np.int64))
+    return replace(request, exclude=exclude, exclude_lengths=lengths)
+
+
+def hide_excluded(scores: torch.Tensor, task: Task, request: RankRequest) -> torch.Tensor:
+    """-inf for ids never ranked (padding 0, OOV) and, on item rows, for the ids the request must not
+    be shown (scoring.hidden_ids: the rule of the exported graph)."""
     scores = scores.clone()
     scores[:, 0] = -torch.inf
     scores[:, -1] = -torch.inf
     if task == QueryTask.SUGGEST:  # a suggestion may repeat a past search: nothing is filtered
         return scores
-    if task == Task.SIMILAR:
-        scores[torch.arange(len(scores)), request.source_item] = -torch.inf
-    else:
-        rows = np.concatenate([np.full(len(h), i) for i, h in enumerate(histories)]).astype(np.int64)
-        cols = np.concatenate(histories).astype(np.int64) if histories else np.zeros(0, dtype=np.int64)
-        scores[torch.from_numpy(rows), torch.from_numpy(cols)] = -torch.inf
+    hidden = hidden_ids(request.task, request.history, request.history_lengths, request.source_item,
+                        request.exclude, request.exclude_lengths)
+    scores[:, :-1] = scores[:, :-1].masked_fill(hidden_catalogue(hidden.to(scores.device), scores.shape[1] - 2),
+                                                -torch.inf)
     return scores
+
+
+def filter_seen(scores: torch.Tensor, task: Task, request: RankRequest, histories: list[np.ndarray]) -> torch.Tensor:
+    """hide_excluded for the request that carries the users' whole `histories` as exclude lists."""
+    return hide_excluded(scores, task, with_seen(task, request, histories))
 
 
 def evaluate_task(scorer: Scorer, task: Task, cases: EvalCases, builder: RequestBuilder,
@@ -126,8 +148,9 @@ def evaluate_task(scorer: Scorer, task: Task, cases: EvalCases, builder: Request
         b = idx[start: start + batch_size]
         bar.update(len(b))
         histories = [cases.histories[i] for i in b]
-        request = builder.build(task, cases.users[b], histories, cases.targets[b], queries=queries)
-        scores = filter_seen(scorer.scores(task, request), task, request, histories)
+        request = with_seen(task, builder.build(task, cases.users[b], histories, cases.targets[b], queries=queries),
+                            histories)
+        scores = hide_excluded(scorer.scores(task, request), task, request)
         if prefixes is not None:
             scores = scores.masked_fill(~builder.queries.prefix_mask([prefixes[i] for i in b]), -torch.inf)
         targets = cases.targets[b]

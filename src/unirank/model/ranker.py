@@ -24,9 +24,8 @@ from unirank.kernels.attention import prefix_causal_attention
 from unirank.kernels.dispatch import model_impl
 from unirank.model.item_tower import ItemTower, PrecomputedItemTower
 from unirank.model.lexical import FIELDS as LEXICAL_FIELDS
-from unirank.model.lexical import LexicalMatch
 from unirank.model.request import TASK_NAMES, QueryTask, Task
-from unirank.model.text_neighbours import TextNeighbours
+from unirank.model.scoring import RequestView, build_terms, position_term_scores, term_scores, vector_scores
 from unirank.model.tokenizer import OOV_TOKEN_ID
 
 NUM_PREFIX = 2  # TASK + CONTEXT
@@ -205,10 +204,9 @@ class UnifiedRanker(nn.Module):
                 self.query_proj = self.item_tower.text_proj
             else:
                 self.query_proj = nn.Linear(self.query_encoder.dim, cfg.dim, bias=False)
-        if cfg.lexical != "none":
-            self.lexical = LexicalMatch(cfg.num_items, cfg.num_words, max(cfg.lexical_width, 1), lexical_rows)
-        if cfg.text_neighbours:
-            self.text_neighbours = TextNeighbours(cfg.num_items, cfg.text_neighbours, item_text)
+        # The additive score terms beside <context, item> (model/scoring.py), in the order they are summed.
+        self.terms = build_terms(cfg, lexical_rows=lexical_rows, item_text=item_text)
+        self._register_load_state_dict_pre_hook(_renamed_term_keys)
         # A model without a query catalogue keeps the item tasks' table (and its initialisation) as it was.
         self.task_embedding = nn.Embedding(NUM_TASK_IDS if cfg.num_queries else NUM_TASKS, cfg.dim)
         self.no_context = nn.Parameter(torch.zeros(cfg.dim))
@@ -338,71 +336,59 @@ class UnifiedRanker(nn.Module):
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]
 
     def similarity(self, context: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """context [..., d] x items [..., N, d] (or [N, d]) -> scores, with the configured metric."""
-        if self.config.similarity == "cosine":
-            context, items = F.normalize(context, dim=-1), F.normalize(items, dim=-1)
-        if items.dim() == 2:
-            scores = context @ items.T
-        else:
-            scores = torch.einsum("...d,...nd->...n", context, items)
-        return scores if self.config.temperature == 1.0 else scores / self.config.temperature
+        """context [..., d] x items [..., N, d] (or [N, d]) -> the vector part of the score."""
+        return vector_scores(context, items, self.config.similarity, self.config.temperature)
 
     def all_item_embeddings(self) -> torch.Tensor:
         return self.item_tower.all_items()
 
+    def view(self, task: torch.Tensor, history: torch.Tensor, history_lengths: torch.Tensor, query: torch.Tensor,
+             query_lengths: torch.Tensor, source_item: torch.Tensor) -> RequestView:
+        """The request as the model reads it (what the score terms read)."""
+        history, hist_len, _, query, query_lengths = self._clip(task, history, history_lengths, query, query_lengths)
+        return RequestView(task, history, hist_len, query, query_lengths, source_item)
+
     def score(self, context: torch.Tensor, candidates: torch.Tensor | None = None,
               inputs: tuple | None = None) -> torch.Tensor:
-        """[B, C] scores of candidate ids, or [B, num_items + 2] over the whole id space (columns 0
-        and num_items + 1 are padding / OOV: callers mask them). `inputs`: the request (task, history,
-        history_lengths, query, query_lengths, source_item); with it, the configured terms beside
-        the vector score are added (`score_terms`)."""
+        """[B, C] final scores of candidate ids, or [B, num_items + 2] over the whole id space
+        (columns 0 and num_items + 1 are padding / OOV: callers mask them). `inputs`: the request
+        (task, history, history_lengths, query, query_lengths, source_item); with it, the score
+        terms (model/scoring.py) are added to the vector score."""
         if candidates is None:
             scores = self.similarity(context, self.all_item_embeddings())
         else:
             cand_vec, _ = self.item_tower(candidates)
             scores = self.similarity(context, cand_vec)
-        terms = None if inputs is None else self.score_terms(*inputs, candidates=candidates)
+        terms = None if inputs is None else term_scores(self.terms, self.view(*inputs), candidates)
         return scores if terms is None else scores + terms.to(scores.dtype)
 
-    def score_terms(self, task: torch.Tensor, history: torch.Tensor, history_lengths: torch.Tensor,
-                    query: torch.Tensor, query_lengths: torch.Tensor, source_item: torch.Tensor,
-                    candidates: torch.Tensor | None = None) -> torch.Tensor | None:
-        """The score terms beside <context, item>: the lexical match on search rows (model.lexical)
-        plus the text neighbours of the anchor on similar-item / pre-query rows
-        (model.text_neighbours); [B, C] or [B, num_items + 2]; None when the model has neither."""
-        terms = self.search_lexical(task, query, query_lengths, candidates)
-        if hasattr(self, "text_neighbours"):
-            anchors = self.position_anchors(task, history, history_lengths, source_item)
-            _, hist_len = self._last_items(history, history_lengths)
-            hist_len = torch.where(task == Task.SIMILAR, torch.zeros_like(hist_len), hist_len)
-            last = anchors.gather(1, hist_len.unsqueeze(1)).squeeze(1)
-            near = self.text_neighbours(last, task, candidates)
-            terms = near if terms is None else terms + near
-        return terms
+    def position_logits(self, request, keep: torch.Tensor, h: torch.Tensor, items: torch.Tensor,
+                        candidates: torch.Tensor | None = None, log_q: torch.Tensor | None = None,
+                        chunk_bytes: int = 16 << 20):
+        """Training logits of the kept output positions (`keep` [B, P] after the TASK token, h [N, d]
+        their hidden states) against item vectors `items` [C, d]: ids 1..num_items (the catalogue),
+        or `candidates` [C] (a sampled set, minus `log_q` [C]), score terms included. A function of a
+        slice of the positions -> [rows, C] (the full softmax runs in row chunks)."""
+        view = self.view(request.task, request.history, request.history_lengths, request.query,
+                         request.query_lengths, request.source_item)
+        terms = position_term_scores(self.terms, view, keep)
+        n = self.num_items
 
-    def position_anchors(self, task: torch.Tensor, history: torch.Tensor, history_lengths: torch.Tensor,
-                         source_item: torch.Tensor) -> torch.Tensor:
-        """[B, 1 + L] the text-neighbour anchor of each output position of `encode` (after the
-        TASK token): the similar-item source at the CONTEXT position, the history item just read at
-        a pre-query history position; 0 (none) elsewhere."""
-        history, hist_len = self._last_items(history, history_lengths)
-        valid = torch.arange(history.shape[1], device=history.device).unsqueeze(0) < hist_len.unsqueeze(1)
-        prequery = (task == Task.PREQUERY).unsqueeze(1)
-        items = torch.where(valid & prequery, history, torch.zeros_like(history))
-        source = torch.where(task == Task.SIMILAR, source_item, torch.zeros_like(source_item))
-        return torch.cat([source.unsqueeze(1), items], dim=1)
+        def logits(rows: slice) -> torch.Tensor:
+            out = self.similarity(h[rows], items)
+            if log_q is not None:
+                out = out - log_q.unsqueeze(0)
+            if terms is None:
+                return out
+            if candidates is None:
+                return out + terms(rows)[:, 1: n + 1].to(out.dtype)
+            # in row chunks: one [positions, catalogue] matrix would be tens of MB
+            first, last = rows.indices(h.shape[0])[:2]
+            step = max(1, chunk_bytes // (4 * (n + 1)))
+            bias = torch.cat([terms(slice(s, min(s + step, last)))[:, candidates] for s in range(first, last, step)])
+            return out + bias.to(out.dtype)
 
-    def search_lexical(self, task: torch.Tensor, query: torch.Tensor, query_lengths: torch.Tensor,
-                       candidates: torch.Tensor | None = None) -> torch.Tensor | None:
-        """The lexical term of the score (model.lexical): [B, C] or [B, num_items + 2], zero on rows
-        that are not search; None when the model has none. The query is read as `encode` reads it
-        (the first max_query_len tokens)."""
-        if not hasattr(self, "lexical"):
-            return None
-        query = query[:, : self.config.max_query_len]
-        query_lengths = query_lengths.clamp(0, query.shape[1])
-        lexical = self.lexical(query, query_lengths, candidates)
-        return lexical * (task == Task.SEARCH).unsqueeze(1).to(lexical.dtype)
+        return logits
 
     def to_plain(self) -> "UnifiedRanker":
         """An eval-mode copy for export: no TorchRec modules (the item tower is precomputed into
@@ -412,11 +398,18 @@ class UnifiedRanker(nn.Module):
             with torch.no_grad():  # every catalogue query through the query path, once
                 plain.register_buffer("query_table", plain.all_query_embeddings().detach().clone())
         plain.item_tower = PrecomputedItemTower(plain.item_tower)
-        if hasattr(plain, "lexical"):
-            plain.lexical.export_form()  # ONNX has no sparse matrix product
+        for term in plain.terms.values():
+            term.export_form()  # e.g. ONNX has no sparse matrix product
         plain.config = replace(plain.config, attention_impl="reference", embedding_bag_impl="torch")
         if hasattr(plain, "query_encoder"):
             plain.query_encoder.memoize = False  # the graph runs the encoder itself
         for block in plain.blocks:
             block.attn.impl = "reference"
         return plain
+
+
+def _renamed_term_keys(state_dict, prefix, *_):
+    """Checkpoints written before the score terms were one ModuleDict kept them at the top level."""
+    for name in ("lexical", "text_neighbours"):
+        for key in [k for k in state_dict if k.startswith(f"{prefix}{name}.")]:
+            state_dict[f"{prefix}terms.{key[len(prefix):]}"] = state_dict.pop(key)

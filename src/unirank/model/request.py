@@ -56,6 +56,14 @@ class RankRequest:
     query_lengths   [B]     number of valid query tokens (0 for other tasks).
     source_item     [B]     the item whose page is shown (similar-item only), else 0.
     candidates      [B, C]  optional ids to rank (query ids on suggest rows); None ranks the whole catalogue.
+    exclude         [B, X]  item ids never to return (already bought, blocked, out of stock), 0-padded;
+                            the model does not read them. None = none.
+    exclude_lengths [B]     number of valid exclude ids per row (at most MAX_EXCLUDE).
+
+    The history is what the model reads (its newest max_history items); `exclude` is what a service
+    must not show. An item row never returns an item of its history (search, pre-query), its source
+    item (similar-item) or its exclude list (model/scoring.py hidden_ids); suggest rows rank queries
+    and filter nothing.
     """
 
     task: "torch.Tensor"  # noqa: F821 (torch is not imported here: see the module docstring)
@@ -65,6 +73,8 @@ class RankRequest:
     query_lengths: "torch.Tensor"  # noqa: F821
     source_item: "torch.Tensor"  # noqa: F821
     candidates: Optional["torch.Tensor"] = None  # noqa: F821
+    exclude: Optional["torch.Tensor"] = None  # noqa: F821
+    exclude_lengths: Optional["torch.Tensor"] = None  # noqa: F821
 
     @property
     def batch_size(self) -> int:
@@ -76,10 +86,12 @@ class RankRequest:
 
 
 INPUT_NAMES = [f.name for f in fields(RankRequest)]
-ROW_FIELDS = ("task", "history_lengths", "query_lengths", "source_item")
-SEQUENCE_LENGTHS = {"history": "history_lengths", "query": "query_lengths", "candidates": None}
-ID_FIELDS = ("history", "query", "source_item", "candidates")
+ROW_FIELDS = ("task", "history_lengths", "query_lengths", "source_item", "exclude_lengths")
+SEQUENCE_LENGTHS = {"history": "history_lengths", "query": "query_lengths", "candidates": None,
+                    "exclude": "exclude_lengths"}
+ID_FIELDS = ("history", "query", "source_item", "candidates", "exclude")
 MAX_CANDIDATES = 10_000
+MAX_EXCLUDE = 1_000  # exclude ids per row (a fixed limit of the schema, not of a model)
 # Limits a rule may name (besides "task_ids", the served_task_ids of the model); num_items is not
 # one: unknown ids are scored with the OOV embedding.
 SEQUENCE_LIMITS = {"history": "max_history", "query": "max_query_len"}
@@ -115,6 +127,9 @@ RULES = (
         Rule("at_most", f"{sequence}_lengths", f"{sequence} longer than the model limit {{limit}}", limit),
     )),
     Rule("width_at_most", "candidates", f"more candidates than the limit {MAX_CANDIDATES}", MAX_CANDIDATES),
+    Rule("at_least", "exclude_lengths", "negative length", 0),
+    Rule("within_width", "exclude_lengths", "length > padded exclude width", "exclude"),
+    Rule("at_most", "exclude_lengths", f"more exclude ids than the limit {MAX_EXCLUDE}", MAX_EXCLUDE),
     *(Rule("at_least", name, "negative id", 0) for name in ID_FIELDS),
     Rule("set_for_task", "source_item", "similar-item rows need a source item", Task.SIMILAR),
 )

@@ -5,7 +5,10 @@ Needs only numpy and tritonclient (`pip install unirank[client]`; no torch). Lim
 tokenizer come from the server (`from_server`: the model config's parameters) or from a model
 directory (`from_model_dir`). Query text is tokenized here with the model's own tokenizer.
 Requests follow the model's rules before they leave: the most recent `max_history` items, the first
-`max_query_len` query tokens; lengths are padded to a few buckets so the onnxruntime backend's
+`max_query_len` query tokens. A history longer than the model's `max_history` is cut to its newest
+items and the older ones move into the request's `exclude` list, so they are still never returned
+(the explicit `exclude=` ids first, then the older history newest first, up to MAX_EXCLUDE ids in
+all; explicit ids beyond the limit are refused); lengths are padded to a few buckets so the onnxruntime backend's
 batcher (equal shapes only) can merge requests. Calls time out after `timeout_s`; UNAVAILABLE
 (server restarting, connection refused), an unhealthy model and a model with no available versions
 (a python-backend stub being replaced) are retried, at most `retries` times, with jittered
@@ -26,7 +29,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
-from unirank.model.request import QueryTask, Task
+from unirank.model.request import MAX_EXCLUDE, QueryTask, Task
 from unirank.model.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_dict
 from unirank.serving.metadata import (METADATA_FILE, METADATA_PARAMETER, OUTPUT_NAMES, QUERIES_FILE,
                                       QUERIES_PARAMETER, TOKENIZER_FILE, TOKENIZER_PARAMETER, ExportMetadata)
@@ -86,9 +89,11 @@ class RequestBuilder:
                                     num_queries=metadata.num_queries)
 
     def build(self, task: Task, history: Sequence[int] = (), query_text: str = "", source_item: int = 0,
-              candidates: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+              candidates: Sequence[int] | None = None, exclude: Sequence[int] = ()) -> dict[str, np.ndarray]:
         md = self.metadata
-        history = list(history)[-md.max_history:]
+        history = list(history)
+        exclude = _exclusions(list(exclude), history[: max(0, len(history) - md.max_history)])
+        history = history[-md.max_history:]
         query = self.tokenizer.encode(query_text, max_length=md.max_query_len) if query_text else []
         candidates = list(candidates or [])
         arrays = {
@@ -99,9 +104,24 @@ class RequestBuilder:
             "query_lengths": np.array([len(query)], dtype=np.int64),
             "source_item": np.array([int(source_item)], dtype=np.int64),
             "candidates": _padded(candidates, bucket(len(candidates), self.limits.max_candidates)),
+            "exclude": _padded(exclude, bucket(len(exclude), MAX_EXCLUDE)),
+            "exclude_lengths": np.array([len(exclude)], dtype=np.int64),
         }
         check_request(arrays, self.limits)  # fail fast, with the server's message, before the network
         return arrays
+
+
+def _exclusions(exclude: list[int], older_history: list[int]) -> list[int]:
+    """The exclude list: the caller's ids, then the history items older than the model reads, newest
+    first, each once, up to MAX_EXCLUDE ids (the caller's own are never dropped: too many is refused)."""
+    out, seen = [], set()
+    for position, item in enumerate([*exclude, *reversed(older_history)]):
+        if position >= len(exclude) and len(out) >= MAX_EXCLUDE:
+            break
+        if item not in seen:
+            seen.add(item)
+            out.append(item)
+    return out
 
 
 def infer_inputs(arrays: dict[str, np.ndarray]) -> list[grpcclient.InferInput]:
@@ -199,21 +219,26 @@ class _TypedCalls:
             raise ValueError(f"k: {k} outside [1, {self.builder.metadata.top_k}] (the exported top_k)")
         return k
 
-    def search(self, user_history: Sequence[int], query_text: str, candidates: Sequence[int] | None = None, k: int = 10):
-        """Personalized search; the user's history items are never returned."""
-        return self._one(self.builder.build(Task.SEARCH, user_history, query_text, 0, candidates), k)
+    def search(self, user_history: Sequence[int], query_text: str, candidates: Sequence[int] | None = None, k: int = 10,
+               exclude: Sequence[int] = ()):
+        """Personalized search; the user's history items (all of them, see the module docstring) and
+        the `exclude` ids (already bought, blocked, out of stock) are never returned."""
+        return self._one(self.builder.build(Task.SEARCH, user_history, query_text, 0, candidates, exclude), k)
 
-    def similar(self, item: int, candidates: Sequence[int] | None = None, k: int = 10):
-        """More like `item` (an anonymous item page); `item` itself is never returned."""
-        return self._one(self.builder.build(Task.SIMILAR, (), "", item, candidates), k)
+    def similar(self, item: int, candidates: Sequence[int] | None = None, k: int = 10, exclude: Sequence[int] = ()):
+        """More like `item` (an anonymous item page); `item` itself and the `exclude` ids are never returned."""
+        return self._one(self.builder.build(Task.SIMILAR, (), "", item, candidates, exclude), k)
 
-    def recommend(self, user_history: Sequence[int], candidates: Sequence[int] | None = None, k: int = 10):
-        """Pre-query recommendations (home page); an empty history is a new user."""
-        return self._one(self.builder.build(Task.PREQUERY, user_history, "", 0, candidates), k)
+    def recommend(self, user_history: Sequence[int], candidates: Sequence[int] | None = None, k: int = 10,
+                  exclude: Sequence[int] = ()):
+        """Pre-query recommendations (home page); an empty history is a new user. The history items
+        and the `exclude` ids are never returned."""
+        return self._one(self.builder.build(Task.PREQUERY, user_history, "", 0, candidates, exclude), k)
 
     def suggest(self, user_history: Sequence[int], candidates: Sequence[int] | None = None, k: int = 10):
         """Query suggestions before the user types (an empty history is a new user): `Suggestions`
-        from the model's query catalogue; `candidates` (query ids) restricts them."""
+        from the model's query catalogue; `candidates` (query ids) restricts them. Suggestions are
+        queries: there is no `exclude` (a past search may come back)."""
         if not self.query_texts:
             raise ValueError("suggest: this model has no query catalogue (it was not trained with the suggest task)")
         return self._suggestions(self._one(self.builder.build(QueryTask.SUGGEST, user_history, "", 0, candidates), k))

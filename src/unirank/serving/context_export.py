@@ -39,9 +39,13 @@ class ContextRanker(nn.Module):
         super().__init__()
         self.ranker = ranker
 
-    def forward(self, task, history, history_lengths, query, query_lengths, source_item, candidates):
+    def forward(self, task, history, history_lengths, query, query_lengths, source_item, candidates, exclude,
+                exclude_lengths):
+        """`exclude` is applied after the index (item_index.two_stage_topk); the graph only keeps it
+        an input, so that both flavours take the same request."""
         context = self.ranker(task, history, history_lengths, query, query_lengths, source_item)
-        return context, self.ranker.score(context, candidates)
+        scores = self.ranker.score(context, candidates)
+        return context, scores + 0 * (exclude.sum() + exclude_lengths.sum()).to(scores.dtype)
 
 
 def item_vectors(plain_ranker: nn.Module) -> np.ndarray:

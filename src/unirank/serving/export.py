@@ -3,8 +3,9 @@ for a model trained with a query catalogue, suggest rows (task 3) with top-k que
 
 Graph contract (also what Triton serves):
   inputs   the request schema, all int64: task [B], history [B, L], history_lengths [B],
-           query [B, Q], query_lengths [B], source_item [B], candidates [B, C]; L, Q, C >= 1
-           (send one padding column for "none": ONNX Runtime rejects zero-width inputs here).
+           query [B, Q], query_lengths [B], source_item [B], candidates [B, C], exclude [B, X],
+           exclude_lengths [B]; L, Q, C, X >= 1 (send one padding column for "none": ONNX Runtime
+           rejects zero-width inputs here).
   outputs  item_ids [B, K] int64 and scores [B, K] float32, best first, K = min(top_k, num_items
            [, num_queries]) fixed at export time (a fixed output shape lets Triton batch any mix of
            requests). On suggest rows item_ids holds query ids: queries.json beside the graph (and
@@ -17,7 +18,8 @@ Rules baked into the graph:
     otherwise it ranks exactly its non-zero candidates;
   - each candidate id is ranked once (repeats are dropped);
   - search and pre-query rows never return items of the user's history, known to the model or
-    not; similar-item rows never return the source item;
+    not; similar-item rows never return the source item; no item row returns an id of its
+    exclude list (model/scoring.py hidden_ids, the rule of training and offline evaluation too);
   - slots that cannot be filled (fewer candidates than K) have item_id 0 and score -inf;
   - unknown item ids (outside 1..num_items) are embedded with the model's OOV row, never crash;
   - suggest rows rank the whole query catalogue, or exactly their non-zero candidates (query ids;
@@ -42,6 +44,7 @@ import torch
 from torch import nn
 
 from unirank.model.request import INPUT_NAMES, ROW_FIELDS, QueryTask, Task
+from unirank.model.scoring import hidden_candidates, hidden_catalogue, hidden_ids
 from unirank.serving.graph_checks import add_request_checks
 from unirank.serving.metadata import (METADATA_FILE, MODEL_FILE, NEW_ITEMS_FILE, OUTPUT_NAMES,  # noqa: F401
                                       QUERIES_FILE, TOKENIZER_FILE, ExportMetadata, external_data_file)
@@ -61,10 +64,12 @@ class TopKRanker(nn.Module):
         self.num_queries = int(ranker.config.num_queries)
         self.top_k = min(int(top_k), self.num_items, *([self.num_queries] if self.num_queries else []))
 
-    def forward(self, task, history, history_lengths, query, query_lengths, source_item, candidates):
+    def forward(self, task, history, history_lengths, query, query_lengths, source_item, candidates, exclude,
+                exclude_lengths):
         context = self.ranker(task, history, history_lengths, query, query_lengths, source_item)
-        top_ids, top_scores = self._top_items(context, task, history, history_lengths, query, query_lengths,
-                                              source_item, candidates)
+        hidden = hidden_ids(task, history, history_lengths, source_item, exclude, exclude_lengths)
+        top_ids, top_scores = self._top_items(context, (task, history, history_lengths, query, query_lengths,
+                                                        source_item), candidates, hidden)
         if self.num_queries:
             query_ids, query_scores = self._top_queries(context, candidates)
             suggest = (task == int(QueryTask.SUGGEST)).unsqueeze(1)
@@ -83,53 +88,21 @@ class TopKRanker(nn.Module):
         ids = torch.cat([candidates, torch.arange(1, n + 1, device=context.device).expand(batch, -1)], dim=1)
         return _top(ids, torch.cat([cand_scores, catalogue_scores], dim=1), self.top_k)
 
-    def _top_items(self, context, task, history, history_lengths, query, query_lengths, source_item, candidates):
-        batch = task.shape[0]
-        inputs = (task, history, history_lengths, query, query_lengths, source_item)
+    def _top_items(self, context, inputs, candidates, hidden):
+        """Top-k item ids of every row; `hidden` [B, K]: the ids it must not return (hidden_ids)."""
+        batch = context.shape[0]
         cand_scores = self.ranker.score(context, candidates, inputs)
         catalogue_scores = self.ranker.score(context, None, inputs)[:, 1 : self.num_items + 1]
-        catalogue_ids = torch.arange(1, self.num_items + 1, device=task.device).expand(batch, -1)
+        catalogue_ids = torch.arange(1, self.num_items + 1, device=context.device).expand(batch, -1)
 
         use_catalogue = (candidates == 0).all(dim=1, keepdim=True)
-        hidden_candidates = (candidates == 0) | use_catalogue | _repeated(candidates)
-        hidden_candidates = hidden_candidates | self._seen_candidates(candidates, task, history, history_lengths, source_item)
-        cand_scores = cand_scores.masked_fill(hidden_candidates, float("-inf"))
+        hidden_cand = (candidates == 0) | use_catalogue | _repeated(candidates) | hidden_candidates(candidates, hidden)
+        cand_scores = cand_scores.masked_fill(hidden_cand, float("-inf"))
         catalogue_scores = catalogue_scores.masked_fill(~use_catalogue, float("-inf"))
-        seen = self._seen_catalogue(task, history, history_lengths, source_item)[:, 1:]
-        catalogue_scores = catalogue_scores.masked_fill(seen, float("-inf"))
+        catalogue_scores = catalogue_scores.masked_fill(hidden_catalogue(hidden, self.num_items)[:, 1:], float("-inf"))
         ids = torch.cat([candidates, catalogue_ids], dim=1)
         scores = torch.cat([cand_scores, catalogue_scores], dim=1)
         return _top(ids, scores, self.top_k)
-
-    def _known(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids inside the catalogue, others (padding, unknown) mapped to 0."""
-        return torch.where((ids >= 1) & (ids <= self.num_items), ids, torch.zeros_like(ids))
-
-    @staticmethod
-    def _hidden_ids(task, history, history_lengths, source_item) -> torch.Tensor:
-        """[B, L + 1] ids that must not be shown, 0 elsewhere: the valid history (search, pre-query)
-        or the source item (similar-item)."""
-        positions = torch.arange(history.shape[1], device=history.device)
-        in_history = positions[None, :] < history_lengths[:, None]
-        personalized = (task != int(Task.SIMILAR))[:, None]
-        hidden_history = torch.where(in_history & personalized, history, torch.zeros_like(history))
-        hidden_source = torch.where(~personalized, source_item[:, None], torch.zeros_like(source_item[:, None]))
-        return torch.cat([hidden_history, hidden_source], dim=1)
-
-    def _seen_catalogue(self, task, history, history_lengths, source_item) -> torch.Tensor:
-        """[B, num_items + 1] True for catalogue ids that must not be shown; a per-row table keeps
-        this O(B * num_items) whatever the history length."""
-        hidden = self._known(self._hidden_ids(task, history, history_lengths, source_item))
-        table = torch.zeros(task.shape[0], self.num_items + 1, device=task.device)
-        table = table.scatter(1, hidden, torch.ones_like(hidden, dtype=table.dtype))
-        # Column 0 collected padding and unknown ids: it never marks anything as seen.
-        return (table * (torch.arange(self.num_items + 1, device=task.device) > 0).to(table.dtype)) > 0
-
-    def _seen_candidates(self, candidates, task, history, history_lengths, source_item) -> torch.Tensor:
-        """[B, C] True for candidates that must not be shown, compared id by id so that ids unknown
-        to the model are filtered too (O(B * C * L))."""
-        hidden = self._hidden_ids(task, history, history_lengths, source_item)
-        return ((candidates[:, :, None] == hidden[:, None, :]) & (hidden[:, None, :] != 0)).any(dim=2)
 
 
 def _top(ids: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,7 +128,8 @@ class ExportReport:
     new_items: object = None  # new_items.NewItemsReport when items were added
 
 
-def example_inputs(max_history: int, max_query_len: int, batch: int = 3, candidates: int = 6) -> tuple[torch.Tensor, ...]:
+def example_inputs(max_history: int, max_query_len: int, batch: int = 3, candidates: int = 6,
+                   exclude: int = 7) -> tuple[torch.Tensor, ...]:
     """Tracing inputs; every dynamic dimension is >= 2 so that torch.export does not specialize it."""
     history, query = min(5, max_history), min(4, max_query_len)
     ones = torch.ones(batch, dtype=torch.long)
@@ -167,6 +141,8 @@ def example_inputs(max_history: int, max_query_len: int, batch: int = 3, candida
         ones * query,
         ones,
         torch.ones(batch, candidates, dtype=torch.long),
+        torch.ones(batch, exclude, dtype=torch.long),
+        ones * exclude,
     )
 
 
@@ -180,6 +156,7 @@ def _dynamic_shapes(max_history: int, max_query_len: int) -> dict:
         "history": torch.export.Dim("history_len", min=1, max=max_history),
         "query": torch.export.Dim("query_len", min=1, max=max_query_len),
         "candidates": torch.export.Dim("candidates_len", min=1, max=1_000_000),
+        "exclude": torch.export.Dim("exclude_len", min=1, max=1_000_000),
     }
     return {name: ({0: batch} if name in ROW_FIELDS else {0: batch, 1: length[name]}) for name in INPUT_NAMES}
 
@@ -334,11 +311,10 @@ def export_model(checkpoint_path: str | Path, out_dir: str | Path, top_k: int = 
 
     started = time.perf_counter()
     loaded = load_checkpoint(checkpoint_path)
-    rc = loaded.ranker.config
-    if index is not None and (rc.lexical != "none" or rc.text_neighbours):
+    beside = [name for name, term in loaded.ranker.terms.items() if not term.two_stage]
+    if index is not None and beside:
         raise ValueError("two-stage serving (--index) retrieves by the context vector alone, and this model's "
-                         f"scores add terms beside it (model.lexical={rc.lexical}, "
-                         f"model.text_neighbours={rc.text_neighbours}): export it without --index")
+                         f"scores add terms beside it ({', '.join(beside)}): export it without --index")
     if index is not None and loaded.query_texts:
         raise ValueError("two-stage serving (--index) ranks items only: export a model with a query catalogue "
                          "(suggest) as the exact graph")

@@ -11,7 +11,7 @@ Kinds (`IndexOptions.kind`):
          exactly from the full vectors (IndexRefineFlat, + 4 d bytes per item).
 Scores match the model's: dot, or cosine (vectors and queries L2-normalized), divided by temperature.
 Rules, as in the exact graph: search / pre-query rows never return a history item (known or not),
-similar-item rows never the source item; a row with candidates ranks exactly its candidates (each
+similar-item rows never the source item, no row an id of its exclude list; a row with candidates ranks exactly its candidates (each
 once), scored exactly; unfilled slots are (0, -inf).
 """
 from __future__ import annotations
@@ -186,14 +186,18 @@ class ItemIndex:
 
 
 def hidden_ids(request: dict[str, np.ndarray]) -> list[set[int]]:
-    """Per row, the ids that must not be shown: the valid history (search, pre-query) or the source
-    item (similar-item)."""
+    """Per row, the ids that must not be shown, by the rule of the exact graph (model/scoring.py
+    hidden_ids, in numpy here: this file runs without torch): the valid history (search, pre-query)
+    or the source item (similar-item), and the valid exclude ids."""
     hidden = []
+    exclude, exclude_lengths = request.get("exclude"), request.get("exclude_lengths")
     for row, task in enumerate(request["task"].tolist()):
         if task == SIMILAR:
             hidden.append({int(request["source_item"][row])})
         else:
             hidden.append(set(request["history"][row, : int(request["history_lengths"][row])].tolist()))
+        if exclude is not None:
+            hidden[-1].update(exclude[row, : int(exclude_lengths[row])].tolist())
         hidden[-1].discard(0)
     return hidden
 

@@ -19,10 +19,12 @@ import csv
 import json
 import logging
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+
+from unirank.model.scoring import AddedItems
 
 log = logging.getLogger(__name__)
 
@@ -204,24 +206,12 @@ def new_item_vectors(ranker, tokenizer, data, items: list[NewItem], cache_dir: s
     return vectors, unknown
 
 
-def lexical_rows(tokenizer, items: list[NewItem], field: str) -> list[list[int]]:
-    """The new items' token ids of the lexical field (model.lexical), as data.examples.item_lexical_rows
-    builds them for the training catalogue."""
-    names = [" ".join(it.attributes) for it in items]
-    texts = names if field == "names" else [f"{it.title} {n}".strip() for it, n in zip(items, names)]
-    return [tokenizer.encode(t) for t in texts]
-
-
-def extend_catalogue(plain, vectors: torch.Tensor, lexical: list[list[int]] | None = None) -> None:
+def extend_catalogue(plain, vectors: torch.Tensor, added: AddedItems) -> None:
     """Append item-table rows to an exported (plain) ranker: ids num_items + 1 .. num_items + M; row
-    0 stays padding and the OOV row moves to the new last id + 1. `lexical`: the new rows' lexical
-    field token ids, for a model with model.lexical."""
-    from dataclasses import replace
-
-    if hasattr(plain, "lexical"):
-        if lexical is None or len(lexical) != len(vectors):
-            raise ValueError("this model scores search with a lexical term: the new items' lexical rows are needed")
-        plain.lexical.extend(lexical)
+    0 stays padding and the OOV row moves to the new last id + 1. Every score term extends itself
+    from `added` (model/scoring.py)."""
+    for term in plain.terms.values():
+        term.extend(added)
     tower = plain.item_tower
     table = tower.table
     n = int(tower.num_items)
@@ -258,15 +248,12 @@ def add_new_items(loaded, plain, metadata_path: str | Path, data_path: str | Non
         log.warning("%s carries no external item ids: the new items' ids cannot be checked against the "
                     "trained catalogue", data_path or data.name)
     items = read_new_items(metadata_path, keys)
-    text = encode_new_items(items) if hasattr(plain, "text_neighbours") else None
+    text = encode_new_items(items) if any(term.needs_text for term in plain.terms.values()) else None
     vectors, unknown = new_item_vectors(loaded.ranker, loaded.tokenizer, data, items, cache_dir, text=text)
     trained = int(plain.num_items)
-    field = loaded.ranker.config.lexical
-    extend_catalogue(plain, vectors, lexical_rows(loaded.tokenizer, items, field) if field != "none" else None)
-    if text is not None:  # the neighbour lists over the extended catalogue: new items join the old items' lists
-        catalogue = loaded.ranker.item_tower.item_text
-        plain.text_neighbours.rebuild(torch.cat([catalogue[: trained + 1], text.to(catalogue.dtype),
-                                                 catalogue[trained + 1:]]))
+    added = AddedItems([it.title for it in items], [it.attributes for it in items], loaded.tokenizer, text,
+                       getattr(loaded.ranker.item_tower, "item_text", None))
+    extend_catalogue(plain, vectors, added)
     return NewItemsReport(trained, [{"item_id": trained + 1 + i, "external_id": it.key, "title": it.title}
                                     for i, it in enumerate(items)], dict(unknown))
 

@@ -19,6 +19,11 @@ def random_request(rng: np.random.Generator, task: int, num_items: int, vocab_si
     num_candidates = int(rng.integers(1, max_candidates + 1)) if rng.random() < 1 / 3 else 0
     candidates = rng.integers(1, (num_queries if task == SUGGEST else num_items) + 1, size=num_candidates)
     candidates[rng.random(num_candidates) < 0.1] = 0
+    # a quarter of the item rows exclude a few ids (some of them the row's own candidates)
+    num_exclude = int(rng.integers(1, 8)) if task != SUGGEST and rng.random() < 0.25 else 0
+    exclude = rng.integers(1, num_items + 1, size=num_exclude)
+    if num_exclude and num_candidates:
+        exclude[0] = candidates[0]
     row = {
         "task": np.array([task]),
         "history": rng.integers(1, num_items + 1, size=(1, history_len)),
@@ -27,6 +32,8 @@ def random_request(rng: np.random.Generator, task: int, num_items: int, vocab_si
         "query_lengths": np.array([query_len]),
         "source_item": np.array([int(rng.integers(1, num_items + 1)) if task == 1 else 0]),
         "candidates": candidates.reshape(1, -1),
+        "exclude": exclude.reshape(1, -1),
+        "exclude_lengths": np.array([num_exclude]),
     }
     return {k: v.astype(np.int64) for k, v in row.items()}
 

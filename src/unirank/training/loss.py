@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from unirank.model.ranker import NUM_TASK_IDS, UnifiedRanker
 from unirank.model.request import QueryTask, RankRequest, Task
+from unirank.model.scoring import hidden_catalogue, hidden_ids
 from unirank.training.distill import Teachers
 from unirank.training.batches import StepInputs, local_batch, step_inputs
 from unirank.data.examples import TrainBatch
@@ -79,30 +80,26 @@ def step_loss(ranker: UnifiedRanker, inputs: StepInputs, task_weights: dict[Task
         is_target = (seen.unsqueeze(2) == own.unsqueeze(1)).any(dim=2)
         seen = torch.where(is_target | (seen > n), torch.zeros_like(seen), seen)
 
-    bias = score_terms(ranker, req, keep)
     if inputs.full:
         # Columns = ids 1..n only (padding and OOV rows are never candidates): label = id - 1.
-        per_position = full_softmax_cross_entropy(ranker, h, cand_vec,
+        per_position = full_softmax_cross_entropy(ranker.position_logits(req, keep, h, cand_vec), len(h),
+                                                  cand_vec.shape[0] * cand_vec.element_size(),
                                                   targets - 1 if labels_k is None else (labels_k - 1).clamp(min=0),
                                                   None if excluded_items is None else excluded_items - 1,
                                                   masked_ids=seen, label_weights=weights_k,
-                                                  label_smoothing=label_smoothing, teachers=teachers,
-                                                  logit_bias=bias)
+                                                  label_smoothing=label_smoothing, teachers=teachers)
     else:
         candidates = inputs.candidates
         uniq_targets = candidates[: inputs.num_unique_targets]
-        logits = ranker.similarity(h, cand_vec) - inputs.logq.unsqueeze(0)
-        if bias is not None:  # in row chunks: one [positions, catalogue] matrix would be tens of MB
-            step = max(1, CHUNK_BYTES // (4 * (n + 1)))
-            logits = logits + torch.cat([bias(slice(s, s + step))[:, candidates - 1]
-                                         for s in range(0, len(targets), step)]).to(logits.dtype)
+        logits = ranker.position_logits(req, keep, h, cand_vec, candidates, inputs.logq,
+                                        CHUNK_BYTES)(slice(0, len(targets)))
         labels = torch.searchsorted(uniq_targets, targets)
         hits = candidates.unsqueeze(0) == targets.unsqueeze(1)
         hits[torch.arange(len(targets), device=hits.device), labels] = False  # the target also drawn as a negative
         if excluded_items is not None:
             hits |= torch.isin(candidates, excluded_items).unsqueeze(0)
         if seen is not None:
-            hits |= id_mask(seen, n)[:, candidates]
+            hits |= hidden_catalogue(seen, n)[:, candidates]
         logits = logits.masked_fill(hits, -torch.inf)
         if labels_k is None:
             per_position = F.cross_entropy(logits, labels, reduction="none")
@@ -123,33 +120,6 @@ def step_loss(ranker: UnifiedRanker, inputs: StepInputs, task_weights: dict[Task
     return loss, sums
 
 
-def score_terms(ranker: UnifiedRanker, req: RankRequest, keep: torch.Tensor):
-    """The score terms beside <context, item> (UnifiedRanker.score_terms) for the kept positions, as
-    a function of a slice of them -> [rows, num_items] (columns = ids 1..n), or None when the model
-    has none: the lexical match of the position's request row (search) and the text neighbours of
-    the position's anchor (similar-item source, the history item just read for pre-query)."""
-    n = ranker.num_items
-    lexical = ranker.search_lexical(req.task, req.query, req.query_lengths)
-    near = getattr(ranker, "text_neighbours", None)
-    if lexical is None and near is None:
-        return None
-    row_of = torch.arange(keep.shape[0], device=keep.device).unsqueeze(1).expand_as(keep)[keep]
-    anchors = None
-    if near is not None:
-        anchors = ranker.position_anchors(req.task, req.history, req.history_lengths, req.source_item)
-        anchors = F.pad(anchors, (0, max(0, keep.shape[1] - anchors.shape[1])))[:, : keep.shape[1]][keep]
-
-    def bias(rows: slice) -> torch.Tensor:
-        out = 0.0
-        if lexical is not None:
-            out = lexical[row_of[rows], 1: n + 1]
-        if near is not None:
-            out = out + near(anchors[rows], req.task[row_of[rows]])[:, 1: n + 1]
-        return out
-
-    return bias
-
-
 def query_loss(ranker: UnifiedRanker, inputs: StepInputs, h: torch.Tensor, targets: torch.Tensor,
                label_smoothing: float = 0.0) -> torch.Tensor:
     """Per-position cross-entropy of suggest positions h [N, d] against the query catalogue (ids
@@ -157,7 +127,9 @@ def query_loss(ranker: UnifiedRanker, inputs: StepInputs, h: torch.Tensor, targe
     (inputs.query_candidates: unique targets, then negatives; logQ-corrected, accidental hits masked)."""
     if inputs.query_candidates is None:
         queries = ranker.all_query_embeddings()[1: ranker.config.num_queries + 1]
-        return full_softmax_cross_entropy(ranker, h, queries, targets - 1, label_smoothing=label_smoothing)
+        return full_softmax_cross_entropy(lambda rows: ranker.similarity(h[rows], queries), len(h),
+                                          queries.shape[0] * queries.element_size(), targets - 1,
+                                          label_smoothing=label_smoothing)
     candidates = inputs.query_candidates
     tokens, lengths = ranker.query_tokens[candidates], ranker.query_token_lengths[candidates]
     logits = ranker.similarity(h, ranker.query_vectors(tokens, lengths)) - inputs.query_logq.unsqueeze(0)
@@ -168,29 +140,27 @@ def query_loss(ranker: UnifiedRanker, inputs: StepInputs, h: torch.Tensor, targe
     return smooth(F.cross_entropy(logits, labels, reduction="none"), logits, label_smoothing)
 
 
-def full_softmax_cross_entropy(ranker: UnifiedRanker, h: torch.Tensor, items: torch.Tensor, labels: torch.Tensor,
+def full_softmax_cross_entropy(logits_of, num_rows: int, row_bytes: int, labels: torch.Tensor,
                                excluded_columns: torch.Tensor | None = None, chunk_bytes: int = CHUNK_BYTES,
                                masked_ids: torch.Tensor | None = None,
                                label_weights: torch.Tensor | None = None,
-                               label_smoothing: float = 0.0, teachers: Teachers | None = None,
-                               logit_bias=None) -> torch.Tensor:
-    """Per-row cross-entropy of h [N, d] against every row of `items` [C, d] (item ids 1..C), computed
-    in row chunks of at most `chunk_bytes` of logits. Same values and gradients as one [N, C] matrix;
+                               label_smoothing: float = 0.0, teachers: Teachers | None = None) -> torch.Tensor:
+    """Per-row cross-entropy of `num_rows` rows of logits over C columns (item ids 1..C), `logits_of`
+    (a slice of rows -> [rows, C]; UnifiedRanker.position_logits) called in row chunks of at most
+    `chunk_bytes` of logits (`row_bytes` per row). Same values and gradients as one [N, C] matrix;
     the chunks stay in the allocator's heap instead of being mapped from and returned to the OS at
     every step (one [positions x catalogue] matrix is tens of MB). `masked_ids` [N, K]: per-row item ids left out of that row's softmax (0 = none).
     `label_weights` [N, L]: `labels` is then [N, L] columns with these weights (a soft target).
-    `label_smoothing`, `teachers` (observed on h's rows): as in `softmax_loss`.
-    `logit_bias` (slice of rows -> [rows, C]): added to those rows' logits (`score_terms`)."""
-    rows = max(1, chunk_bytes // (items.element_size() * max(1, items.shape[0])))
+    `label_smoothing`, `teachers` (observed on the rows): as in `softmax_loss`."""
+    rows = max(1, chunk_bytes // max(1, row_bytes))
     out = []
-    for start in range(0, h.shape[0], rows):
-        logits = ranker.similarity(h[start: start + rows], items)
-        if logit_bias is not None:
-            logits = logits + logit_bias(slice(start, start + rows)).to(logits.dtype)
+    for start in range(0, num_rows, rows):
+        logits = logits_of(slice(start, start + rows))
         if excluded_columns is not None:
             logits = logits.index_fill(1, excluded_columns, -torch.inf)
         if masked_ids is not None:
-            logits = logits.masked_fill(id_mask(masked_ids[start: start + rows], items.shape[0])[:, 1:], -torch.inf)
+            logits = logits.masked_fill(hidden_catalogue(masked_ids[start: start + rows], logits.shape[1])[:, 1:],
+                                        -torch.inf)
         if label_weights is None:
             loss = F.cross_entropy(logits, labels[start: start + rows], reduction="none")
         else:
@@ -199,7 +169,7 @@ def full_softmax_cross_entropy(ranker: UnifiedRanker, h: torch.Tensor, items: to
         if teachers is not None:
             loss = (1.0 - teachers.weight) * loss + teachers.weight * teachers.loss(logits, slice(start, start + rows))
         out.append(loss)
-    return torch.cat(out) if out else h.new_zeros(0)
+    return torch.cat(out) if out else labels.new_zeros(0, dtype=torch.float32)
 
 
 def smooth(cross_entropy: torch.Tensor, logits: torch.Tensor, epsilon: float) -> torch.Tensor:
@@ -236,19 +206,14 @@ def future_targets(batch: TrainBatch, req: RankRequest, positions: int, window: 
 
 
 def seen_items(req: RankRequest, positions: int) -> torch.Tensor:
-    """[B, positions, W + 1] item ids the evaluation filters for the target at each output position
-    (targets are aligned as in TrainBatch): the history before it, and the similar-item source; 0 = none."""
+    """[B, positions, W + 1] the ids hidden from the target at each output position (targets are
+    aligned as in TrainBatch), by the rule of every served answer (scoring.hidden_ids) applied to the
+    request as it stood there: the history before it, or the similar-item source; 0 = none."""
     history = req.history[:, : positions - 1]
-    dev = history.device
-    before = torch.arange(positions, device=dev).unsqueeze(1) > torch.arange(history.shape[1], device=dev).unsqueeze(0)  # [T, W]
-    seen = torch.where(before.unsqueeze(0), history.unsqueeze(1), torch.zeros_like(history).unsqueeze(1))
-    source = torch.where(req.task == Task.SIMILAR, req.source_item, torch.zeros_like(req.source_item))
-    return torch.cat([seen, source.view(-1, 1, 1).expand(-1, positions, 1)], dim=2)
-
-
-def id_mask(ids: torch.Tensor, num_items: int) -> torch.Tensor:
-    """[N, num_items + 1] bool, True at each row's ids (column = id; ids are 0 or 1..num_items)."""
-    return torch.zeros(ids.shape[0], num_items + 1, dtype=torch.bool, device=ids.device).scatter_(1, ids, True)
+    b, w = history.shape
+    before = torch.arange(positions, device=history.device).clamp(max=w).unsqueeze(0).expand(b, -1)
+    per_position = lambda t: t.unsqueeze(1).expand(b, positions, *t.shape[1:])  # noqa: E731
+    return hidden_ids(per_position(req.task), per_position(history), before, per_position(req.source_item))
 
 
 def item_frequencies(train: list[np.ndarray], num_items: int) -> torch.Tensor:

@@ -1,0 +1,221 @@
+"""How a request scores an item, and which items a request must never be shown: one place for
+training (training/loss.py), offline evaluation (evaluation/evaluate.py), the exported graphs
+(serving/export.py, serving/context_export.py) and new-item export (serving/new_items.py).
+
+score(item) = <context, item> (or cosine), divided by the temperature (`vector_scores`)
+            + the additive score terms the model holds (`ScoreTerm`, built by `build_terms`):
+  lexical          scale * BM25(query, item) on search rows (model.lexical, model/lexical.py);
+  text_neighbours  w_task * text cosine of the anchor's K nearest items on similar-item and
+                   pre-query rows (model.text_neighbours, model/text_neighbours.py).
+A term reads the request as the model reads it (`RequestView`); it scores candidate ids [B, C] or
+the whole id space [B, num_items + 2], the training loss's output positions (`per_position`), has
+an export form (no sparse tensors), extends to items added at export (`extend`) and says whether a
+two-stage index, which retrieves by the context vector alone, can serve it (`two_stage`). A new
+term is a ScoreTerm subclass registered in TERMS.
+
+Items a request must not be shown (`hidden_ids`): search and pre-query rows never return an item of
+the history they carry, similar-item rows never the source item, and no item task returns an item of
+the request's `exclude` list; suggest rows (query ids) filter nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unirank.model.lexical import LexicalMatch
+from unirank.model.request import Task
+from unirank.model.text_neighbours import TextNeighbours
+
+
+def vector_scores(context: torch.Tensor, items: torch.Tensor, similarity: str, temperature: float) -> torch.Tensor:
+    """context [..., d] x items [..., N, d] (or [N, d]) -> scores, with the configured metric."""
+    if similarity == "cosine":
+        context, items = F.normalize(context, dim=-1), F.normalize(items, dim=-1)
+    if items.dim() == 2:
+        scores = context @ items.T
+    else:
+        scores = torch.einsum("...d,...nd->...n", context, items)
+    return scores if temperature == 1.0 else scores / temperature
+
+
+@dataclass
+class RequestView:
+    """A request batch as the model reads it: the newest max_history items, left-aligned, padding
+    zeroed (lengths 0 on similar-item rows), the query cut to max_query_len."""
+
+    task: torch.Tensor  # [B]
+    history: torch.Tensor  # [B, L]
+    history_lengths: torch.Tensor  # [B]
+    query: torch.Tensor  # [B, Q]
+    query_lengths: torch.Tensor  # [B]
+    source_item: torch.Tensor  # [B]
+
+
+@dataclass
+class AddedItems:
+    """Items appended to an exported catalogue (ids num_items + 1 ..): what a term may need of them."""
+
+    titles: list[str]
+    attributes: list[list[str]]  # attribute names per item
+    tokenizer: object  # the model's tokenizer
+    text: torch.Tensor | None = None  # [M, text_dim] their text-encoder vectors (terms with needs_text)
+    catalogue_text: torch.Tensor | None = None  # [num_items + 2, text_dim] the trained catalogue's
+
+
+class ScoreTerm(nn.Module):
+    """One additive part of the score beside <context, item>."""
+
+    two_stage = False  # True: a two-stage index (context vector alone) still serves the model
+    needs_text = False  # extend() reads the added items' text vectors
+
+    def scores(self, view: RequestView, candidates: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, C] for candidate ids [B, C] (ids outside the catalogue score 0), or [B, num_items + 2]."""
+        raise NotImplementedError
+
+    def per_position(self, view: RequestView, keep: torch.Tensor,
+                     row_of: torch.Tensor) -> Callable[[slice], torch.Tensor]:
+        """For the training loss: the kept output positions (`keep` [B, P], positions after the TASK
+        token; `row_of` [N] each kept position's row) as a function of a slice of them -> [rows,
+        num_items + 2]. By default a position scores as its request row."""
+        full = self.scores(view)
+        return lambda rows: full[row_of[rows]]
+
+    def export_form(self) -> None:
+        """Switch to a form the ONNX exporter can trace (same numbers)."""
+
+    def extend(self, added: AddedItems) -> None:
+        """Append the added items (ids num_items + 1 ..; the OOV row moves last)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot score items added at export")
+
+
+class LexicalTerm(LexicalMatch, ScoreTerm):
+    """scale * BM25 of the query against the items' lexical field, on search rows only."""
+
+    def __init__(self, cfg, lexical_rows: list[list[int]] | None = None, **_):
+        super().__init__(cfg.num_items, cfg.num_words, max(cfg.lexical_width, 1), lexical_rows)
+        self.field = cfg.lexical
+
+    def scores(self, view: RequestView, candidates: torch.Tensor | None = None) -> torch.Tensor:
+        lexical = self(view.query, view.query_lengths, candidates)
+        return lexical * (view.task == Task.SEARCH).unsqueeze(1).to(lexical.dtype)
+
+    def extend(self, added: AddedItems) -> None:
+        names = [" ".join(a) for a in added.attributes]
+        texts = names if self.field == "names" else [f"{t} {n}".strip() for t, n in zip(added.titles, names)]
+        super().extend([added.tokenizer.encode(t) for t in texts])
+
+
+class NeighbourTerm(TextNeighbours, ScoreTerm):
+    """w_task * text cosine of the anchor's K nearest items: the anchor is the similar-item source,
+    or the newest history item the model reads for pre-query."""
+
+    needs_text = True
+
+    def __init__(self, cfg, item_text: torch.Tensor | None = None, **_):
+        super().__init__(cfg.num_items, cfg.text_neighbours, item_text)
+
+    @staticmethod
+    def position_anchors(view: RequestView) -> torch.Tensor:
+        """[B, 1 + L] the anchor of each output position after the TASK token: the similar-item
+        source at the CONTEXT position, the history item just read at a pre-query history position;
+        0 (none) elsewhere."""
+        history = view.history
+        valid = torch.arange(history.shape[1], device=history.device).unsqueeze(0) < view.history_lengths.unsqueeze(1)
+        prequery = (view.task == Task.PREQUERY).unsqueeze(1)
+        items = torch.where(valid & prequery, history, torch.zeros_like(history))
+        source = torch.where(view.task == Task.SIMILAR, view.source_item, torch.zeros_like(view.source_item))
+        return torch.cat([source.unsqueeze(1), items], dim=1)
+
+    def scores(self, view: RequestView, candidates: torch.Tensor | None = None) -> torch.Tensor:
+        last = self.position_anchors(view).gather(1, view.history_lengths.unsqueeze(1)).squeeze(1)
+        return self(last, view.task, candidates)
+
+    def per_position(self, view, keep, row_of):
+        anchors = self.position_anchors(view)
+        anchors = F.pad(anchors, (0, max(0, keep.shape[1] - anchors.shape[1])))[:, : keep.shape[1]][keep]
+        return lambda rows: self(anchors[rows], view.task[row_of[rows]])
+
+    def extend(self, added: AddedItems) -> None:
+        catalogue, n = added.catalogue_text, self.num_items
+        self.rebuild(torch.cat([catalogue[: n + 1], added.text.to(catalogue.dtype), catalogue[n + 1:]]))
+
+
+# name -> (term class, whether a model config switches it on); the order is the order of the sum
+TERMS: dict[str, tuple[type[ScoreTerm], Callable]] = {
+    "lexical": (LexicalTerm, lambda cfg: cfg.lexical != "none"),
+    "text_neighbours": (NeighbourTerm, lambda cfg: bool(cfg.text_neighbours)),
+}
+
+
+def build_terms(cfg, **features) -> nn.ModuleDict:
+    """The terms `cfg` (a RankerConfig) switches on; `features` (lexical_rows, item_text): the data
+    they are built from (None: placeholders filled by load_state_dict)."""
+    return nn.ModuleDict({name: cls(cfg, **features) for name, (cls, used) in TERMS.items() if used(cfg)})
+
+
+def term_scores(terms: nn.ModuleDict, view: RequestView, candidates: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The sum of the terms' scores ([B, C] or [B, num_items + 2]); None when there are none."""
+    total = None
+    for term in terms.values():
+        part = term.scores(view, candidates)
+        total = part if total is None else total + part
+    return total
+
+
+def position_term_scores(terms: nn.ModuleDict, view: RequestView,
+                         keep: torch.Tensor) -> Callable[[slice], torch.Tensor] | None:
+    """The sum of the terms at the kept output positions, as a function of a slice of them ->
+    [rows, num_items + 2]; None when there are none."""
+    if not len(terms):
+        return None
+    row_of = torch.arange(keep.shape[0], device=keep.device).unsqueeze(1).expand_as(keep)[keep]
+    parts = [term.per_position(view, keep, row_of) for term in terms.values()]
+
+    def total(rows: slice) -> torch.Tensor:
+        out = parts[0](rows)
+        for part in parts[1:]:
+            out = out + part(rows)
+        return out
+
+    return total
+
+
+# ---- items a request must not be shown ----
+
+def hidden_ids(task: torch.Tensor, history: torch.Tensor, history_lengths: torch.Tensor, source_item: torch.Tensor,
+               exclude: torch.Tensor | None = None, exclude_lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """[..., L + 1 (+ X)] ids that must not be shown, 0 elsewhere: the valid history (search,
+    pre-query), the source item (similar-item), and the valid `exclude` ids (every item task). Any
+    leading shape: task, history_lengths, source_item, exclude_lengths [...]; history [..., L];
+    exclude [..., X]."""
+    positions = torch.arange(history.shape[-1], device=history.device)
+    personalized = (task != int(Task.SIMILAR)).unsqueeze(-1)
+    in_history = positions < history_lengths.unsqueeze(-1)
+    parts = [torch.where(in_history & personalized, history, torch.zeros_like(history))]
+    source = source_item.unsqueeze(-1)
+    parts.append(torch.where(~personalized, source, torch.zeros_like(source)))
+    if exclude is not None:
+        valid = torch.arange(exclude.shape[-1], device=exclude.device) < exclude_lengths.unsqueeze(-1)
+        parts.append(torch.where(valid, exclude, torch.zeros_like(exclude)))
+    return torch.cat(parts, dim=-1)
+
+
+def hidden_catalogue(hidden: torch.Tensor, num_items: int) -> torch.Tensor:
+    """[N, num_items + 1] True at the catalogue ids (column = id, 1..num_items) of each row of
+    `hidden` [N, K]; padding and ids outside the catalogue mark nothing. A per-row table keeps this
+    O(N * num_items) whatever K (and exports to ONNX: no bool scatter)."""
+    known = torch.where((hidden >= 1) & (hidden <= num_items), hidden, torch.zeros_like(hidden))
+    table = torch.zeros(hidden.shape[0], num_items + 1, device=hidden.device)
+    table = table.scatter(1, known, torch.ones_like(known, dtype=table.dtype))
+    # Column 0 collected padding and unknown ids: it never marks anything.
+    return (table * (torch.arange(num_items + 1, device=hidden.device) > 0).to(table.dtype)) > 0
+
+
+def hidden_candidates(candidates: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """[B, C] True for candidates among the row's hidden ids, compared id by id so that ids unknown
+    to the model are filtered too (O(B * C * K))."""
+    return ((candidates[:, :, None] == hidden[:, None, :]) & (hidden[:, None, :] != 0)).any(dim=2)
