@@ -24,8 +24,9 @@ from unirank.kernels.attention import prefix_causal_attention
 from unirank.kernels.dispatch import model_impl
 from unirank.model.item_tower import ItemTower, PrecomputedItemTower
 from unirank.model.lexical import FIELDS as LEXICAL_FIELDS
-from unirank.model.request import TASK_NAMES, QueryTask, Task
+from unirank.model.request import TASK_NAMES, Task
 from unirank.model.scoring import RequestView, build_terms, position_term_scores, term_scores, vector_scores
+from unirank.model.text_encoder import SentenceEncoder
 from unirank.model.tokenizer import OOV_TOKEN_ID
 
 NUM_PREFIX = 2  # TASK + CONTEXT
@@ -192,8 +193,6 @@ class UnifiedRanker(nn.Module):
             semantic_id_sizes=cfg.semantic_id_sizes, item_codes=item_codes,
             text_dim=cfg.text_dim if cfg.text_features else 0, item_text=item_text, id_dropout=cfg.id_dropout)
         if cfg.query_encoder != "none":
-            from unirank.model.text_encoder import SentenceEncoder
-
             self.query_encoder = SentenceEncoder(trainable=cfg.query_encoder == "finetune")
             if cfg.tie_text_projection:
                 # The query and the items' content are encoded by the same sentence encoder: one
