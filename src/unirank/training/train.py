@@ -130,14 +130,14 @@ def selection_score(metrics: dict[str, dict]) -> float:
     return float(np.mean([m["ndcg@10"]["mean"] for m in metrics.values()]))
 
 
-def parameter_groups(model: nn.Module, cfg: Config) -> list[dict]:
+def parameter_groups(model: nn.Module, cfg: Config, ranker: UnifiedRanker | None = None) -> list[dict]:
     """AdamW groups of the trainable weights (training/run_state.trainable) by the roles the ranker
     names (UnifiedRanker.parameter_groups): a fine-tuned pretrained encoder takes a much smaller
     step than the freshly initialised rest; `train.id_weight_decay`, when set, gives the item-id
-    table a decay of its own. `model`: a ranker, or the module that holds it as `.ranker`."""
+    table a decay of its own. `model`: a ranker, or the (DMP-wrapped) module that holds `ranker`."""
     params = list(trainable(model).values())
     owned = {id(p) for p in params}  # tables with a fused optimizer are FBGEMM's, not in any group
-    roles = getattr(model, "ranker", model).parameter_groups()
+    roles = (ranker or model).parameter_groups()
     encoder = [p for p in roles["encoder"] if id(p) in owned]
     id_table = [p for p in roles["item_ids"] if id(p) in owned] if cfg.train.id_weight_decay is not None else []
     apart = {id(p) for p in encoder + id_table}
@@ -146,9 +146,10 @@ def parameter_groups(model: nn.Module, cfg: Config) -> list[dict]:
             + ([{"params": id_table, "weight_decay": cfg.train.id_weight_decay}] if id_table else []))
 
 
-def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW over every weight the trainer owns (`model`: a ranker, or the module that holds it as `.ranker`)."""
-    return torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+def make_optimizer(model: nn.Module, cfg: Config, ranker: UnifiedRanker | None = None) -> torch.optim.Optimizer:
+    """AdamW over every weight the trainer owns (`model`, `ranker`: as in parameter_groups)."""
+    return torch.optim.AdamW(parameter_groups(model, cfg, ranker), lr=cfg.train.lr,
+                             weight_decay=cfg.train.weight_decay)
 
 
 def lr_factor(step: int, total_steps: int, cfg: Config) -> float:
@@ -309,7 +310,7 @@ class Trainer:
         FBGEMM's backward, their fused optimizer; the config's base rates the schedule multiplies."""
         self.fused = distributed.fused_optimizer(self.model)
         self.names = {id(p): n for n, p in trainable(self.model).items()}
-        self.optimizer = make_optimizer(self.model, self.cfg)
+        self.optimizer = make_optimizer(self.model, self.cfg, self.ranker)
         if self.loaded is not None and self.loaded.optimizer_state:
             try:
                 self.optimizer.load_state_dict(self.loaded.optimizer_state)
