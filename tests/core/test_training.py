@@ -134,15 +134,15 @@ def test_single_task_mode_trains_only_that_task(tmp_path, monkeypatch):
     assert load_checkpoint(result.checkpoint).metadata["tasks"] == ["prequery"]
 
 
-def test_lr_schedule_warmup_then_cosine_to_the_floor(tmp_path):
+def test_lr_schedule_warmup_then_cosine_to_zero(tmp_path):
     from unirank.training.config import ConfigError
     from unirank.training.train import lr_factor
 
-    cfg = tiny_config(tmp_path, "train.lr_schedule=cosine", "train.warmup_steps=10", "train.lr_min_ratio=0.1")
+    cfg = tiny_config(tmp_path, "train.lr_schedule=cosine", "train.warmup_steps=10")
     factors = [lr_factor(s, 110, cfg) for s in range(120)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)  # linear warm-up
-    assert factors[10] == pytest.approx(1.0) and factors[60] == pytest.approx(0.55)  # cosine midpoint
-    assert factors[110] == pytest.approx(0.1) and factors[119] == pytest.approx(0.1)  # floor after the horizon
+    assert factors[10] == pytest.approx(1.0) and factors[60] == pytest.approx(0.5)  # cosine midpoint
+    assert factors[110] == pytest.approx(0.0) and factors[119] == pytest.approx(0.0)  # 0 after the horizon
     assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
     constant = tiny_config(tmp_path)
     assert {lr_factor(s, 110, constant) for s in range(120)} == {1.0}
@@ -151,7 +151,7 @@ def test_lr_schedule_warmup_then_cosine_to_the_floor(tmp_path):
 
 
 def test_cosine_schedule_reaches_the_optimizer(tmp_path, monkeypatch):
-    """The optimizer steps with the scheduled rate (recorded per step), ending near the floor."""
+    """The optimizer steps with the scheduled rate (recorded per step), ending near 0."""
     seen = []
     original = torch.optim.AdamW.step
 
@@ -160,8 +160,7 @@ def test_cosine_schedule_reaches_the_optimizer(tmp_path, monkeypatch):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", record)
-    cfg = tiny_config(tmp_path, "train.lr_schedule=cosine", "train.max_epochs=2", "train.lr_min_ratio=0.0",
-                      "train.tasks=[prequery]")
+    cfg = tiny_config(tmp_path, "train.lr_schedule=cosine", "train.max_epochs=2", "train.tasks=[prequery]")
     result = train(cfg, quiet=True)
     assert seen[0] == pytest.approx(cfg.train.lr) and seen[-1] < 0.05 * cfg.train.lr
     assert all(a >= b for a, b in zip(seen, seen[1:]))
@@ -242,9 +241,6 @@ def test_label_smoothing_is_the_mix_of_the_target_and_the_uniform_cross_entropy(
     plain, uniform, mixed = loss(0.0), loss(0.999999), loss(0.3)
     assert torch.isfinite(uniform) and uniform > plain
     torch.testing.assert_close(mixed, 0.7 * plain + 0.3 * uniform, rtol=1e-4, atol=1e-4)
-    for bad in ("train.label_smoothing=1.0", "train.label_smoothing=-0.1"):
-        with pytest.raises(ConfigError, match="label_smoothing"):
-            load_config(None, TINY + [bad])
 
 
 @pytest.mark.parametrize("num_negatives", [0, 40])
@@ -324,10 +320,6 @@ def test_future_targets_spread_the_weight_over_the_next_items_of_prequery_rows(t
                 losses.append(loss)
         assert spread_somewhere
         torch.testing.assert_close(soft[Task.PREQUERY], torch.stack(losses).mean(), rtol=1e-5, atol=1e-6)
-    for bad in (["train.future_window=2"], ["train.future_window=-1", "train.future_weight=0.2"],
-                ["train.future_window=2", "train.future_weight=1.0"]):
-        with pytest.raises(ConfigError, match="future_w"):
-            load_config(None, TINY + bad)
 
 
 def decay_only_step(tmp_path, *overrides: str):
@@ -345,17 +337,14 @@ def decay_only_step(tmp_path, *overrides: str):
     return ranker, before
 
 
-@pytest.mark.parametrize("decay_norms_and_biases", [True, False])
-def test_id_weight_decay_and_decay_norms_and_biases_set_each_weights_decay(tmp_path, decay_norms_and_biases):
-    """train.id_weight_decay: the item-id table shrinks by 1 - lr * id_weight_decay, every other weight
-    by 1 - lr * weight_decay; train.decay_norms_and_biases=false leaves every 1-D weight (LayerNorm
-    gains, biases) as it was."""
-    ranker, before = decay_only_step(tmp_path, f"train.decay_norms_and_biases={str(decay_norms_and_biases).lower()}")
+def test_id_weight_decay_sets_the_id_tables_decay(tmp_path):
+    """train.id_weight_decay: the item-id table (named by UnifiedRanker.parameter_groups) shrinks by
+    1 - lr * id_weight_decay, every other weight by 1 - lr * weight_decay."""
+    ranker, before = decay_only_step(tmp_path)
     id_table = ranker.item_tower.id_table()
-    assert any(p is id_table for p in ranker.parameters())
-    assert any(name.endswith("ln_f.weight") for name, p in ranker.named_parameters() if p.dim() == 1)
+    assert ranker.parameter_groups()["item_ids"] == [id_table]
     for name, p in ranker.named_parameters():
-        decay = 0.5 if p is id_table else 0.0 if p.dim() == 1 and not decay_norms_and_biases else 0.2
+        decay = 0.5 if p is id_table else 0.2
         torch.testing.assert_close(p.detach(), before[name] * (1 - 0.1 * decay), msg=name)
     for bad in (["train.weight_decay=-0.1"], ["train.id_weight_decay=-1"]):
         with pytest.raises(ConfigError, match="weight_decay"):
@@ -364,7 +353,7 @@ def test_id_weight_decay_and_decay_norms_and_biases_set_each_weights_decay(tmp_p
 
 def test_init_from_continues_a_run_and_refuses_other_parameter_groups_leaving_the_run_as_it_was(tmp_path):
     """A resumed run continues at the next epoch. One whose optimizer groups differ from the
-    checkpoint's (here: norms and biases taken out of the decay) gets a CheckpointError naming the
+    checkpoint's (here: the id table given a decay of its own) gets a CheckpointError naming the
     options, before anything in its out_dir is written."""
     from unirank.training.checkpoint import CheckpointError
 
@@ -373,35 +362,8 @@ def test_init_from_continues_a_run_and_refuses_other_parameter_groups_leaving_th
                                 f"train.init_from={first.checkpoint}", f"train.out_dir={tmp_path / 'resumed'}"),
                     quiet=True)
     assert [row["epoch"] for row in resumed.history] == [2]
-    with pytest.raises(CheckpointError, match="decay_norms_and_biases"):
-        train(tiny_config(tmp_path, "train.max_epochs=2", "train.weight_decay=0.1", "train.decay_norms_and_biases=false",
+    with pytest.raises(CheckpointError, match="id_weight_decay"):
+        train(tiny_config(tmp_path, "train.max_epochs=2", "train.weight_decay=0.1", "train.id_weight_decay=0.5",
                           f"train.init_from={first.checkpoint}", f"train.out_dir={tmp_path / 'refused'}"), quiet=True)
     assert not (tmp_path / "refused").exists()
     assert load_checkpoint(first.checkpoint).metadata["epoch"] == 1
-
-
-def test_weight_average_is_validated_and_saved_and_training_continues_on_live_weights(tmp_path):
-    """train.ema_decay: the checkpoint holds the moving average (not the last weights), and swapping it
-    in for validation gives the live weights back unchanged."""
-    from unirank.training.train import WeightAverage
-
-    model = torch.nn.Linear(3, 2)
-    average = WeightAverage(dict(model.named_parameters()), decay=0.5)
-    start = [p.detach().clone() for p in model.parameters()]
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(1.0)
-    average.update()  # first update: decay min(0.5, 2/11)
-    live = [p.detach().clone() for p in model.parameters()]
-    with average.swapped():
-        for p, s0 in zip(model.parameters(), start):
-            torch.testing.assert_close(p.detach(), s0 + 1.0 - 2 / 11)
-    for p, l0 in zip(model.parameters(), live):
-        torch.testing.assert_close(p.detach(), l0)
-
-    cfg = tiny_config(tmp_path, "train.ema_decay=0.9", "train.max_epochs=2", "train.tasks=[prequery]")
-    result = train(cfg, quiet=True)
-    saved = load_checkpoint(result.checkpoint).ranker
-    assert result.best_epoch >= 1 and all(torch.isfinite(p).all() for p in saved.parameters())
-    with pytest.raises(ConfigError, match="ema_decay"):
-        load_config(None, TINY + ["train.ema_decay=1.0"])

@@ -10,7 +10,8 @@ from pathlib import Path
 
 TINY = ["model.dim=16", "model.num_heads=2", "model.dropout=0.0", "model.max_history=20",
         "data.synthetic.num_users=120", "data.synthetic.num_items=80", "train.batch_size=16",
-        "train.max_epochs=2", "train.eval_users=60", "train.patience=5", "train.threads=1"]
+        "train.max_epochs=2", "train.eval_users=60", "train.patience=5", "train.threads=1",
+        "model.lexical=none"]  # the tables-only model (configs/quickstart.yaml adds the lexical match)
 # configs/quality.yaml's optimisation recipe at this size: LiGR, AdamW with its own id-table decay,
 # id dropout, the cosine schedule with warm-up (the text vectors are left out: no encoder download)
 QUALITY = ["model.block=ligr", "model.id_dropout=0.2", "train.weight_decay=0.1", "train.id_weight_decay=0.3",

@@ -18,20 +18,14 @@ SHORT = ["train.max_epochs=1", "train.eval_every=1"]
 # name: (overrides, the variant it must differ from, what differs: the losses or the validation)
 VARIANTS = {
     "base": ([], None, None),
-    "mask_seen": (["train.mask_seen=true"], "base", "losses"),
-    "future_window": (["train.future_window=2", "train.future_weight=0.3"], "base", "losses"),
-    "label_smoothing": (["train.label_smoothing=0.2"], "base", "losses"),
     "weight_decay": (["train.weight_decay=0.5"], "base", "losses"),
     "id_weight_decay": (["train.weight_decay=0.5", "train.id_weight_decay=2.0"], "weight_decay", "losses"),
-    "decay_norms_and_biases": (["train.weight_decay=0.5", "train.decay_norms_and_biases=false"], "weight_decay",
-                               "losses"),
     "id_dropout": (["model.id_dropout=0.5"], "base", "losses"),
-    "ema_decay": (["train.ema_decay=0.5"], "base", "validation"),
     "distill_from": (["train.distill_weight=0.7", "train.distill_from=[TEACHER]"], "base", "losses"),
     "num_negatives": (["train.num_negatives=16"], "base", "losses"),
     "task_weights": (["train.task_weights=[1.0,0.5,3.0]"], "base", "losses"),
     "tasks": (["train.tasks=[prequery,search]"], "base", "losses"),
-    "lr_schedule": (["train.lr_schedule=cosine", "train.warmup_steps=2", "train.lr_min_ratio=0.1"], "base", "losses"),
+    "lr_schedule": (["train.lr_schedule=cosine", "train.warmup_steps=2"], "base", "losses"),
 }
 
 

@@ -406,6 +406,14 @@ class UnifiedRanker(nn.Module):
             block.attn.impl = "reference"
         return plain
 
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The weights an optimizer treats apart, by role: `encoder`, the pretrained query encoder's
+        (a fine-tuned encoder takes a much smaller step); `item_ids`, the item-id table (its own
+        decay), local or the TorchRec sharded collection's.
+        Every other weight is the freshly initialised rest."""
+        encoder = list(self.query_encoder.parameters()) if hasattr(self, "query_encoder") else []
+        return {"encoder": encoder, "item_ids": [self.item_tower.id_table()]}
+
 
 def _renamed_term_keys(state_dict, prefix, *_):
     """Checkpoints written before the score terms were one ModuleDict kept them at the top level."""

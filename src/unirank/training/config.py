@@ -1,12 +1,14 @@
 """Typed run configuration: YAML files in configs/ + `key=value` command-line overrides, validated
-at load (unknown keys and wrong types are errors that name the key)."""
+at load (unknown keys and wrong types are errors that name the key). A YAML file may start from
+other configs (`defaults: [fast]`: a packaged config's name, or a file path relative to it) and
+then lists only what it changes; what no file sets is the dataclass default below."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from unirank.model.ranker import ModelConfig
@@ -49,21 +51,14 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0  # AdamW (decoupled) decay of every weight, the tables' included
     id_weight_decay: Optional[float] = None  # decay of the item-id table alone; None = train.weight_decay
-    decay_norms_and_biases: bool = True  # false: no decay on 1-D weights (LayerNorm gains, biases), as in GPT/BERT
-    lr_schedule: str = "constant"  # constant | cosine (decays to lr_min_ratio * lr at max_epochs)
+    lr_schedule: str = "constant"  # constant | cosine (decays to 0 at max_epochs)
     warmup_steps: int = 0  # linear warm-up from 0 over this many steps (both schedules)
-    lr_min_ratio: float = 0.0  # cosine floor, as a fraction of lr
     encoder_lr: float = 5e-5  # learning rate of the text encoder's weights when model.query_encoder=finetune
     max_epochs: int = 50
     patience: int = 5  # validation rounds without improvement before stopping
     eval_every: int = 1  # epochs between validation rounds
     eval_users: Optional[int] = None  # validation on a fixed random subset of users; None = all
     num_negatives: int = 0  # sampled softmax negatives; 0 = full softmax over the catalogue
-    mask_seen: bool = False  # the training softmax skips what evaluation filters (history, similar-item source)
-    ema_decay: float = 0.0  # validate and save an exponential moving average of the weights (0 = off)
-    future_window: int = 0  # pre-query positions also learn the K items after the next one (0 = off)
-    future_weight: float = 0.0  # share of each pre-query target distribution given to those K items
-    label_smoothing: float = 0.0  # share of each target distribution spread uniformly over the candidates
     distill_from: list[str] = field(default_factory=list)  # finished runs (or best.pt files) that teach this one
     distill_weight: float = 0.5  # share of each position's loss that is the teachers' (distill_from set)
     distill_temperature: float = 1.0  # > 1 softens the teachers' and the student's distributions
@@ -132,17 +127,13 @@ def builtin_config(name: str) -> Path:
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
-    """Schema <- YAML file (a path, or the name of a packaged config) <- `a.b=value` overrides."""
+    """Schema <- YAML file (a path, or the name of a packaged config) with its `defaults` bases
+    resolved <- `a.b=value` overrides."""
     schema = OmegaConf.structured(Config)
     try:
         merged = schema
         if path:
-            file = Path(path)
-            if not file.exists() and not path.endswith(".yaml"):
-                file = builtin_config(path)
-            if not file.exists():
-                raise ConfigError(f"config file not found: {path}")
-            merged = OmegaConf.merge(merged, OmegaConf.load(file))
+            merged = OmegaConf.merge(merged, _composed(_config_file(path, None), ()))
         if overrides:
             bad = [o for o in overrides if "=" not in o]
             if bad:
@@ -155,6 +146,37 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
         raise ConfigError(f"invalid config{f' {path}' if path else ''}: {err}".replace("\n", " | ")) from err
     validate(cfg)
     return cfg
+
+
+def _config_file(name: str, parent: Path | None) -> Path:
+    """A config named on the command line or in a `defaults` list: a file (relative to the config
+    that names it), else a packaged config's name."""
+    file = Path(name) if parent is None else parent.parent / name
+    if not file.is_file() and not name.endswith(".yaml"):
+        file = builtin_config(name)
+    if not file.is_file():
+        where = f" (in the defaults of {parent})" if parent is not None else ""
+        packaged = sorted(p.stem for p in builtin_config("default").parent.glob("*.yaml"))
+        raise ConfigError(f"config file not found: {name}{where}; packaged configs: {', '.join(packaged)}")
+    return file.resolve()
+
+
+def _composed(file: Path, chain: tuple[Path, ...]) -> DictConfig:
+    """The YAML of `file` merged over its `defaults` bases (in order), each resolved the same way."""
+    if file in chain:
+        raise ConfigError(f"config defaults form a cycle: {' -> '.join(p.name for p in chain + (file,))}")
+    node = OmegaConf.load(file)
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{file}: a config file must be a mapping of sections")
+    bases = node.pop("defaults", [])
+    if OmegaConf.is_list(bases):
+        bases = list(bases)
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{file}: defaults must be a list of config names, got {bases!r}")
+    merged = OmegaConf.create()
+    for base in bases:
+        merged = OmegaConf.merge(merged, _composed(_config_file(base, file), chain + (file,)))
+    return OmegaConf.merge(merged, node)
 
 
 def validate(cfg: Config) -> None:
@@ -172,20 +194,13 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"train.{key} must be >= 1")
     if cfg.train.lr_schedule not in ("constant", "cosine"):
         raise ConfigError(f"train.lr_schedule must be constant or cosine, got {cfg.train.lr_schedule!r}")
-    if cfg.train.warmup_steps < 0 or not 0.0 <= cfg.train.lr_min_ratio <= 1.0:
-        raise ConfigError("train.warmup_steps must be >= 0 and train.lr_min_ratio in [0, 1]")
+    if cfg.train.warmup_steps < 0:
+        raise ConfigError("train.warmup_steps must be >= 0")
     if cfg.train.num_negatives < 0:
         raise ConfigError("train.num_negatives must be >= 0 (0 = full softmax)")
     if cfg.train.weight_decay < 0 or (cfg.train.id_weight_decay is not None and cfg.train.id_weight_decay < 0):
         raise ConfigError("train.weight_decay and train.id_weight_decay must be >= 0, got "
                           f"{cfg.train.weight_decay} and {cfg.train.id_weight_decay}")
-    if not 0.0 <= cfg.train.ema_decay < 1.0:
-        raise ConfigError(f"train.ema_decay must be in [0, 1) (0 = off), got {cfg.train.ema_decay}")
-    if cfg.train.future_window < 0 or not 0.0 <= cfg.train.future_weight < 1.0:
-        raise ConfigError("train.future_window must be >= 0 and train.future_weight in [0, 1), got "
-                          f"{cfg.train.future_window} and {cfg.train.future_weight}")
-    if not 0.0 <= cfg.train.label_smoothing < 1.0:
-        raise ConfigError(f"train.label_smoothing must be in [0, 1), got {cfg.train.label_smoothing}")
     if not 0.0 < cfg.train.distill_weight <= 1.0 or cfg.train.distill_temperature <= 0:
         raise ConfigError("train.distill_weight must be in (0, 1] and train.distill_temperature > 0, got "
                           f"{cfg.train.distill_weight} and {cfg.train.distill_temperature}")
@@ -201,9 +216,6 @@ def validate(cfg: Config) -> None:
     if cfg.train.distill_from and cfg.train.num_negatives:
         raise ConfigError("train.distill_from needs the full softmax (train.num_negatives=0): the teachers' "
                           "distribution is over the whole catalogue")
-    if bool(cfg.train.future_window) != bool(cfg.train.future_weight):
-        raise ConfigError("train.future_window and train.future_weight work together: set both (or neither), got "
-                          f"{cfg.train.future_window} and {cfg.train.future_weight}")
 
 
 def task_weights(train: TrainConfig) -> dict[str, float]:

@@ -1,6 +1,6 @@
 """What a resumable training checkpoint holds besides the weights: the loop's position and RNGs
-(trainer.json), the optimizer's state keyed by parameter name (so DCP can reshard it), the weight
-average. The files themselves are training/sharded_checkpoint.py's."""
+(trainer.json) and the optimizer's state keyed by parameter name (so DCP can reshard it).
+The files themselves are training/sharded_checkpoint.py's."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field

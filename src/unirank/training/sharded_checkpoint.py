@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import warnings
 from pathlib import Path
@@ -37,6 +38,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from unirank.training.checkpoint import CheckpointError, atomic_write, save_checkpoint
@@ -45,6 +48,40 @@ COMMIT = "COMMIT"
 LATEST = "LATEST"
 TMP_PREFIX = ".tmp-"
 MODEL_PREFIX = "ranker."  # the DMP-wrapped training module holds the ranker as `.ranker`
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's `.metadata` is a pickle: this reads it allowing only the classes a DCP index is made of
+    (its metadata records, dtypes, sizes, layouts, paths), so a crafted file cannot run code."""
+
+    ALLOWED = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"): _StorageInfo,
+               ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
+               ("torch", "Size"): torch.Size, ("pathlib", "PosixPath"): Path, ("pathlib", "PurePosixPath"): Path}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return self.ALLOWED[(module, name)]
+        if module == dcp_metadata.__name__ and isinstance(getattr(dcp_metadata, name, None), type):
+            return getattr(dcp_metadata, name)  # the index's records (dataclasses, enums)
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint index")
+
+
+class SafeReader(FileSystemReader):
+    """A DCP reader whose metadata load runs no code (_MetadataUnpickler); the tensor files DCP reads
+    with torch.load(weights_only=True) itself."""
+
+    def read_metadata(self, *args, **kwargs) -> dcp_metadata.Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if not isinstance(metadata, dcp_metadata.Metadata):
+            raise pickle.UnpicklingError(f"holds a {type(metadata).__name__}, not DCP metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = dcp_metadata.StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
 
 def _rank() -> int:
@@ -92,7 +129,7 @@ def verify(path: Path) -> dict:
     if path.name.startswith(TMP_PREFIX) or not (path / COMMIT).is_file():
         raise CheckpointError(f"{path}: not committed (no {COMMIT} marker): a run died while writing it")
     try:
-        metadata = FileSystemReader(str(path)).read_metadata()
+        metadata = SafeReader(str(path)).read_metadata()
     except Exception as err:
         raise CheckpointError(f"{path}: unreadable DCP metadata ({type(err).__name__}: {err})") from err
     needed: dict[str, int] = {}
@@ -176,24 +213,33 @@ def load_sharded(path: str | Path, state: dict) -> dict:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, checkpoint_id=str(path))
+            dcp.load(state, storage_reader=SafeReader(str(path)))
     except Exception as err:
         raise CheckpointError(f"{path}: cannot load into this model / plan ({type(err).__name__}: {err})") from err
-    rank_file = path / f"rank{_rank()}.pt"
-    rank_state = torch.load(rank_file, weights_only=False) if rank_file.is_file() else None
-    return {"trainer": trainer, "rank_state": rank_state}
+    return {"trainer": trainer, "rank_state": _rank_state(path / f"rank{_rank()}.pt")}
+
+
+def _rank_state(path: Path) -> dict | None:
+    """A rank's RNG state (plain tensors), loaded weights-only: a file that would run code is refused."""
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError for a foreign pickle, RuntimeError / EOFError for a truncated one
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path}: not a readable rank state ({type(err).__name__}: {first})") from err
 
 
 def read_full_model_state(path: str | Path) -> dict[str, torch.Tensor]:
     """The model part of a checkpoint as full (unsharded) tensors, in this process only."""
     path = Path(path)
     verify(path)
-    metadata = FileSystemReader(str(path)).read_metadata()
+    metadata = SafeReader(str(path)).read_metadata()
     template = {}
     for key, md in metadata.state_dict_metadata.items():
         if key.startswith("model.") and isinstance(md, TensorStorageMetadata):
             template[key[len("model."):]] = torch.empty(md.size, dtype=md.properties.dtype)
-    dcp.load({"model": template}, checkpoint_id=str(path), no_dist=True)
+    dcp.load({"model": template}, storage_reader=SafeReader(str(path)), no_dist=True)
     return template
 
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -30,7 +31,7 @@ from unirank.training import distributed
 from unirank.training import sharded_checkpoint as sc
 from unirank.training.batches import StepInputs, step_inputs
 from unirank.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from unirank.training.config import Config, ConfigError, load_config, task_weights, to_yaml
+from unirank.training.config import Config, load_config, task_weights, to_yaml
 from unirank.data.datasets import InteractionData, load_dataset
 from unirank.training.distill import load_teachers
 from unirank.evaluation.evaluate import ModelScorer, evaluate_task
@@ -42,7 +43,6 @@ from unirank.training.loss import item_frequencies, step_loss
 from unirank.training.run_state import RunState, optimizer_state, rng_state, set_rng_state, trainable
 
 TASK_BY_NAME = {name: task for task, name in TASK_NAMES.items()}
-ID_TABLE_WEIGHT = "item_tower.ebc.embedding_bags.item_id.weight"
 # keys a resumed run may change: where and how fast it runs, not what it computes
 RESUMABLE_CHANGES = ("train.threads", "train.max_minutes", "train.device", "train.stop_after_steps",
                      "train.checkpoint_every", "train.keep_checkpoints", "distributed")
@@ -130,32 +130,31 @@ def selection_score(metrics: dict[str, dict]) -> float:
     return float(np.mean([m["ndcg@10"]["mean"] for m in metrics.values()]))
 
 
-def parameter_groups(params: dict[str, nn.Parameter], cfg: Config) -> list[dict]:
-    """AdamW groups of the named trainable weights (training/run_state.trainable): a fine-tuned
-    pretrained encoder takes a much smaller step than the freshly initialised rest;
-    `train.id_weight_decay`, when set, gives the item-id table a decay of its own;
-    `train.decay_norms_and_biases=false` takes the 1-D weights (LayerNorm gains, biases) out of the
-    decay, so it cannot shrink the scale of the normalised context and item vectors (the logits)."""
-    encoder = [p for n, p in params.items() if n.startswith("query_encoder.")]
-    id_table = [p for n, p in params.items() if n == ID_TABLE_WEIGHT and cfg.train.id_weight_decay is not None]
-    ids = {id(p) for p in encoder + id_table}
-    rest = [p for p in params.values() if id(p) not in ids]
-    no_decay = [] if cfg.train.decay_norms_and_biases else [p for p in rest if p.dim() <= 1]
-    rest = [p for p in rest if p.dim() > 1 or cfg.train.decay_norms_and_biases]
-    return ([{"params": rest}] + ([{"params": encoder, "lr": cfg.train.encoder_lr}] if encoder else [])
-            + ([{"params": id_table, "weight_decay": cfg.train.id_weight_decay}] if id_table else [])
-            + ([{"params": no_decay, "weight_decay": 0.0}] if no_decay else []))
+def parameter_groups(model: nn.Module, cfg: Config, ranker: UnifiedRanker | None = None) -> list[dict]:
+    """AdamW groups of the trainable weights (training/run_state.trainable) by the roles the ranker
+    names (UnifiedRanker.parameter_groups): a fine-tuned pretrained encoder takes a much smaller
+    step than the freshly initialised rest; `train.id_weight_decay`, when set, gives the item-id
+    table a decay of its own. `model`: a ranker, or the (DMP-wrapped) module that holds `ranker`."""
+    params = list(trainable(model).values())
+    owned = {id(p) for p in params}  # tables with a fused optimizer are FBGEMM's, not in any group
+    roles = (ranker or model).parameter_groups()
+    encoder = [p for p in roles["encoder"] if id(p) in owned]
+    id_table = [p for p in roles["item_ids"] if id(p) in owned] if cfg.train.id_weight_decay is not None else []
+    apart = {id(p) for p in encoder + id_table}
+    return ([{"params": [p for p in params if id(p) not in apart]}]
+            + ([{"params": encoder, "lr": cfg.train.encoder_lr}] if encoder else [])
+            + ([{"params": id_table, "weight_decay": cfg.train.id_weight_decay}] if id_table else []))
 
 
-def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW over every weight the trainer owns (`model`: a ranker, or the module that holds it as `.ranker`)."""
-    return torch.optim.AdamW(parameter_groups(trainable(model), cfg), lr=cfg.train.lr,
+def make_optimizer(model: nn.Module, cfg: Config, ranker: UnifiedRanker | None = None) -> torch.optim.Optimizer:
+    """AdamW over every weight the trainer owns (`model`, `ranker`: as in parameter_groups)."""
+    return torch.optim.AdamW(parameter_groups(model, cfg, ranker), lr=cfg.train.lr,
                              weight_decay=cfg.train.weight_decay)
 
 
 def lr_factor(step: int, total_steps: int, cfg: Config) -> float:
     """Multiplier of train.lr at optimizer step `step` (0-based): linear warm-up, then constant or
-    cosine down to train.lr_min_ratio at `total_steps` (the max_epochs horizon)."""
+    cosine down to 0 at `total_steps` (the max_epochs horizon)."""
     t = cfg.train
     if t.warmup_steps and step < t.warmup_steps:
         return (step + 1) / t.warmup_steps
@@ -163,39 +162,7 @@ def lr_factor(step: int, total_steps: int, cfg: Config) -> float:
         return 1.0
     progress = min(1.0, (step - t.warmup_steps) / max(1, total_steps - t.warmup_steps))
     # a Python float: the optimizer state (checkpoints load weights-only) must hold no numpy scalars
-    return float(t.lr_min_ratio + (1.0 - t.lr_min_ratio) * 0.5 * (1.0 + np.cos(np.pi * progress)))
-
-
-class WeightAverage:
-    """Exponential moving average of the trainable weights (train.ema_decay), with the usual short
-    warm-up of the decay. `swapped()` puts the average into the model, for validation and the
-    checkpoint, and then restores the live weights the optimizer keeps training."""
-
-    def __init__(self, params: dict[str, nn.Parameter], decay: float):
-        self.names, self.params = list(params), list(params.values())
-        self.average = [p.detach().clone() for p in self.params]
-        self.decay, self.updates = decay, 0
-
-    @torch.no_grad()
-    def update(self) -> None:
-        self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1.0 - decay)
-
-    def state(self) -> dict:
-        """For the resumable checkpoint: the live average tensors (loaded into in place) by name."""
-        return {"updates": torch.tensor(self.updates), **dict(zip(self.names, self.average))}
-
-    @contextmanager
-    def swapped(self):
-        live = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            torch._foreach_copy_([p.data for p in self.params], self.average)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                torch._foreach_copy_([p.data for p in self.params], live)
+    return float(0.5 * (1.0 + np.cos(np.pi * progress)))
 
 
 class LossModule(nn.Module):
@@ -257,8 +224,6 @@ def _check_resumable(out: Path, root: Path, cfg: Config) -> Path | None:
 
 
 def _flat(cfg: Config) -> dict:
-    from omegaconf import OmegaConf
-
     def walk(node, prefix=""):
         for key, value in node.items():
             if isinstance(value, dict):
@@ -271,255 +236,333 @@ def _flat(cfg: Config) -> dict:
 def train(cfg: Config, prep: Prepared | None = None, quiet: bool = False) -> TrainResult:
     runtime = distributed.start(cfg)
     try:
-        return _train(cfg, runtime, prep, quiet)
+        return Trainer(cfg, runtime, prep, quiet).run()
     finally:
         runtime.stop()
 
 
-def _train(cfg: Config, runtime: distributed.Runtime, prep: Prepared | None, quiet: bool) -> TrainResult:
-    t0 = time.time()
-    device, rank, world = runtime.device, runtime.rank, runtime.world
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    torch.manual_seed(cfg.train.seed)
-    prep = prep or prepare(cfg)
-    tasks = [TASK_BY_NAME[t] for t in cfg.train.tasks]
-    weights = {task: task_weights(cfg.train)[TASK_NAMES[task]] for task in tasks}
-    out = Path(cfg.train.out_dir)
-    root = Path(cfg.distributed.checkpoint_dir or out / "checkpoints")
-    resume_from = _check_resumable(out, root, cfg)
-    ranker = build_ranker(cfg, prep)  # the same initial weights at every world size
-    examples = TrainingExamples(prep.split, prep.builder, cfg.train.batch_size, cfg.train.seed, tuple(tasks))
-    if Task.SIMILAR in tasks and not (examples.lengths >= 2).any():
-        raise ValueError("similar-item training needs users with >= 2 training items")
-    item_freq = item_frequencies(prep.split.train, prep.data.num_items).to(device)
-    queries = trained_queries(cfg, prep)
-    query_freq = None if queries is None else queries.frequencies().to(device)
-    generator = torch.Generator().manual_seed(cfg.train.seed)
-    excluded = None if prep.excluded_items is None else torch.as_tensor(prep.excluded_items, dtype=torch.int64,
-                                                                        device=device)
-    teachers = None
-    if cfg.train.distill_from:
-        teachers = load_teachers(cfg.train.distill_from, cfg.train.distill_weight, cfg.train.distill_temperature,
-                                 fingerprint=prep.data.fingerprint(), num_items=prep.data.num_items,
-                                 tokenizer_state=prep.tokenizer.to_dict(), max_history=cfg.model.max_history)
-        teachers.to(device)
-    module = LossModule(ranker, weights, excluded_items=excluded, mask_seen=cfg.train.mask_seen,
-                        future_window=cfg.train.future_window, future_weight=cfg.train.future_weight,
-                        label_smoothing=cfg.train.label_smoothing, teachers=teachers)
-    loaded = None
-    if cfg.train.init_from:  # weights before sharding: the planner's shards start from them
-        loaded = load_checkpoint(cfg.train.init_from, expect=ranker.config)
-        ranker.load_state_dict(loaded.ranker.state_dict())
-    plan = None
-    if runtime.sharded:
-        model, plan = distributed.shard(module, cfg, runtime)
-        core: LossModule = model.module
-    else:
-        model = core = module.to(device)
-    ranker = core.ranker
-    fused = distributed.fused_optimizer(model)
-    params = trainable(model)
-    names = {id(p): n for n, p in params.items()}
-    optimizer = make_optimizer(model, cfg)
-    if loaded is not None and loaded.optimizer_state:
-        try:
-            optimizer.load_state_dict(loaded.optimizer_state)
-        except ValueError as err:  # PyTorch's message names no option
-            raise CheckpointError(
-                f"{cfg.train.init_from}: its optimizer state does not fit this run's parameter groups "
-                f"({err}); train.id_weight_decay, train.decay_norms_and_biases and model.query_encoder "
-                "must be set as in the run that wrote it") from err
-    if cfg.train.ema_decay and fused is not None:
-        raise ConfigError("train.ema_decay averages the weights the trainer's AdamW owns; tables with a fused "
-                          f"optimizer (distributed.sparse_optimizer={cfg.distributed.sparse_optimizer}) are updated "
-                          "inside FBGEMM's backward: use sparse_optimizer=adamw")
-    average = WeightAverage(params, cfg.train.ema_decay) if cfg.train.ema_decay else None
-    base_lrs = [group["lr"] for group in optimizer.param_groups]  # the config's, even after a resume
-    fused_lrs = [group["lr"] for group in fused.param_groups] if fused is not None else []
-    steps_per_epoch = examples.steps_per_epoch()
-    total_steps = cfg.train.max_epochs * steps_per_epoch
-    autocast = _autocast(cfg, device)
+class Trainer:
+    """One run of `cfg` at this process's world size, from a fresh start, `train.init_from` or the
+    resumable checkpoint in its out_dir.
 
-    def checkpoint_state() -> dict:
-        state = {"model": model.state_dict(), "optim": optimizer_state(optimizer, names)}
-        if fused is not None:
-            state["fused"] = fused.state_dict()["state"]
-        if average is not None:
-            state["average"] = average.state()
-        return state
+    World size: every rank draws the same global batch and trains on its rows, with the same
+    initial weights, data order, negatives and id-dropout draws, so N ranks compute the one-process
+    step (same losses and validation: tests/distributed).
+    Resume: the resumable checkpoint holds the weights, the optimizer state, the loop's position
+    (epoch, batches done, the epoch's data-order RNG) and every RNG, so a killed run resumes to the
+    same result as one never stopped."""
 
-    st = RunState()
-    if loaded is not None:
-        st.best_epoch = loaded.metadata.get("epoch", 0)
-        st.best, st.epoch = selection_score(loaded.metadata["validation"]), st.best_epoch + 1
-        st.step = st.best_epoch * steps_per_epoch  # the schedule continues where it was
-    if resume_from is not None:
-        state = checkpoint_state()
-        restored = sc.load_sharded(resume_from, state)
+    def __init__(self, cfg: Config, runtime: distributed.Runtime, prep: Prepared | None, quiet: bool):
+        self.t0 = time.time()
+        self.cfg, self.runtime, self.quiet = cfg, runtime, quiet
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        torch.manual_seed(cfg.train.seed)
+        self.prep = prep = prep or prepare(cfg)
+        self.tasks = [TASK_BY_NAME[t] for t in cfg.train.tasks]
+        self.out = Path(cfg.train.out_dir)
+        self.root = Path(cfg.distributed.checkpoint_dir or self.out / "checkpoints")
+        self.resume_from = _check_resumable(self.out, self.root, cfg)
+        ranker = build_ranker(cfg, prep)  # the same initial weights at every world size
+        self.examples = TrainingExamples(prep.split, prep.builder, cfg.train.batch_size, cfg.train.seed,
+                                         tuple(self.tasks))
+        if Task.SIMILAR in self.tasks and not (self.examples.lengths >= 2).any():
+            raise ValueError("similar-item training needs users with >= 2 training items")
+        device = runtime.device
+        self.item_freq = item_frequencies(prep.split.train, prep.data.num_items).to(device)
+        queries = trained_queries(cfg, prep)
+        self.query_freq = None if queries is None else queries.frequencies().to(device)
+        self.generator = torch.Generator().manual_seed(cfg.train.seed)
+        module = self._loss_module(ranker)
+        self.loaded = None
+        if cfg.train.init_from:  # weights before sharding: the planner's shards start from them
+            self.loaded = load_checkpoint(cfg.train.init_from, expect=ranker.config)
+            ranker.load_state_dict(self.loaded.ranker.state_dict())
+        self.plan = None
         if runtime.sharded:
-            model.load_state_dict(state["model"])
-        if fused is not None:
-            fused.load_state_dict({**fused.state_dict(), "state": state["fused"]})
-        if average is not None:
-            average.updates = int(state["average"]["updates"])
-        trainer = restored["trainer"]
-        st = RunState.from_dict(trainer)
-        st.resumed_from = st.resumed_from + [{"checkpoint": resume_from.name, "from_world_size": trainer["world_size"],
-                                              "to_world_size": world}]
-        generator.set_state(torch.tensor(trainer["generator"], dtype=torch.uint8))
-        if restored["rank_state"] is not None and trainer["world_size"] == world:
-            set_rng_state(restored["rank_state"], device)
-        if runtime.is_main and not quiet:
-            print(f"resumed from {resume_from} (saved by {trainer['world_size']} rank(s), step {st.step})", flush=True)
-    metadata = {"dataset": prep.data.name, "fingerprint": prep.data.fingerprint(), "tasks": cfg.train.tasks}
-
-    # Written only once a resume or init_from has loaded, so a refused start leaves its run as it was.
-    writer = None
-    if runtime.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(to_yaml(cfg))
-        stale = sc.remove_stale(root)
-        if stale and not quiet:
-            print(f"removed uncommitted checkpoint(s): {[p.name for p in stale]}", flush=True)
-        writer = SummaryWriter(str(out / "tensorboard"))
-        if plan is not None and not quiet:
-            print(f"[unirank train] world_size={world} backend={torch.distributed.get_backend()} "
-                  f"table optimizer={cfg.distributed.sparse_optimizer}\n{json.dumps(plan)}", flush=True)
-    runtime.barrier()
-
-    def save_last() -> None:
-        trainer = {**st.to_dict(), "generator": generator.get_state().tolist(), "plan": plan}
-        sc.save_sharded(root, st.step, checkpoint_state(), trainer, rng_state(device), to_yaml(cfg),
-                        keep=cfg.train.keep_checkpoints, protect=(st.best_checkpoint,) if st.best_checkpoint else ())
-
-    def save_best(epoch: int, metrics: dict) -> None:
-        """best.pt at once where every table is whole on each rank; sharded tables: at the end,
-        consolidated from that step's committed checkpoint (kept until then)."""
-        state = model.state_dict()
-        if all(isinstance(v, torch.Tensor) and type(v) is torch.Tensor for v in state.values()):
-            if runtime.is_main:
-                full = {k[len("ranker."):]: v for k, v in state.items() if k.startswith("ranker.")}
-                save_checkpoint(out / "best.pt", ranker, prep.tokenizer, prep.data.item_attributes, prep.item_words,
-                                to_yaml(cfg), {**metadata, "epoch": epoch, "validation": metrics,
-                                               "trained_world_size": world},
-                                optimizer if fused is None else None, state_dict=full,
-                                query_texts=trained_query_texts(cfg, prep))
-            st.best_checkpoint = None
+            self.model, self.plan = distributed.shard(module, cfg, runtime)
+            self.ranker = self.model.module.ranker
         else:
-            st.best_checkpoint = sc.checkpoint_name(st.step)
+            self.model = module.to(device)
+            self.ranker = module.ranker
+        self._make_optimizers()
+        self.steps_per_epoch = self.examples.steps_per_epoch()
+        self.total_steps = cfg.train.max_epochs * self.steps_per_epoch
+        self.autocast = _autocast(cfg, device)
+        self.st = RunState()
+        self.writer, self.memory, self.stopped, self.clock = None, None, False, time.time()
 
-    memory, stopped = None, False
-    while st.epoch <= cfg.train.max_epochs and not st.finished and not stopped:
-        epoch = st.epoch
-        if st.epoch_rng is not None:
-            examples.rng.bit_generator.state = st.epoch_rng
-        st.epoch_rng = examples.rng.bit_generator.state
-        skip, t_epoch = st.batches_done, time.time()
-        model.train()
-        bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch}", disable=quiet or not runtime.is_main,
-                   leave=False)
-        for i, batch in enumerate(examples.epoch()):
+    def _loss_module(self, ranker: UnifiedRanker) -> LossModule:
+        cfg, prep, device = self.cfg, self.prep, self.runtime.device
+        weights = {task: task_weights(cfg.train)[TASK_NAMES[task]] for task in self.tasks}
+        excluded = None if prep.excluded_items is None else torch.as_tensor(prep.excluded_items, dtype=torch.int64,
+                                                                            device=device)
+        teachers = None
+        if cfg.train.distill_from:
+            teachers = load_teachers(cfg.train.distill_from, cfg.train.distill_weight, cfg.train.distill_temperature,
+                                     fingerprint=prep.data.fingerprint(), num_items=prep.data.num_items,
+                                     tokenizer_state=prep.tokenizer.to_dict(), max_history=cfg.model.max_history)
+            teachers.to(device)
+        return LossModule(ranker, weights, excluded_items=excluded, teachers=teachers)
+
+    def _make_optimizers(self) -> None:
+        """The trainer's AdamW (with init_from's optimizer state) and, for tables updated inside
+        FBGEMM's backward, their fused optimizer; the config's base rates the schedule multiplies."""
+        self.fused = distributed.fused_optimizer(self.model)
+        self.names = {id(p): n for n, p in trainable(self.model).items()}
+        self.optimizer = make_optimizer(self.model, self.cfg, self.ranker)
+        if self.loaded is not None and self.loaded.optimizer_state:
+            try:
+                self.optimizer.load_state_dict(self.loaded.optimizer_state)
+            except ValueError as err:  # PyTorch's message names no option
+                raise CheckpointError(
+                    f"{self.cfg.train.init_from}: its optimizer state does not fit this run's parameter groups "
+                    f"({err}); train.id_weight_decay and model.query_encoder must be set as in the run that "
+                    "wrote it") from err
+        self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]  # the config's, even after a resume
+        self.fused_lrs = [group["lr"] for group in self.fused.param_groups] if self.fused is not None else []
+
+    def run(self) -> TrainResult:
+        self.restore()
+        self.open_run_dir()
+        while self.st.epoch <= self.cfg.train.max_epochs and not self.st.finished and not self.stopped:
+            self.epoch()
+        if not self.stopped and not self.st.finished:  # max_epochs reached without a validation round left to run
+            self.st.finished = True
+            self.save_last()
+        return self.finish()
+
+    def restore(self) -> None:
+        """init_from: the schedule continues after the loaded run's best epoch. A resumable
+        checkpoint: weights, optimizer state, loop position and RNGs as saved, so the run goes on
+        as if never stopped (at any world size: DCP reshards the tables to this run's plan)."""
+        if self.loaded is not None:
+            st = self.st
+            st.best_epoch = self.loaded.metadata.get("epoch", 0)
+            st.best, st.epoch = selection_score(self.loaded.metadata["validation"]), st.best_epoch + 1
+            st.step = st.best_epoch * self.steps_per_epoch
+        if self.resume_from is not None:
+            self.resume(self.resume_from)
+
+    def resume(self, path: Path) -> None:
+        state = self.checkpoint_state()
+        restored = sc.load_sharded(path, state)  # into the live tensors of `state`
+        if self.runtime.sharded:
+            self.model.load_state_dict(state["model"])
+        if self.fused is not None:
+            self.fused.load_state_dict({**self.fused.state_dict(), "state": state["fused"]})
+        saved = restored["trainer"]
+        self.st = RunState.from_dict(saved)
+        self.st.resumed_from = self.st.resumed_from + [{"checkpoint": path.name, "from_world_size": saved["world_size"],
+                                                        "to_world_size": self.runtime.world}]
+        self.generator.set_state(torch.tensor(saved["generator"], dtype=torch.uint8))
+        if restored["rank_state"] is not None and saved["world_size"] == self.runtime.world:
+            set_rng_state(restored["rank_state"], self.runtime.device)
+        self.say(f"resumed from {path} (saved by {saved['world_size']} rank(s), step {self.st.step})")
+
+    def open_run_dir(self) -> None:
+        """Written only once a resume or init_from has loaded, so a refused start leaves its run as it was."""
+        if self.runtime.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(to_yaml(self.cfg))
+            stale = sc.remove_stale(self.root)
+            if stale:
+                self.say(f"removed uncommitted checkpoint(s): {[p.name for p in stale]}")
+            self.writer = SummaryWriter(str(self.out / "tensorboard"))
+            if self.plan is not None:
+                self.say(f"[unirank train] world_size={self.runtime.world} backend={torch.distributed.get_backend()} "
+                         f"table optimizer={self.cfg.distributed.sparse_optimizer}\n{json.dumps(self.plan)}")
+        self.runtime.barrier()
+
+    def epoch(self) -> None:
+        """Trains the current epoch from its first untrained batch, then validates it (every
+        train.eval_every epochs, the last one, or once over the time budget) and checkpoints."""
+        epoch = self.st.epoch
+        self.train_epoch()
+        if self.stopped:
+            return
+        self.st.epoch, self.st.batches_done, self.st.epoch_rng = epoch + 1, 0, self.examples.rng.bit_generator.state
+        over_budget = self.over_budget()
+        if epoch % self.cfg.train.eval_every == 0 or over_budget or epoch == self.cfg.train.max_epochs:
+            self.validate(epoch, over_budget)
+        self.save_last()
+
+    def train_epoch(self) -> None:
+        st = self.st
+        if st.epoch_rng is not None:  # a resumed epoch replays its data order
+            self.examples.rng.bit_generator.state = st.epoch_rng
+        st.epoch_rng = self.examples.rng.bit_generator.state
+        skip, self.clock = st.batches_done, time.time()
+        self.model.train()
+        bar = tqdm(total=self.steps_per_epoch, initial=skip, desc=f"epoch {st.epoch}", leave=False,
+                   disable=self.quiet or not self.runtime.is_main)
+        for i, batch in enumerate(self.examples.epoch()):
             if i < skip:  # replayed for the data-order RNG, trained before the checkpoint
                 continue
-            factor = lr_factor(st.step, total_steps, cfg)
-            for group, base in zip(optimizer.param_groups, base_lrs):
-                group["lr"] = base * factor
-            if fused is not None:
-                for group, base in zip(fused.param_groups, fused_lrs):
-                    group["lr"] = base * factor
-            inputs = step_inputs(ranker, batch.to(device), num_negatives=cfg.train.num_negatives, item_freq=item_freq,
-                                 generator=generator, rank=rank, world=world,
-                                 id_dropout_seed=step_seed(cfg.train.seed, st.step), query_freq=query_freq)
-            if runtime.sharded:  # the sharded collection's input all-to-all starts from this KJT
-                inputs.items.features = inputs.items.features.to_kjt()
-            with autocast:
-                loss, task_sums = model(inputs)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if fused is not None:
-                fused.step()  # applies the scheduled rate (the update itself ran in the backward)
-            if average is not None:
-                average.update()
-            report = runtime.all_reduce(torch.cat([loss.detach().float().reshape(1) / world, task_sums.float()]).cpu())
-            counts = inputs.task_counts
-            st.step, st.batches_done = st.step + 1, i + 1
-            st.samples += batch.request.batch_size
-            st.losses.append(float(report[0]))
-            st.task_losses.append({TASK_NAMES[t]: float(report[1 + int(t)] / counts[int(t)]) for t in tasks
-                                   if counts[int(t)] > 0})
-            if writer is not None:
-                for name, value in st.task_losses[-1].items():
-                    writer.add_scalar(f"loss/{name}", value, st.step)
+            self.step(batch)
+            st.batches_done = i + 1
             bar.update()
             bar.set_postfix(loss=f"{st.losses[-1]:.3f}")
-            if memory is None:
-                memory = distributed.memory_report(model, optimizer_state(optimizer, names), rank)
-            if cfg.train.checkpoint_every and st.step % cfg.train.checkpoint_every == 0:
-                st.train_seconds += time.time() - t_epoch
-                t_epoch = time.time()
-                save_last()
-            if cfg.train.stop_after_steps is not None and st.step >= cfg.train.stop_after_steps:
-                stopped = True
+            if self.checkpoint_due():
+                self.count_train_time()
+                self.save_last()
+            if self.cfg.train.stop_after_steps is not None and st.step >= self.cfg.train.stop_after_steps:
+                self.stopped = True
                 break
         bar.close()
-        st.train_seconds += time.time() - t_epoch
-        if stopped:
-            if not (cfg.train.checkpoint_every and st.step % cfg.train.checkpoint_every == 0):
-                save_last()
-            if runtime.is_main and not quiet:
-                print(f"stopped at step {st.step} (train.stop_after_steps)", flush=True)
-            break
-        st.epoch, st.batches_done, st.epoch_rng = epoch + 1, 0, examples.rng.bit_generator.state
-        over = torch.tensor([float(cfg.train.max_minutes is not None and time.time() - t0 > 60 * cfg.train.max_minutes)])
-        over_budget = bool(runtime.all_reduce(over, op=torch.distributed.ReduceOp.MAX).item()) if runtime.sharded \
-            else bool(over.item())
-        if epoch % cfg.train.eval_every and not over_budget and epoch != cfg.train.max_epochs:
-            save_last()
-            continue
-        with average.swapped() if average is not None else nullcontext():  # the average is validated and saved
-            metrics = validate(ranker, prep, tasks, cfg)  # every rank, same inputs: sharded lookups stay collective
-            score = selection_score(metrics)
-            improved = score > st.best
-            if improved:
-                save_best(epoch, metrics)
-        row = {"epoch": epoch, "step": st.step, "seconds": round(time.time() - t0, 1), "score": score,
+        self.count_train_time()
+        if self.stopped:
+            if not self.checkpoint_due():
+                self.save_last()
+            self.say(f"stopped at step {st.step} (train.stop_after_steps)")
+
+    def step(self, batch) -> None:
+        """One optimizer step on the global batch (this rank's rows of it); every rank reports the
+        global loss."""
+        st, device = self.st, self.runtime.device
+        self.set_rates(lr_factor(st.step, self.total_steps, self.cfg))
+        inputs = step_inputs(self.ranker, batch.to(device), num_negatives=self.cfg.train.num_negatives,
+                             item_freq=self.item_freq, generator=self.generator, rank=self.runtime.rank,
+                             world=self.runtime.world, id_dropout_seed=step_seed(self.cfg.train.seed, st.step),
+                             query_freq=self.query_freq)
+        if self.runtime.sharded:  # the sharded collection's input all-to-all starts from this KJT
+            inputs.items.features = inputs.items.features.to_kjt()
+        with self.autocast:
+            loss, task_sums = self.model(inputs)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if self.fused is not None:
+            self.fused.step()  # applies the scheduled rate (the update itself ran in the backward)
+        self.record(loss, task_sums, inputs.task_counts, batch.request.batch_size)
+
+    def set_rates(self, factor: float) -> None:
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * factor
+        if self.fused is not None:
+            for group, base in zip(self.fused.param_groups, self.fused_lrs):
+                group["lr"] = base * factor
+
+    def record(self, loss: torch.Tensor, task_sums: torch.Tensor, counts, samples: int) -> None:
+        st, world = self.st, self.runtime.world
+        report = self.runtime.all_reduce(torch.cat([loss.detach().float().reshape(1) / world, task_sums.float()]).cpu())
+        st.step += 1
+        st.samples += samples
+        st.losses.append(float(report[0]))
+        st.task_losses.append({TASK_NAMES[t]: float(report[1 + int(t)] / counts[int(t)]) for t in self.tasks
+                               if counts[int(t)] > 0})
+        if self.writer is not None:
+            for name, value in st.task_losses[-1].items():
+                self.writer.add_scalar(f"loss/{name}", value, st.step)
+        if self.memory is None:
+            self.memory = distributed.memory_report(self.model, optimizer_state(self.optimizer, self.names),
+                                                    self.runtime.rank)
+
+    def checkpoint_due(self) -> bool:
+        every = self.cfg.train.checkpoint_every
+        return bool(every) and self.st.step % every == 0
+
+    def count_train_time(self) -> None:
+        now = time.time()
+        self.st.train_seconds += now - self.clock
+        self.clock = now
+
+    def over_budget(self) -> bool:
+        """train.max_minutes spent on any rank (every rank then stops at the same epoch)."""
+        limit = self.cfg.train.max_minutes
+        over = torch.tensor([float(limit is not None and time.time() - self.t0 > 60 * limit)])
+        if self.runtime.sharded:
+            over = self.runtime.all_reduce(over, op=torch.distributed.ReduceOp.MAX)
+        return bool(over.item())
+
+    def validate(self, epoch: int, over_budget: bool) -> None:
+        """A validation round: every rank scores the same users (sharded lookups stay collective);
+        the best score so far is saved, train.patience rounds without one stop the run."""
+        st = self.st
+        metrics = validate(self.ranker, self.prep, self.tasks, self.cfg)
+        score = selection_score(metrics)
+        improved = score > st.best
+        if improved:
+            self.save_best(epoch, metrics)
+        row = {"epoch": epoch, "step": st.step, "seconds": round(time.time() - self.t0, 1), "score": score,
                **{f"{t}/{k}": m[k]["mean"] for t, m in metrics.items() for k in ("recall@10", "ndcg@10")}}
         st.history.append(row)
-        if writer is not None:
-            (out / "train_history.json").write_text(json.dumps(st.history, indent=1))  # kept if the run is stopped
-            for key, value in row.items():
-                if "/" in key:
-                    writer.add_scalar(f"valid/{key}", value, st.step)
-            if not quiet:
-                print(json.dumps(row), flush=True)
+        self.log_round(row)
         if improved:
             st.best, st.best_epoch, st.bad_rounds, st.validation = score, epoch, 0, metrics
         else:
             st.bad_rounds += 1
-        st.finished = st.bad_rounds >= cfg.train.patience or over_budget or epoch == cfg.train.max_epochs
-        save_last()
-    if not stopped and not st.finished:  # max_epochs reached without a validation round left to run
-        st.finished = True
-        save_last()
+        st.finished = st.bad_rounds >= self.cfg.train.patience or over_budget or epoch == self.cfg.train.max_epochs
 
-    memories = [None] * world
-    if runtime.sharded:
-        torch.distributed.all_gather_object(memories, memory)
-    else:
-        memories = [memory]
-    result = {"world_size": world, "device": str(device), "steps": st.step, "best_epoch": st.best_epoch,
-              "best_score": st.best, "history": st.history, "losses": st.losses, "task_losses": st.task_losses,
-              "samples_per_s": round(st.samples / max(st.train_seconds, 1e-9), 1),
-              "train_seconds": round(st.train_seconds, 2), "memory": memories, "plan": plan,
-              "resumed_from": st.resumed_from, "stopped": stopped, "seconds": round(time.time() - t0, 1)}
-    if runtime.is_main:
-        (out / "train_history.json").write_text(json.dumps(st.history, indent=1))
-        if not stopped and st.best_checkpoint and cfg.distributed.consolidate:
-            sc.consolidate(root / st.best_checkpoint, out / "best.pt", cfg, prep)
-        (out / "train_result.json").write_text(json.dumps(result, indent=1))
-        writer.close()
-    runtime.barrier()
-    best_row = next((r for r in st.history if r["epoch"] == st.best_epoch), {})
-    return TrainResult(out / "best.pt", st.best_epoch, best_row, st.history, time.time() - t0)
+    def log_round(self, row: dict) -> None:
+        if self.writer is None:
+            return
+        (self.out / "train_history.json").write_text(json.dumps(self.st.history, indent=1))  # kept if the run is stopped
+        for key, value in row.items():
+            if "/" in key:
+                self.writer.add_scalar(f"valid/{key}", value, self.st.step)
+        self.say(json.dumps(row))
+
+    def checkpoint_state(self) -> dict:
+        """The tensors of the resumable checkpoint (DCP saves them, and loads into them)."""
+        state = {"model": self.model.state_dict(), "optim": optimizer_state(self.optimizer, self.names)}
+        if self.fused is not None:
+            state["fused"] = self.fused.state_dict()["state"]
+        return state
+
+    def save_last(self) -> None:
+        """The resumable checkpoint of this step (collective), with the loop state beside the tensors."""
+        st = self.st
+        trainer = {**st.to_dict(), "generator": self.generator.get_state().tolist(), "plan": self.plan}
+        sc.save_sharded(self.root, st.step, self.checkpoint_state(), trainer, rng_state(self.runtime.device),
+                        to_yaml(self.cfg), keep=self.cfg.train.keep_checkpoints,
+                        protect=(st.best_checkpoint,) if st.best_checkpoint else ())
+
+    def save_best(self, epoch: int, metrics: dict) -> None:
+        """best.pt at once where every table is whole on each rank; sharded tables: at the end,
+        consolidated from that step's committed checkpoint (kept until then)."""
+        state = self.model.state_dict()
+        if not all(isinstance(v, torch.Tensor) and type(v) is torch.Tensor for v in state.values()):
+            self.st.best_checkpoint = sc.checkpoint_name(self.st.step)
+            return
+        if self.runtime.is_main:
+            prep, cfg = self.prep, self.cfg
+            full = {k[len("ranker."):]: v for k, v in state.items() if k.startswith("ranker.")}
+            save_checkpoint(self.out / "best.pt", self.ranker, prep.tokenizer, prep.data.item_attributes,
+                            prep.item_words, to_yaml(cfg),
+                            {**self.metadata(), "epoch": epoch, "validation": metrics,
+                             "trained_world_size": self.runtime.world},
+                            self.optimizer if self.fused is None else None, state_dict=full,
+                            query_texts=trained_query_texts(cfg, prep))
+        self.st.best_checkpoint = None
+
+    def metadata(self) -> dict:
+        data = self.prep.data
+        return {"dataset": data.name, "fingerprint": data.fingerprint(), "tasks": self.cfg.train.tasks}
+
+    def finish(self) -> TrainResult:
+        """train_result.json (every rank's memory, the losses, the history) and, for sharded tables,
+        best.pt consolidated from the best epoch's checkpoint."""
+        st, runtime = self.st, self.runtime
+        memories = [self.memory]
+        if runtime.sharded:
+            memories = [None] * runtime.world
+            torch.distributed.all_gather_object(memories, self.memory)
+        result = {"world_size": runtime.world, "device": str(runtime.device), "steps": st.step,
+                  "best_epoch": st.best_epoch, "best_score": st.best, "history": st.history, "losses": st.losses,
+                  "task_losses": st.task_losses, "samples_per_s": round(st.samples / max(st.train_seconds, 1e-9), 1),
+                  "train_seconds": round(st.train_seconds, 2), "memory": memories, "plan": self.plan,
+                  "resumed_from": st.resumed_from, "stopped": self.stopped, "seconds": round(time.time() - self.t0, 1)}
+        if runtime.is_main:
+            (self.out / "train_history.json").write_text(json.dumps(st.history, indent=1))
+            if not self.stopped and st.best_checkpoint and self.cfg.distributed.consolidate:
+                sc.consolidate(self.root / st.best_checkpoint, self.out / "best.pt", self.cfg, self.prep)
+            (self.out / "train_result.json").write_text(json.dumps(result, indent=1))
+            self.writer.close()
+        runtime.barrier()
+        best_row = next((r for r in st.history if r["epoch"] == st.best_epoch), {})
+        return TrainResult(self.out / "best.pt", st.best_epoch, best_row, st.history, time.time() - self.t0)
+
+    def say(self, message: str) -> None:
+        if self.runtime.is_main and not self.quiet:
+            print(message, flush=True)
