@@ -49,8 +49,7 @@ def test_model_data_path_and_loss_create_tensors_on_their_inputs_device(tmp_path
     with mode:
         inputs = step_inputs(ranker, batch, num_negatives=num_negatives, item_freq=freq,
                              generator=torch.Generator().manual_seed(0), rank=1, world=2, id_dropout_seed=7)
-        loss, _ = step_loss(ranker, inputs, weights, mask_seen=True, future_window=2, future_weight=0.2,
-                            label_smoothing=0.1)
+        loss, _ = step_loss(ranker, inputs, weights)
         loss.backward()
         ranker.eval()
         with torch.no_grad():

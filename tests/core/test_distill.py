@@ -64,18 +64,18 @@ def test_loss_is_the_cross_entropy_against_the_teachers_geometric_mean(tmp_path,
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_a_student_equal_to_its_teacher_gets_no_gradient(tmp_path, temperature):
     """Weight 1, student = a copy of the teacher: the student's softmax already is the target, so the
-    gradient vanishes (with masked seen items and an excluded item, which both sides must leave out
+    gradient vanishes (with an excluded item, which both sides must leave out
     alike); a different student gets a gradient."""
     cfg, prep, teacher, batch, freq = first_batch(tmp_path)
     student = copy.deepcopy(teacher)
     teachers = Teachers([teacher], weight=1.0, temperature=temperature)
     excluded = torch.tensor([3, 7])
-    loss = distill_loss(student, teachers, batch, freq, mask_seen=True, excluded_items=excluded)
+    loss = distill_loss(student, teachers, batch, freq, excluded_items=excluded)
     grads = torch.autograd.grad(loss, [p for p in student.parameters() if p.requires_grad], allow_unused=True)
     assert max(float(g.abs().max()) for g in grads if g is not None) < 1e-5
     torch.manual_seed(5)
     other = build_ranker(cfg, prep).eval()
-    loss = distill_loss(other, teachers, batch, freq, mask_seen=True, excluded_items=excluded)
+    loss = distill_loss(other, teachers, batch, freq, excluded_items=excluded)
     grads = torch.autograd.grad(loss, [p for p in other.parameters() if p.requires_grad], allow_unused=True)
     assert max(float(g.abs().max()) for g in grads if g is not None) > 1e-3
 

@@ -181,7 +181,7 @@ def test_the_ranks_shares_average_to_the_one_process_loss_and_gradient(tmp_path,
         ranker.zero_grad(set_to_none=True)
         inputs = step_inputs(ranker, batch, num_negatives=num_negatives, item_freq=freq,
                              generator=torch.Generator().manual_seed(3), rank=rank, world=world)
-        loss, sums = step_loss(ranker, inputs, weights, mask_seen=True, label_smoothing=0.1)
+        loss, sums = step_loss(ranker, inputs, weights)
         loss.backward()
         return loss.detach(), sums, [p.grad.clone() for p in ranker.parameters()]
 
@@ -215,111 +215,6 @@ def test_chunked_full_softmax_matches_one_matrix(chunk_bytes):
     torch.testing.assert_close(chunked, whole)
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want)
-    # Label smoothing spreads its share over the candidates only: PyTorch's own, on the matrix
-    # without the excluded column (with it, PyTorch's loss is infinite).
-    smoothed = full_softmax_cross_entropy(logits_of, len(h), 4 * len(items), labels, excluded, chunk_bytes=chunk_bytes,
-                                          label_smoothing=0.2)
-    grads = torch.autograd.grad((smoothed * weights).sum(), (h, items))
-    whole = F.cross_entropy((h @ items.T)[:, :6], labels, reduction="none", label_smoothing=0.2)
-    expected = torch.autograd.grad((whole * weights).sum(), (h, items))
-    assert (smoothed > chunked.detach()).any()
-    torch.testing.assert_close(smoothed, whole)
-    for got, want in zip(grads, expected):
-        torch.testing.assert_close(got, want)
-
-
-@pytest.mark.parametrize("num_negatives", [0, 40])
-def test_label_smoothing_is_the_mix_of_the_target_and_the_uniform_cross_entropy(tmp_path, num_negatives):
-    """Through softmax_loss, on both paths: loss(e) = (1 - e) * loss(0) + e * loss(1), since the
-    smoothed loss is linear in e; the uniform part is finite (only candidates count) and larger."""
-    cfg, prep, ranker, batch, freq = first_batch(tmp_path)
-    weights = {t: 1.0 for t in Task}
-
-    def loss(e):
-        return softmax_loss(ranker, batch, num_negatives, freq, torch.Generator().manual_seed(3), weights,
-                            label_smoothing=e)[0]
-    plain, uniform, mixed = loss(0.0), loss(0.999999), loss(0.3)
-    assert torch.isfinite(uniform) and uniform > plain
-    torch.testing.assert_close(mixed, 0.7 * plain + 0.3 * uniform, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("num_negatives", [0, 40])
-def test_mask_seen_drops_exactly_the_filtered_items_from_each_softmax(tmp_path, num_negatives):
-    """train.mask_seen: every position's softmax leaves out the items evaluation filters for that target
-    (the history before it; the similar-item source), and nothing else. Checked against a per-row loop."""
-    cfg, prep, ranker, batch, freq = first_batch(tmp_path)
-    weights = {t: 1.0 for t in Task}
-    n, req = prep.data.num_items, batch.request
-    with torch.no_grad():
-        _, masked = softmax_loss(ranker, batch, num_negatives, freq, torch.Generator().manual_seed(3), weights,
-                                 mask_seen=True)
-        _, plain = softmax_loss(ranker, batch, num_negatives, freq, torch.Generator().manual_seed(3), weights)
-        if num_negatives:  # the sampled path: at least as low as without the mask (fewer negatives)
-            assert all(masked[t] <= plain[t] + 1e-6 for t in Task)
-            return
-        hidden, _, _ = ranker.encode(req.task, req.history, req.history_lengths, req.query, req.query_lengths,
-                                     req.source_item)
-        items = ranker.all_item_embeddings()[1: n + 1]
-        per_task: dict = {t: [] for t in Task}
-        masked_somewhere = False
-        for b in range(len(req.task)):
-            task = Task(int(req.task[b]))
-            for j in range(hidden.shape[1] - 1):
-                target = int(batch.targets[b, j])
-                if target <= 0:
-                    continue
-                seen = set(req.history[b, :j].tolist()) | ({int(req.source_item[b])} if task == Task.SIMILAR else set())
-                seen -= {0, target}
-                logits = ranker.similarity(hidden[b, 1 + j].unsqueeze(0), items)[0]
-                if seen:
-                    logits[torch.tensor(sorted(seen)) - 1] = -torch.inf
-                    masked_somewhere = True
-                per_task[task].append(F.cross_entropy(logits.unsqueeze(0), torch.tensor([target - 1])))
-        assert masked_somewhere
-        for task in Task:
-            torch.testing.assert_close(masked[task], torch.stack(per_task[task]).mean(), rtol=1e-5, atol=1e-6)
-            assert masked[task] < plain[task]
-
-
-@pytest.mark.parametrize("num_negatives", [0, 40])
-def test_future_targets_spread_the_weight_over_the_next_items_of_prequery_rows(tmp_path, num_negatives):
-    """train.future_window / future_weight: a pre-query position's loss is the cross-entropy against
-    1 - a on its next item and a shared by the K items after it (all on the next item at the row's
-    end); search and similar-item keep their one target. Checked against a per-row loop."""
-    cfg, prep, ranker, batch, freq = first_batch(tmp_path)
-    weights, window, share = {t: 1.0 for t in Task}, 2, 0.3
-    n, req = prep.data.num_items, batch.request
-    with torch.no_grad():
-        _, soft = softmax_loss(ranker, batch, num_negatives, freq, torch.Generator().manual_seed(3), weights,
-                               future_window=window, future_weight=share)
-        _, plain = softmax_loss(ranker, batch, num_negatives, freq, torch.Generator().manual_seed(3), weights)
-        for task in (Task.SEARCH, Task.SIMILAR):
-            torch.testing.assert_close(soft[task], plain[task])
-        # With mask_seen too: a future item that repeats an earlier one stays a candidate (finite loss).
-        _, both = softmax_loss(ranker, batch, num_negatives, freq, torch.Generator().manual_seed(3), weights,
-                               mask_seen=True, future_window=window, future_weight=share)
-        assert all(torch.isfinite(loss) for loss in both.values())
-        if num_negatives:  # the sampled path: a different loss on pre-query, same on the other tasks
-            assert not torch.isclose(soft[Task.PREQUERY], plain[Task.PREQUERY])
-            return
-        hidden, _, _ = ranker.encode(req.task, req.history, req.history_lengths, req.query, req.query_lengths,
-                                     req.source_item)
-        items = ranker.all_item_embeddings()[1: n + 1]
-        losses, spread_somewhere = [], False
-        for b in torch.nonzero(req.task == Task.PREQUERY).squeeze(1).tolist():
-            row = batch.targets[b, : hidden.shape[1] - 1].tolist()
-            for j, target in enumerate(row):
-                if target <= 0:
-                    continue
-                future = [t for t in row[j + 1: j + 1 + window] if t > 0]
-                log_p = F.log_softmax(ranker.similarity(hidden[b, 1 + j].unsqueeze(0), items)[0], dim=0)
-                loss = -(1 - share * bool(future)) * log_p[target - 1]
-                for t in future:
-                    loss = loss - share / len(future) * log_p[t - 1]
-                spread_somewhere |= bool(future)
-                losses.append(loss)
-        assert spread_somewhere
-        torch.testing.assert_close(soft[Task.PREQUERY], torch.stack(losses).mean(), rtol=1e-5, atol=1e-6)
 
 
 def decay_only_step(tmp_path, *overrides: str):

@@ -167,14 +167,13 @@ def test_cold_start_run_on_synthetic(tmp_path):
 
 
 def test_finetuned_encoder_gets_its_own_learning_rate(wordpiece):
-    from unirank.training.run_state import trainable
     from unirank.training.train import parameter_groups
 
     cfg = load_config(None, ["model.tokenizer=wordpiece", "model.query_encoder=finetune", "train.encoder_lr=1e-5"])
     ranker = UnifiedRanker(RankerConfig(num_items=N, num_attributes=4, num_words=wordpiece.vocab_size, dim=DIM,
                                         num_heads=2, tokenizer="wordpiece", query_encoder="finetune"),
                            [[]] * (N + 1), [[]] * (N + 1))
-    rest, encoder = parameter_groups(trainable(ranker), cfg)
+    rest, encoder = parameter_groups(ranker, cfg)
     assert encoder["lr"] == 1e-5 and "lr" not in rest
     assert {id(p) for p in encoder["params"]} == {id(p) for p in ranker.query_encoder.parameters()}
     assert ranker.query_encoder.memoize is False
