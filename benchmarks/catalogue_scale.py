@@ -37,7 +37,7 @@ from serving_load import build_requests, commit, machine, run_load, server_call
 from unirank.serving.client import RequestBuilder
 from unirank.model.tokenizer import load_tokenizer
 from unirank.serving.context_export import export_context_onnx, item_vectors
-from unirank.serving.export import export_onnx, onnx_session
+from unirank.serving.onnx_graph import export_onnx, onnx_session
 from unirank.serving.item_index import INDEX_FILE, IndexOptions, ItemIndex
 from unirank.serving.metadata import METADATA_FILE, MODEL_FILE, TOKENIZER_FILE, ExportMetadata, external_data_files
 from unirank.serving.model_repository import build_model_repository

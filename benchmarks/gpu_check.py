@@ -27,7 +27,7 @@ LOSS_RTOL = 2e-3  # fp32 on CUDA vs CPU over 200 AdamW steps: reduction order an
 
 
 def run_steps(device: str, steps: int, overrides: list[str], out: Path) -> dict:
-    from unirank.training.config import load_config
+    from unirank.config import load_config
     from unirank.training.train import train
 
     cfg = load_config("quickstart", [f"train.device={device}", f"train.stop_after_steps={steps}",

@@ -123,7 +123,7 @@ def teachers_wall_seconds(teachers: list[str]) -> float | None:
 
 def run_config(run_dir: Path, data_path: str, num_bootstrap: int):
     """The config of a finished `unirank train` directory, refused if a file the report reads is missing."""
-    from unirank.training.config import load_config
+    from unirank.config import load_config
 
     for needed in ("best.pt", "config.yaml", "train_history.json"):
         if not (run_dir / needed).is_file():
@@ -137,7 +137,7 @@ def ensemble_report(run_dirs: list[Path], data_path: str, num_bootstrap: int) ->
     from unirank.model.request import TASK_NAMES, Task
     from unirank.evaluation.evaluate import EnsembleScorer, evaluate_all, evaluate_task
     from unirank.experiments.report import load_trained
-    from unirank.training.train import prepare
+    from unirank.data.prepare import prepare
 
     configs = [run_config(run_dir, data_path, num_bootstrap) for run_dir in run_dirs]
     cfg, prep = configs[0], prepare(configs[0])
@@ -162,7 +162,7 @@ def ensemble_report(run_dirs: list[Path], data_path: str, num_bootstrap: int) ->
 
 
 def train_ours(args: argparse.Namespace) -> Path:
-    from unirank.training.config import load_config
+    from unirank.config import load_config
     from unirank.training.train import train
 
     out = ROOT / "runs" / "quality" / Path(args.data).name / "unirank"
@@ -293,7 +293,7 @@ def check_inputs(args: argparse.Namespace) -> None:
     if not args.peer_list and args.no_ours:
         raise BenchmarkInputError("nothing to run: no peers and --no-ours")
     if not (args.ours_run or args.no_ours):  # a bad config fails now, not after the peers' minutes
-        from unirank.training.config import ConfigError, load_config
+        from unirank.config import ConfigError, load_config
         try:
             load_config(args.ours_config, [f"data.path={args.data}", *args.ours_set])
         except ConfigError as err:
@@ -302,9 +302,9 @@ def check_inputs(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from unirank.training.config import load_config
+    from unirank.config import load_config
     from unirank.experiments.report import run_metadata
-    from unirank.training.train import prepare
+    from unirank.data.prepare import prepare
 
     cfg = load_config("default", [f"data.path={args.data}"])
     prep = prepare(cfg)

@@ -26,7 +26,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serving_load import commit, machine, random_ranker  # noqa: E402
 
-from unirank.serving.export import OUTPUT_NAMES, ExportMetadata, export_onnx, onnx_session  # noqa: E402
+from unirank.serving.onnx_graph import export_onnx, onnx_session
+
+from unirank.serving.metadata import ExportMetadata, OUTPUT_NAMES  # noqa: E402
 from unirank.serving.synthetic_requests import random_batches  # noqa: E402
 
 TOLERANCE = 1e-3  # fp32 on CUDA vs CPU: reduction order only

@@ -30,7 +30,8 @@ import torch
 from unirank.model.request import INPUT_NAMES
 from unirank.model.tokenizer import WordTokenizer
 from unirank.serving.client import RankerClient, RequestBuilder
-from unirank.serving.export import OUTPUT_NAMES, ExportMetadata, TopKRanker, export_onnx, onnx_session
+from unirank.serving.onnx_graph import TopKRanker, export_onnx, onnx_session
+from unirank.serving.metadata import ExportMetadata, OUTPUT_NAMES
 from unirank.serving.model_repository import build_model_repository
 from unirank.serving.server import Server, free_port
 from unirank.serving.synthetic_requests import random_request
@@ -38,6 +39,7 @@ from unirank.serving.synthetic_requests import random_request
 
 def random_ranker(num_items: int, dim: int, max_history: int, num_words: int = 2000):
     """A randomly initialised UnifiedRanker of the given size (latency does not depend on training)."""
+    from unirank.model.catalogue import Catalogue
     from unirank.model.ranker import RankerConfig, UnifiedRanker
 
     torch.manual_seed(0)
@@ -47,7 +49,7 @@ def random_ranker(num_items: int, dim: int, max_history: int, num_words: int = 2
     config = RankerConfig(num_items=num_items, num_attributes=200, num_words=num_words, dim=dim,
                           max_history=max_history, max_query_len=16)
     tokenizer = WordTokenizer([f"w{i}" for i in range(num_words - 2)])
-    return UnifiedRanker(config, attributes, words).eval(), tokenizer
+    return UnifiedRanker(config, Catalogue(attributes, words)).eval(), tokenizer
 
 
 PLAIN_WORDS = ("red", "nail", "polish", "shampoo", "hair", "care", "lipstick", "cream", "oil", "brush", "eye", "skin")

@@ -20,8 +20,8 @@ from unirank.evaluation.baselines import LastItemQueries, QueryPopularity
 from unirank.evaluation.evaluate import ModelScorer, evaluate_task
 from unirank.experiments.report import load_trained, run_metadata
 from unirank.model.request import QueryTask
-from unirank.training.config import load_config
-from unirank.training.train import prepare
+from unirank.config import load_config
+from unirank.data.prepare import prepare
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| prefix chars | method | R@10 [95% CI] | N@10 [95% CI] | MRR | users |", "|---|---|---|---|---|---|"]

@@ -28,9 +28,17 @@ FOLDERS = ("model", "training", "serving", "kernels", "configs")
 DRIVER = r"""
 import json, os, sys, time, tempfile
 sys.path.insert(0, sys.argv[1]) if sys.argv[1] else None
-from unirank.training.config import load_config
+try:
+    from unirank.config import load_config
+except ImportError:
+    from unirank.training.config import load_config
 from unirank.data.examples import TrainingExamples
-from unirank.training.train import TASK_BY_NAME, prepare, train
+from unirank.training.train import train
+try:  # where this tree keeps them; a baseline revision may keep them in training/train.py
+    from unirank.data.prepare import prepare
+    from unirank.model.request import TASK_BY_NAME
+except ImportError:
+    from unirank.training.train import TASK_BY_NAME, prepare
 import unirank.training.train as module
 cfg = load_config(sys.argv[2], json.loads(sys.argv[3]) + [f"train.out_dir={tempfile.mkdtemp()}/run"])
 prep = prepare(cfg)

@@ -25,8 +25,8 @@ from unirank.experiments.report import load_trained, markdown_table
 from unirank.model.request import INPUT_NAMES, Task
 from unirank.serving.context_export import export_context_onnx, item_vectors, load_two_stage
 from unirank.serving.item_index import IndexOptions, ItemIndex
-from unirank.training.config import load_config
-from unirank.training.train import prepare
+from unirank.config import load_config
+from unirank.data.prepare import prepare
 
 KNOBS = {"ef_search", "nprobe", "refine", "hnsw_m", "ef_construction", "nlist", "pq_m"}
 

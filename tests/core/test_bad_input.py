@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from unirank.model.catalogue import Catalogue
+
 from unirank.model.ranker import RankerConfig, UnifiedRanker
 from unirank.model.tokenizer import WordTokenizer
 from unirank.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from unirank.cli.main import main
-from unirank.training.config import ConfigError, load_config
+from unirank.config import ConfigError, load_config
 
 # ---------------------------------------------------------------- config
 
@@ -68,9 +70,9 @@ def _save(path, dim: int = 8, seed: int = 0) -> RankerConfig:
     attributes = [[]] + [rng.integers(1, 4, size=1).tolist() for _ in range(NUM_ITEMS)]
     words = [[]] + [[2, 3]] * NUM_ITEMS
     cfg = RankerConfig(num_items=NUM_ITEMS, num_attributes=4, num_words=6, dim=dim, num_heads=2, max_history=5)
-    ranker = UnifiedRanker(cfg, attributes, words)
-    save_checkpoint(path, ranker, WordTokenizer(["alpha", "beta", "gamma", "delta"]), attributes, words,
-                    "model: {}\n", {"epoch": seed})
+    ranker = UnifiedRanker(cfg, Catalogue(attributes, words))
+    tokenizer = WordTokenizer(["alpha", "beta", "gamma", "delta"]).to_dict()
+    save_checkpoint(path, ranker, Catalogue(attributes, words, tokenizer=tokenizer), "model: {}\n", {"epoch": seed})
     return cfg
 
 

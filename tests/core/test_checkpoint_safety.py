@@ -9,7 +9,7 @@ import torch
 
 from unirank.training import sharded_checkpoint as sc
 from unirank.training.checkpoint import CheckpointError, load_checkpoint
-from unirank.training.config import load_config
+from unirank.config import load_config
 from unirank.training.train import train
 
 TINY = ["data.synthetic.num_users=200", "data.synthetic.num_items=100", "model.dim=16", "model.max_history=10",

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from unirank.training.config import Config, ConfigError, load_config
+from unirank.config import Config, ConfigError, load_config
 
 BEAUTY = "../shared/data/amazon-beauty"
 COSINE_36 = {"data.path": BEAUTY, "train.lr": 0.002, "train.lr_schedule": "cosine", "train.warmup_steps": 200,

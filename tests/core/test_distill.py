@@ -11,10 +11,11 @@ import torch.nn.functional as F
 
 from unirank.model.request import Task
 from unirank.training.checkpoint import CheckpointError, load_checkpoint
-from unirank.training.config import ConfigError, load_config
+from unirank.config import ConfigError, load_config
 from unirank.training.distill import Teachers, load_teachers
 from unirank.training.loss import softmax_loss
-from unirank.training.train import build_ranker, prepare, train
+from unirank.data.prepare import build_ranker, prepare
+from unirank.training.train import train
 
 from test_training import TINY, first_batch, tiny_config
 

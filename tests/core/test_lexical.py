@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from unirank.model.lexical import LexicalMatch, table_width, term_weights
-from unirank.model.ranker import ModelConfig, RankerConfig, UnifiedRanker
+from unirank.config import ModelConfig
+from unirank.model.catalogue import Catalogue
+from unirank.model.ranker import RankerConfig, UnifiedRanker
 from unirank.model.request import Task
 
 NUM_ITEMS, VOCAB = 40, 30
@@ -30,8 +32,7 @@ def make_ranker(seed: int = 0, lexical: str = "names") -> UnifiedRanker:
     words = [[]] + [rng.integers(2, VOCAB, size=3).tolist() for _ in range(NUM_ITEMS)]
     cfg = RankerConfig(num_items=NUM_ITEMS, num_attributes=5, num_words=VOCAB, dim=16, num_heads=2, max_history=8,
                        max_query_len=5, lexical=lexical, lexical_width=table_width(rows) if lexical != "none" else 0)
-    return UnifiedRanker(cfg, attributes, words, lexical_rows=rows if lexical != "none" else None).eval()
-
+    return UnifiedRanker(cfg, Catalogue(attributes, words, lexical_rows=rows if lexical != "none" else None)).eval()
 
 
 def lexical_scores(ranker, task, query, lengths):
@@ -112,9 +113,9 @@ def test_search_rows_only_and_an_item_without_id_row_is_scored_by_its_text():
 
 
 def test_the_scale_is_learned_through_the_search_loss():
-    from unirank.training.config import load_config
+    from unirank.config import load_config
     from unirank.training.loss import item_frequencies, softmax_loss
-    from unirank.training.train import build_ranker, prepare
+    from unirank.data.prepare import build_ranker, prepare
     from unirank.data.examples import TrainingExamples
 
     cfg = load_config(None, ["data.synthetic.num_users=200", "data.synthetic.num_items=80", "model.dim=16",
@@ -158,7 +159,8 @@ def test_bad_settings_are_refused():
 
 def test_onnx_export_keeps_the_lexical_term(tmp_path):
     from unirank.model.tokenizer import WordTokenizer
-    from unirank.serving.export import TopKRanker, export_model, parity_max_abs_diff, onnx_session
+    from unirank.serving.onnx_graph import TopKRanker, onnx_session, parity_max_abs_diff
+    from unirank.serving.export import export_model
     from unirank.serving.metadata import MODEL_FILE
     from unirank.serving.synthetic_requests import random_batches
     from unirank.training.checkpoint import save_checkpoint
@@ -167,8 +169,10 @@ def test_onnx_export_keeps_the_lexical_term(tmp_path):
     tokenizer = WordTokenizer([f"w{i}" for i in range(VOCAB - 2)])
     path = tmp_path / "ckpt.pt"
     rng = np.random.default_rng(0)
-    save_checkpoint(path, ranker, tokenizer, [[]] + [rng.integers(0, 5, 2).tolist() for _ in range(NUM_ITEMS)],
-                    [[]] + [rng.integers(2, VOCAB, 3).tolist() for _ in range(NUM_ITEMS)], config_yaml="", metadata={})
+    catalogue = Catalogue([[]] + [rng.integers(0, 5, 2).tolist() for _ in range(NUM_ITEMS)],
+                          [[]] + [rng.integers(2, VOCAB, 3).tolist() for _ in range(NUM_ITEMS)],
+                          tokenizer=tokenizer.to_dict(), lexical_rows=item_rows(0))
+    save_checkpoint(path, ranker, catalogue, config_yaml="", metadata={})
     report = export_model(path, tmp_path / "export", top_k=10, parity_requests=64)
     assert report.max_abs_diff is not None and report.max_abs_diff <= 1e-4
     # The graph does add it: the same graph without it (scale 0) answers search differently.

@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+from unirank.model.catalogue import Catalogue
+
 from unirank.model.ranker import RankerConfig, UnifiedRanker
 from unirank.model.request import Task
 from unirank.model.sparse_features import EmbeddingTables
@@ -20,7 +22,7 @@ def make_ranker(seed: int = 0, **overrides) -> UnifiedRanker:
     words = [[]] + [rng.integers(2, NUM_WORDS, size=3).tolist() for _ in range(NUM_ITEMS)]
     cfg = RankerConfig(num_items=NUM_ITEMS, num_attributes=NUM_ATTRS, num_words=NUM_WORDS, dim=DIM, num_heads=2,
                        max_history=MAX_HIST, max_query_len=6, **overrides)
-    return UnifiedRanker(cfg, attributes, words).eval()
+    return UnifiedRanker(cfg, Catalogue(attributes, words)).eval()
 
 
 @pytest.fixture(scope="module", params=["prenorm", "ligr"])

@@ -83,7 +83,7 @@ def test_several_ours_runs_are_one_ensemble_and_a_run_with_itself_ranks_as_the_r
     """--ours-run a b: one ensemble entry with test and validation metrics for every task; a run
     ensembled with itself ranks exactly as the run alone (the mean log-softmax is monotone in its
     scores), and runs of another width combine (each run loads with its own config)."""
-    from unirank.training.config import load_config
+    from unirank.config import load_config
     from unirank.training.train import train
 
     tiny = ["data.synthetic.num_users=200", "data.synthetic.num_items=120", "model.max_history=10",
@@ -119,7 +119,7 @@ def test_a_distilled_runs_clock_counts_its_teachers_training(tmp_path):
     on record (a bare checkpoint file) it reports no time at all rather than its own alone."""
     import shutil
 
-    from unirank.training.config import load_config
+    from unirank.config import load_config
     from unirank.training.train import train
 
     tiny = ["data.synthetic.num_users=200", "data.synthetic.num_items=120", "model.dim=16", "model.max_history=10",
@@ -153,7 +153,6 @@ def has_peers_python() -> bool:
         return bool(peers_python())
     except PeerInputError:
         return False
-
 
 
 @pytest.mark.slow

@@ -11,9 +11,10 @@ from unirank.data.examples import TrainingExamples
 from unirank.experiments.report import evaluate_checkpoint
 from unirank.model.request import QueryTask, Task
 from unirank.training.checkpoint import load_checkpoint
-from unirank.training.config import ConfigError, load_config
+from unirank.config import ConfigError, load_config
 from unirank.training.loss import item_frequencies, softmax_loss
-from unirank.training.train import build_ranker, prepare, ranker_config, train
+from unirank.data.prepare import build_ranker, prepare, ranker_config
+from unirank.training.train import train
 
 TINY = ["data.synthetic.num_users=300", "data.synthetic.num_items=150", "model.dim=16", "model.max_history=10",
         "model.num_layers=1", "model.dropout=0.1", "train.batch_size=64", "train.max_epochs=4", "train.lr=0.005",

@@ -11,11 +11,12 @@ import torch.nn.functional as F
 import unirank.training.train as train_module
 from unirank.model.request import Task
 from unirank.training.checkpoint import load_checkpoint
-from unirank.training.config import ConfigError, load_config
+from unirank.config import ConfigError, load_config
 from unirank.data.examples import TrainingExamples
 from unirank.training.loss import item_frequencies, softmax_loss
 from unirank.experiments.report import evaluate_checkpoint
-from unirank.training.train import build_ranker, prepare, ranker_config, train
+from unirank.data.prepare import build_ranker, prepare, ranker_config
+from unirank.training.train import train
 
 TINY = ["data.synthetic.num_users=300", "data.synthetic.num_items=150", "model.dim=16", "model.max_history=10",
         "model.num_layers=1", "model.dropout=0.1", "train.batch_size=64", "train.max_epochs=4", "train.lr=0.005",
@@ -135,7 +136,7 @@ def test_single_task_mode_trains_only_that_task(tmp_path, monkeypatch):
 
 
 def test_lr_schedule_warmup_then_cosine_to_zero(tmp_path):
-    from unirank.training.config import ConfigError
+    from unirank.config import ConfigError
     from unirank.training.train import lr_factor
 
     cfg = tiny_config(tmp_path, "train.lr_schedule=cosine", "train.warmup_steps=10")

@@ -9,7 +9,7 @@ import pytest
 
 from unirank.model.request import Task
 from unirank.model.tokenizer import split_words
-from unirank.training.config import ConfigError, load_config
+from unirank.config import ConfigError, load_config
 from unirank.data.datasets.synthetic import generate
 from unirank.evaluation.evaluate import ZERO_SHOT, evaluate_all
 from unirank.data.examples import (RequestBuilder, TrainingExamples, build_search_query, fit_tokenizer,

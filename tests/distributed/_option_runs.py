@@ -9,7 +9,7 @@ import torch.distributed as dist
 from _dist_helpers import TINY
 from test_options import VARIANTS, variant_overrides
 
-from unirank.training.config import load_config
+from unirank.config import load_config
 from unirank.training.train import train
 
 

@@ -56,8 +56,10 @@ def test_two_ranks_equal_one_process_on_the_quality_recipe(runs):
 
 def _validation_score(checkpoint: Path, world_size: int) -> float:
     from unirank.training.checkpoint import load_checkpoint
-    from unirank.training.config import load_config
-    from unirank.training.train import TASK_BY_NAME, prepare, selection_score, validate
+    from unirank.config import load_config
+    from unirank.model.request import TASK_BY_NAME
+    from unirank.data.prepare import prepare
+    from unirank.training.train import selection_score, validate
 
     cfg = load_config("quickstart", TINY)
     loaded = load_checkpoint(checkpoint)
@@ -165,7 +167,7 @@ def test_missing_shard_and_uncommitted_checkpoints_are_refused(runs, tmp_path):
 def test_world_size_and_sharding_errors(tmp_path):
     proc = run_train(1, tmp_path / "ws", "distributed.expect_world_size=2", check=False)
     assert proc.returncode != 0 and "expect_world_size=2 but torchrun started 1 rank(s)" in proc.stderr
-    from unirank.training.config import ConfigError, load_config
+    from unirank.config import ConfigError, load_config
     from unirank.training.distributed import constraints
 
     cpu, tables = torch.device("cpu"), ["item_id", "attribute", "word"]

@@ -11,7 +11,7 @@ import pytest
 
 from _dist_helpers import TINY, env, result
 
-from unirank.training.config import load_config
+from unirank.config import load_config
 from unirank.training.train import train
 
 SHORT = ["train.max_epochs=1", "train.eval_every=1"]

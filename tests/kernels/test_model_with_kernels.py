@@ -5,11 +5,14 @@ from dataclasses import replace
 import pytest
 import torch
 
+from unirank.model.catalogue import Catalogue
+
 from unirank.model.ranker import UnifiedRanker
-from unirank.training.config import load_config
+from unirank.config import load_config
 from unirank.data.examples import TrainingExamples
 from unirank.training.loss import item_frequencies, softmax_loss
-from unirank.training.train import TASK_BY_NAME, prepare, ranker_config
+from unirank.model.request import TASK_BY_NAME
+from unirank.data.prepare import prepare, ranker_config
 
 
 def _losses(ranker: UnifiedRanker, batches, prep, steps: int) -> list[float]:
@@ -37,7 +40,7 @@ def test_kernels_train_to_reference_losses(steps):
     models = []
     for model_cfg in (ref_cfg, kernel_cfg):
         torch.manual_seed(0)
-        models.append(UnifiedRanker(model_cfg, prep.data.item_attributes, prep.item_words))
+        models.append(UnifiedRanker(model_cfg, Catalogue(prep.data.item_attributes, prep.item_words)))
     reference, kernels = models
     for name, tensor in reference.state_dict().items():
         assert torch.equal(tensor, kernels.state_dict()[name]), name

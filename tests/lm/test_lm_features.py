@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 import torch
 
+from unirank.model.catalogue import Catalogue
+
 from unirank.model.ranker import RankerConfig, UnifiedRanker
 from unirank.model.request import Task
 from unirank.model.text_encoder import SentenceEncoder, TextEncoder
 from unirank.model.tokenizer import WordPieceTokenizer, tokenizer_from_dict
 from unirank.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from unirank.training.config import load_config
+from unirank.config import load_config
 from unirank.data.examples import pad
 
 QUERIES = ["hair care styling tools", "makeup", "nail polish red", "skin care face moisturizers"]
@@ -68,7 +70,7 @@ def lm_ranker(seed: int = 0, **overrides) -> tuple[UnifiedRanker, torch.Tensor, 
     cfg = RankerConfig(num_items=N, num_attributes=4, num_words=20, dim=DIM, num_heads=2, max_history=6,
                        text_features=True, text_dim=TEXT_DIM, semantic_id_sizes=SID_SIZES, **overrides)
     words = [[]] + [[2 + i % 5] for i in range(N)]
-    return UnifiedRanker(cfg, [[]] * (N + 1), words, item_codes=codes, item_text=text).eval(), codes, text
+    return UnifiedRanker(cfg, Catalogue([[]] * (N + 1), words, item_codes=codes, item_text=text)).eval(), codes, text
 
 
 def test_item_tower_adds_semantic_ids_and_text():
@@ -90,7 +92,8 @@ def test_item_tower_adds_semantic_ids_and_text():
 def test_checkpoint_carries_lm_buffers(tmp_path, wordpiece):
     ranker, codes, text = lm_ranker()
     path = tmp_path / "lm.pt"
-    save_checkpoint(path, ranker, wordpiece, [[]] * (N + 1), [[]] + [[2 + i % 5] for i in range(N)], "", {})
+    catalogue = Catalogue([[]] * (N + 1), [[]] + [[2 + i % 5] for i in range(N)], tokenizer=wordpiece.to_dict())
+    save_checkpoint(path, ranker, catalogue, "", {})
     loaded = load_checkpoint(path, expect=ranker.config)
     assert torch.equal(loaded.ranker.item_tower.item_codes, codes)
     assert torch.equal(loaded.ranker.item_tower.item_text, text)
@@ -107,7 +110,7 @@ def test_frozen_query_encoder_in_search_context(wordpiece):
     torch.manual_seed(0)
     base = RankerConfig(num_items=N, num_attributes=4, num_words=wordpiece.vocab_size, dim=DIM, num_heads=2,
                         max_history=6, **cfg)
-    ranker = UnifiedRanker(base, [[]] * (N + 1), [[]] * (N + 1)).eval()
+    ranker = UnifiedRanker(base, Catalogue([[]] * (N + 1), [[]] * (N + 1))).eval()
     ids, lengths = pad([np.array(wordpiece.encode(q)) for q in QUERIES[:2]] + [np.zeros(0)] * 2)
     task = torch.tensor([Task.SEARCH, Task.SEARCH, Task.PREQUERY, Task.SEARCH])
     zeros = torch.zeros(4, 1, dtype=torch.int64)
@@ -130,7 +133,7 @@ def test_frozen_query_encoder_in_search_context(wordpiece):
 def test_excluded_items_are_never_negatives(tmp_path):
     from unirank.data.examples import TrainingExamples
     from unirank.training.loss import item_frequencies, softmax_loss
-    from unirank.training.train import build_ranker, prepare
+    from unirank.data.prepare import build_ranker, prepare
 
     cfg = load_config(None, ["data.synthetic.num_users=60", "data.synthetic.num_items=200", "model.dim=8",
                              "model.num_heads=1", "model.num_layers=1", f"train.out_dir={tmp_path}"])
@@ -172,7 +175,7 @@ def test_finetuned_encoder_gets_its_own_learning_rate(wordpiece):
     cfg = load_config(None, ["model.tokenizer=wordpiece", "model.query_encoder=finetune", "train.encoder_lr=1e-5"])
     ranker = UnifiedRanker(RankerConfig(num_items=N, num_attributes=4, num_words=wordpiece.vocab_size, dim=DIM,
                                         num_heads=2, tokenizer="wordpiece", query_encoder="finetune"),
-                           [[]] * (N + 1), [[]] * (N + 1))
+                           Catalogue([[]] * (N + 1), [[]] * (N + 1)))
     rest, encoder = parameter_groups(ranker, cfg)
     assert encoder["lr"] == 1e-5 and "lr" not in rest
     assert {id(p) for p in encoder["params"]} == {id(p) for p in ranker.query_encoder.parameters()}
@@ -224,7 +227,7 @@ def test_tied_text_projection_puts_queries_and_items_in_one_space(wordpiece, sen
                        tokenizer="wordpiece", query_encoder="frozen", text_features=True,
                        text_dim=sentence_encoder.dim, tie_text_projection=True)
     torch.manual_seed(0)
-    ranker = UnifiedRanker(cfg, [[]] * (len(texts) + 1), [[]] * (len(texts) + 1), item_text=text).eval()
+    ranker = UnifiedRanker(cfg, Catalogue([[]] * (len(texts) + 1), [[]] * (len(texts) + 1), item_text=text)).eval()
     assert ranker.query_proj is ranker.item_tower.text_proj
     assert sum(n.startswith("query_proj") for n, _ in ranker.named_parameters()) == 0  # one parameter, not two
     proj = ranker.item_tower.text_proj

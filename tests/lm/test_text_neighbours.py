@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from unirank.model.ranker import ModelConfig, RankerConfig, UnifiedRanker
+from unirank.config import ModelConfig
+from unirank.model.catalogue import Catalogue
+from unirank.model.ranker import RankerConfig, UnifiedRanker
 from unirank.model.request import Task
 from unirank.model.scoring import NeighbourTerm, term_scores
 from unirank.model.text_neighbours import TextNeighbours, neighbour_table
@@ -32,7 +34,7 @@ def make_ranker(seed: int = 0, max_history: int = 6) -> UnifiedRanker:
     cfg = RankerConfig(num_items=NUM_ITEMS, num_attributes=5, num_words=20, dim=16, num_heads=2,
                        max_history=max_history, max_query_len=4, text_features=True, text_dim=TEXT_DIM,
                        text_neighbours=K)
-    return UnifiedRanker(cfg, attributes, words, item_text=item_text(seed)).eval()
+    return UnifiedRanker(cfg, Catalogue(attributes, words, item_text=item_text(seed))).eval()
 
 
 def test_table_is_the_exact_top_k_cosine_without_itself_or_textless_items():
@@ -93,9 +95,9 @@ def test_the_anchor_is_the_source_or_the_newest_history_item_the_model_reads():
 @pytest.mark.parametrize("negatives", [0, 8])
 def test_the_task_weights_are_learned_through_the_loss(negatives):
     from unirank.data.examples import TrainingExamples
-    from unirank.training.config import load_config
+    from unirank.config import load_config
     from unirank.training.loss import item_frequencies, softmax_loss
-    from unirank.training.train import build_ranker, prepare
+    from unirank.data.prepare import build_ranker, prepare
 
     cfg = load_config(None, ["data.synthetic.num_users=150", "data.synthetic.num_items=60", "model.dim=16",
                              "model.max_history=8", "model.num_layers=1", "model.text_features=true",
@@ -121,7 +123,7 @@ def test_bad_settings_are_refused():
 
 
 def test_onnx_export_and_a_rebuilt_table_with_new_items(tmp_path):
-    from unirank.serving.export import TopKRanker, export_onnx, onnx_session, parity_max_abs_diff
+    from unirank.serving.onnx_graph import TopKRanker, export_onnx, onnx_session, parity_max_abs_diff
     from unirank.serving.metadata import ExportMetadata
     from unirank.serving.synthetic_requests import random_batches
     from unirank.model.tokenizer import WordTokenizer

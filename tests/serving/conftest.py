@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 import torch
 
+from unirank.model.catalogue import Catalogue
+
 from unirank.model.ranker import RankerConfig, UnifiedRanker
 from unirank.model.tokenizer import WordTokenizer
-from unirank.serving.export import TopKRanker, export_onnx, onnx_session
+from unirank.serving.onnx_graph import TopKRanker, export_onnx, onnx_session
 from unirank.serving.model_repository import build_model_repository
 from unirank.serving.server import Server, free_port
 
@@ -27,7 +29,7 @@ def make_ranker(seed: int = 0, **overrides) -> UnifiedRanker:
     attributes, words = item_features(seed)
     config = RankerConfig(num_items=NUM_ITEMS, num_attributes=10, num_words=NUM_WORDS, dim=16, num_heads=2,
                           max_history=12, max_query_len=6, **overrides)
-    return UnifiedRanker(config, attributes, words).eval()
+    return UnifiedRanker(config, Catalogue(attributes, words)).eval()
 
 
 @pytest.fixture(scope="session")

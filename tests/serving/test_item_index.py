@@ -12,7 +12,8 @@ import torch
 from conftest import NUM_ITEMS, TOP_K, make_ranker, torch_topk
 from test_serving_contract import generated_cases
 from unirank.serving.context_export import export_two_stage, item_vectors, load_two_stage
-from unirank.serving.export import OUTPUT_NAMES, ExportMetadata, TopKRanker
+from unirank.serving.onnx_graph import TopKRanker
+from unirank.serving.metadata import ExportMetadata, OUTPUT_NAMES
 from unirank.serving.item_index import CONTEXT_MODEL_FILE, ITEM_TABLE_FILE, TABLE_INPUT, IndexOptions, ItemIndex
 from unirank.serving.request_arrays import pad_and_stack
 from unirank.serving.synthetic_requests import random_batches

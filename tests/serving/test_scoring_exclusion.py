@@ -13,7 +13,8 @@ import torch
 from conftest import NUM_ITEMS, TOP_K
 from unirank.model.request import INPUT_NAMES, MAX_EXCLUDE, Task
 from unirank.model.scoring import ScoreTerm
-from unirank.serving.export import OUTPUT_NAMES, TopKRanker, export_onnx, onnx_session, parity_max_abs_diff
+from unirank.serving.onnx_graph import TopKRanker, export_onnx, onnx_session, parity_max_abs_diff
+from unirank.serving.metadata import OUTPUT_NAMES
 from unirank.serving.request_arrays import RequestError, RequestLimits, check_request, pad_and_stack
 from unirank.serving.synthetic_requests import random_batches
 
@@ -22,8 +23,8 @@ MAX_HISTORY = 4
 
 @pytest.fixture(scope="module")
 def prepared():
-    from unirank.training.config import load_config
-    from unirank.training.train import build_ranker, prepare
+    from unirank.config import load_config
+    from unirank.data.prepare import build_ranker, prepare
 
     cfg = load_config(None, ["data.synthetic.num_users=120", "data.synthetic.num_items=50", "model.dim=16",
                              f"model.max_history={MAX_HISTORY}", "model.num_layers=1"])

@@ -13,7 +13,7 @@ from tritonclient.utils import InferenceServerException
 
 from conftest import NUM_ITEMS, NUM_WORDS, raw_inputs, torch_topk
 from unirank.model.request import ID_FIELDS, INPUT_NAMES, MAX_CANDIDATES, Task
-from unirank.serving.export import OUTPUT_NAMES
+from unirank.serving.metadata import OUTPUT_NAMES
 from unirank.serving.request_arrays import RequestError, RequestLimits, check_request, pad_and_stack
 from unirank.serving.synthetic_requests import random_request
 

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from conftest import NUM_ITEMS, NUM_WORDS, TOP_K, item_features, make_ranker
-from unirank.serving.export import OUTPUT_NAMES, ExportMetadata, TopKRanker, parity_max_abs_diff
+from unirank.model.catalogue import Catalogue
+from unirank.serving.onnx_graph import TopKRanker, parity_max_abs_diff
+from unirank.serving.metadata import ExportMetadata, OUTPUT_NAMES
 from unirank.serving.request_arrays import pad_and_stack
 from unirank.serving.synthetic_requests import random_batches, random_request
 
@@ -99,7 +101,7 @@ def test_export_model_from_checkpoint(tmp_path, block, tokenizer):
 
     ranker = make_ranker(block=block)
     path = tmp_path / "ckpt.pt"
-    save_checkpoint(path, ranker, tokenizer, *item_features(0), config_yaml="", metadata={})
+    save_checkpoint(path, ranker, Catalogue(*item_features(0), tokenizer=tokenizer.to_dict()), config_yaml="", metadata={})
     report = export_model(path, tmp_path / "export", top_k=TOP_K, parity_requests=48)
     assert report.max_abs_diff is not None and report.max_abs_diff <= PARITY_TOLERANCE
     assert (tmp_path / "export" / "tokenizer.json").exists()

@@ -10,7 +10,8 @@ import pytest
 from conftest import TOP_K, torch_topk
 from test_serving_server import assert_same_as_pytorch, call_case
 from unirank.serving.client import RankerClient
-from unirank.serving.export import OUTPUT_NAMES, export_onnx, onnx_session
+from unirank.serving.onnx_graph import export_onnx, onnx_session
+from unirank.serving.metadata import OUTPUT_NAMES
 from unirank.serving.metadata import MODEL_FILE, external_data_file, external_data_files
 from unirank.serving.model_repository import InvalidModelRepository, build_model_repository, validate_model_repository
 from unirank.serving.server import Server, free_port

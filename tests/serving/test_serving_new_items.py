@@ -11,13 +11,14 @@ import torch
 from omegaconf import OmegaConf
 
 from unirank.cli.main import main as cli
-from unirank.serving.export import TopKRanker, export_model, onnx_session, parity_max_abs_diff
+from unirank.serving.onnx_graph import TopKRanker, onnx_session, parity_max_abs_diff
+from unirank.serving.export import export_model
 from unirank.model.item_tower import ItemTower
 from unirank.serving.new_items import NewItemsError, _nearest_codes, new_item_vectors, read_new_items
 from unirank.serving.synthetic_requests import random_batches
 from unirank.training.checkpoint import load_checkpoint, save_checkpoint
-from unirank.training.config import Config
-from unirank.training.train import build_ranker, prepare
+from unirank.config import Config
+from unirank.data.prepare import build_catalogue, build_ranker, prepare
 
 OVERRIDES = {"data": {"synthetic": {"num_users": 120, "num_items": 60}},
              "model": {"dim": 16, "num_layers": 1, "num_heads": 2, "max_history": 12, "id_dropout": 0.5}}
@@ -29,8 +30,8 @@ def untrained_checkpoint(path, model: dict):
     cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(OVERRIDES), OmegaConf.create({"model": model}))
     prep = prepare(OmegaConf.to_object(cfg))
     torch.manual_seed(0)
-    save_checkpoint(path, build_ranker(OmegaConf.to_object(cfg), prep).eval(), prep.tokenizer,
-                    prep.data.item_attributes, prep.item_words, OmegaConf.to_yaml(cfg), metadata={})
+    run = OmegaConf.to_object(cfg)
+    save_checkpoint(path, build_ranker(run, prep).eval(), build_catalogue(run, prep), OmegaConf.to_yaml(cfg), metadata={})
     return prep
 
 
@@ -128,7 +129,7 @@ def test_content_path_scores_depend_on_the_text_alone(checkpoint, tmp_path):
         {"id": "a", "title": data.item_text[5], "attributes": [names[t], names[s], names[b]]},
         {"id": "b", "title": data.item_text[5], "attributes": [names[t], names[s], names[b]]},
         {"id": "c", "title": data.item_text[9], "attributes": [names[a] for a in data.item_attributes[9]]}]))
-    vectors, unknown = new_item_vectors(loaded.ranker, loaded.tokenizer, data, items)
+    vectors, unknown = new_item_vectors(loaded.ranker, loaded.catalogue, items)
     assert not unknown and torch.isfinite(vectors).all()
     context = torch.randn(4, vectors.shape[1], generator=torch.Generator().manual_seed(0))
     scores = loaded.ranker.similarity(context, vectors)
@@ -253,14 +254,13 @@ def test_tritonserver_serves_a_new_item_for_its_search_query_and_a_related_item(
 
 
 def test_new_items_keep_the_query_catalogue_of_a_suggest_model(tmp_path):
-    from unirank.training.train import trained_query_texts
-
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(OVERRIDES),
                                               OmegaConf.create({"train": {"tasks": ["search", "suggest"]}})))
     prep = prepare(cfg)
-    texts = trained_query_texts(cfg, prep)
-    save_checkpoint(tmp_path / "ckpt.pt", build_ranker(cfg, prep).eval(), prep.tokenizer, prep.data.item_attributes,
-                    prep.item_words, OmegaConf.to_yaml(OmegaConf.structured(cfg)), metadata={}, query_texts=texts)
+    catalogue = build_catalogue(cfg, prep)
+    texts = catalogue.query_texts
+    save_checkpoint(tmp_path / "ckpt.pt", build_ranker(cfg, prep).eval(), catalogue,
+                    OmegaConf.to_yaml(OmegaConf.structured(cfg)), metadata={})
     report = export_model(tmp_path / "ckpt.pt", tmp_path / "out", top_k=10, parity_requests=64,
                           new_items=write(tmp_path / "n.jsonl", [GOOD]))
     assert report.max_abs_diff <= 1e-4 and report.metadata.num_items == prep.data.num_items + 1

@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from conftest import NUM_ITEMS, NUM_WORDS, TOP_K, item_features, torch_topk
+from unirank.model.catalogue import Catalogue
 from unirank.model.ranker import RankerConfig, UnifiedRanker
 from unirank.serving.client import RankerClient
-from unirank.serving.export import OUTPUT_NAMES, ExportMetadata, TopKRanker, export_onnx, onnx_session, parity_max_abs_diff
+from unirank.serving.onnx_graph import TopKRanker, export_onnx, onnx_session, parity_max_abs_diff
+from unirank.serving.metadata import ExportMetadata, OUTPUT_NAMES
 from unirank.serving.model_repository import build_model_repository
 from unirank.serving.request_arrays import RequestError, RequestLimits, check_request, pad_and_stack
 from unirank.serving.server import Server, free_port
@@ -32,7 +34,7 @@ def make_suggest_ranker(seed: int = 0) -> UnifiedRanker:
     tokens = tokens * (torch.arange(MAX_QUERY).unsqueeze(0) < lengths.unsqueeze(1))
     config = RankerConfig(num_items=NUM_ITEMS, num_attributes=10, num_words=NUM_WORDS, dim=16, num_heads=2,
                           max_history=MAX_HISTORY, max_query_len=MAX_QUERY, num_queries=NUM_QUERIES)
-    return UnifiedRanker(config, *item_features(seed), query_tokens=(tokens, lengths)).eval()
+    return UnifiedRanker(config, Catalogue(*item_features(seed), query_tokens=tokens, query_lengths=lengths)).eval()
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from conftest import TOP_K, make_ranker, raw_inputs
-from unirank.serving.export import MODEL_FILE, export_onnx, onnx_session
+from unirank.serving.onnx_graph import export_onnx, onnx_session
+from unirank.serving.metadata import MODEL_FILE
 from unirank.serving.request_arrays import pad_and_stack
 from unirank.serving.server import SHM_DIR, Server, free_port, port_in_use
 from unirank.serving.supervisor import child_pids, stub_pids

@@ -9,8 +9,9 @@ import pytest
 
 from conftest import NUM_ITEMS, TOP_K, item_features, make_ranker
 from test_serving_server import CALLS, assert_same_as_pytorch, call_case
+from unirank.model.catalogue import Catalogue
 from unirank.serving.client import RankerClient, Ranking
-from unirank.serving.export import TopKRanker
+from unirank.serving.onnx_graph import TopKRanker
 from unirank.serving.item_index import INDEX_META_FILE, ItemIndex
 from unirank.serving.model_repository import InvalidModelRepository, validate_model_repository
 from unirank.serving.server import Server, free_port
@@ -26,7 +27,8 @@ def exported(tmp_path_factory, tokenizer):
 
     out = tmp_path_factory.mktemp("two_stage")
     ranker = make_ranker(seed=2)
-    save_checkpoint(out / "ckpt.pt", ranker, tokenizer, *item_features(2), config_yaml="", metadata={})
+    save_checkpoint(out / "ckpt.pt", ranker, Catalogue(*item_features(2), tokenizer=tokenizer.to_dict()), config_yaml="",
+                    metadata={})
     assert cli(["export", "--checkpoint", str(out / "ckpt.pt"), "--out", str(out / "export"), "--top-k", str(TOP_K),
                 "--index", "flat"]) == 0
     version = out / "export" / "repository" / "python" / "unirank" / "1"

@@ -17,7 +17,7 @@ ERRORS = (ValueError, FileNotFoundError, RuntimeError)  # our errors subclass th
 
 
 def _config(args):
-    from unirank.training.config import load_config
+    from unirank.config import load_config
 
     return load_config(args.config, args.overrides)
 
@@ -62,13 +62,11 @@ def launch_ranks(args) -> int:
 
 def cmd_consolidate(args) -> int:
     from unirank.training import sharded_checkpoint as sc
-    from unirank.training.config import load_config
 
     path = Path(args.checkpoint)
     if (path / sc.LATEST).is_file():  # a checkpoint root: its latest checkpoint
         path = sc.latest(path)
-    cfg = load_config(args.config, args.overrides) if args.config or args.overrides else None
-    print(json.dumps({"checkpoint": str(sc.consolidate(path, args.out, cfg))}))
+    print(json.dumps({"checkpoint": str(sc.consolidate(path, args.out))}))
     return 0
 
 
@@ -168,8 +166,7 @@ def _export(args, out_dir, index):
     from unirank.serving.export import export_model
     from unirank.serving.model_repository import build_model_repository
 
-    report = export_model(args.checkpoint, out_dir, top_k=args.top_k, index=index, new_items=args.new_items,
-                          data_path=args.data)
+    report = export_model(args.checkpoint, out_dir, top_k=args.top_k, index=index, new_items=args.new_items)
     repos = build_model_repository(out_dir, Path(out_dir) / "repository", max_batch_size=args.max_batch_size,
                                    instance_count=args.instances, device=args.device, ort_threads=args.ort_threads,
                                    preferred_batch_sizes=tuple(args.preferred_batch_sizes),
@@ -205,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run N ranks on this machine (torchrun, sharded tables); several machines: "
                         "torchrun ... -m unirank.cli.main train ...")
     p.set_defaults(func=cmd_train)
-    p = with_config(sub.add_parser("consolidate", help="resumable (sharded) checkpoint -> single-file checkpoint"))
+    p = sub.add_parser("consolidate", help="resumable (sharded) checkpoint -> single-file checkpoint (from its own "
+                       "config and catalogue files)")
     p.add_argument("--checkpoint", required=True, help="a checkpoint directory, or the checkpoints/ root")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_consolidate)
@@ -243,7 +241,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-items", default=None, metavar="FILE",
                    help="JSONL/CSV of items the model never saw (id, title, attributes): served through the content "
                         "path, listed in OUT/new_items.json (docs/SERVING.md)")
-    p.add_argument("--data", default=None, help="with --new-items: the training dataset (default: the checkpoint's config)")
     p.add_argument("--index", choices=("flat", "hnsw", "ivfpq"), default=None,
                    help="two-stage serving: context graph + this item index (docs/SERVING.md); default: exact graph")
     p.add_argument("--ef-search", type=int, default=128, help="hnsw search breadth")

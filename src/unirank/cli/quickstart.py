@@ -11,11 +11,12 @@ import torch
 
 from unirank.model.request import TASK_NAMES, Task
 from unirank.training.checkpoint import load_checkpoint
-from unirank.training.config import load_config
+from unirank.config import load_config
 from unirank.evaluation.evaluate import ModelScorer, filter_seen
 from unirank.data.examples import build_search_query
 from unirank.experiments.report import evaluate_checkpoint, markdown_table, write_report
-from unirank.training.train import prepare, train
+from unirank.data.prepare import prepare
+from unirank.training.train import train
 
 
 def _torch_top_k(ranker, builder, task: Task, user: int, history: np.ndarray, target: int, k: int) -> list[int]:

@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from unirank.training.config import Config
+from unirank.config import Config
 from unirank.evaluation.evaluate import ZERO_SHOT
 from unirank.experiments.report import evaluate_checkpoint
-from unirank.training.train import TASK_BY_NAME, Prepared, prepare, train
+from unirank.model.request import TASK_BY_NAME
+from unirank.data.prepare import Prepared, prepare
+from unirank.training.train import train
 
 METRICS = ("recall@10", "ndcg@10")
 

@@ -19,8 +19,10 @@ from unirank.evaluation.evaluate import ZERO_SHOT, evaluate_all
 from unirank.experiments.peers import (PEER_NOTES, PeerSettings, check_peers, export_split, peer_result,
                                        peer_test_metrics, peers_python, run_peer)
 from unirank.experiments.report import baseline_scorers, evaluate_checkpoint, run_metadata
-from unirank.training.config import Config, load_config, to_yaml
-from unirank.training.train import TASK_BY_NAME, Prepared, prepare, train
+from unirank.config import Config, load_config, to_yaml
+from unirank.model.request import TASK_BY_NAME
+from unirank.data.prepare import Prepared, prepare
+from unirank.training.train import train
 
 SELECTION = "best validation round: mean NDCG@10 over the trained tasks, all validation users"
 

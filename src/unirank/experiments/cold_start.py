@@ -28,12 +28,14 @@ import torch
 from unirank.model.ranker import UnifiedRanker
 from unirank.evaluation.baselines import Popularity, TextKNN
 from unirank.training.checkpoint import load_checkpoint
-from unirank.training.config import Config
+from unirank.config import Config
 from unirank.data.datasets import load_dataset
 from unirank.evaluation.evaluate import ModelScorer, evaluate_all
 from unirank.data.examples import EvalCases
 from unirank.data.lm_features import item_lm_features
-from unirank.training.train import TASK_BY_NAME, prepare, ranker_config, train
+from unirank.model.request import TASK_BY_NAME
+from unirank.data.prepare import prepare, ranker_config
+from unirank.training.train import train
 
 
 class ColdStartCase(NamedTuple):

@@ -16,9 +16,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from unirank.evaluation.baselines import (BM25, ItemKNN, LastItemQueries, LastItemTransitions, Popularity,
                                           QueryPopularity)  # noqa: E402
 from unirank.training.checkpoint import load_checkpoint, read_bundle  # noqa: E402
-from unirank.training.config import Config, to_yaml  # noqa: E402
+from unirank.config import Config, to_yaml  # noqa: E402
 from unirank.evaluation.evaluate import ModelScorer, evaluate_all  # noqa: E402
-from unirank.training.train import Prepared, prepare, ranker_config  # noqa: E402
+from unirank.data.prepare import Prepared, prepare, ranker_config  # noqa: E402
 
 HEADLINE = ("recall@10", "ndcg@10")
 

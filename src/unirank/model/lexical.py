@@ -29,7 +29,6 @@ from torch import nn
 from unirank.model.tokenizer import OOV_TOKEN_ID, PAD_TOKEN_ID
 
 K1, B = 1.5, 0.75
-FIELDS = ("none", "names", "title+names")
 
 
 def bm25_idf(docs: list[list[int]], vocab_size: int) -> torch.Tensor:

@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unirank.config import ModelConfig
 from unirank.kernels.attention import prefix_causal_attention
 from unirank.kernels.dispatch import model_impl
+from unirank.model.catalogue import Catalogue
 from unirank.model.item_tower import ItemTower, PrecomputedItemTower
-from unirank.model.lexical import FIELDS as LEXICAL_FIELDS
 from unirank.model.request import TASK_NAMES, Task
 from unirank.model.scoring import RequestView, build_terms, position_term_scores, term_scores, vector_scores
 from unirank.model.text_encoder import SentenceEncoder
@@ -32,8 +33,6 @@ from unirank.model.tokenizer import OOV_TOKEN_ID
 NUM_PREFIX = 2  # TASK + CONTEXT
 NUM_TASKS = len(Task)  # the item tasks: the task tokens of a model without a query catalogue
 NUM_TASK_IDS = len(TASK_NAMES)  # every task id (per-task loss sums and counts)
-IMPL_CHOICES = ("auto", "reference", "triton")
-BAG_IMPL_CHOICES = ("auto", "torch", "triton")
 
 
 @dataclass
@@ -49,63 +48,6 @@ class ItemBatch:
 
     def to(self, device: torch.device | str) -> "ItemBatch":
         return ItemBatch(self.features.to(device), self.item_ids.to(device), self.inverse.to(device), self.num_queries)
-
-
-@dataclass
-class ModelConfig:
-    """Hyperparameters: the `model:` section of a run config."""
-
-    dim: int = 64
-    num_layers: int = 2
-    num_heads: int = 2
-    ffn_mult: int = 4
-    block: str = "prenorm"  # "prenorm" (pre-LN residual, GELU MLP) or "ligr" (gated residuals, SwiGLU MLP)
-    dropout: float = 0.2
-    max_history: int = 50
-    max_query_len: int = 16
-    use_attributes: bool = True
-    use_words: bool = True
-    similarity: str = "dot"  # "dot" or "cosine"
-    temperature: float = 1.0  # divides the scores (cosine needs << 1)
-    # implementation switches (same weights, same numbers): "auto" = the Triton kernels on CUDA, plain torch on CPU
-    attention_impl: str = "auto"  # "auto" | "reference" (torch SDPA) | "triton" (kernels/attention)
-    embedding_bag_impl: str = "auto"  # "auto" | "torch" (F.embedding_bag) | "triton" (kernels/embedding_bag); unsharded tables
-    # LM features (model/text_encoder.py, model/semantic_ids.py)
-    tokenizer: str = "word"  # "word" (letter runs, vocabulary fitted on the catalogue) or "wordpiece" (the text encoder's)
-    text_features: bool = False  # item tower adds a projection of the frozen text-encoder vector of the item's content
-    semantic_id_levels: int = 0  # RQ-KMeans levels of semantic-ID tables in the item tower (0 = off; + a collision level)
-    query_encoder: str = "none"  # search context adds the text encoder's query vector: "none" | "frozen" | "finetune"
-    query_bag: bool = True  # search context includes the pooled query-token bag
-    tie_text_projection: bool = False  # query vector and item text vectors share one projection (one space)
-    id_dropout: float = 0.0  # training: drop an item's id vector with this probability (content must carry it)
-    lexical: str = "none"  # search score adds learned-scale BM25 of the query against the items' "names" or "title+names"
-    text_neighbours: int = 0  # similar-item / pre-query scores add w_task * text cosine for the anchor's K nearest items
-
-    def __post_init__(self) -> None:
-        if self.dim % self.num_heads:
-            raise ValueError(f"model.dim={self.dim} must be divisible by model.num_heads={self.num_heads}")
-        choices = {"block": ("prenorm", "ligr"), "similarity": ("dot", "cosine"), "attention_impl": IMPL_CHOICES,
-                   "embedding_bag_impl": BAG_IMPL_CHOICES, "tokenizer": ("word", "wordpiece"),
-                   "query_encoder": ("none", "frozen", "finetune"), "lexical": LEXICAL_FIELDS}
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"model.{key} must be one of {allowed}, got {getattr(self, key)!r}")
-        if self.max_history < 1 or self.max_query_len < 1:
-            raise ValueError("model.max_history and model.max_query_len must be >= 1")
-        if self.query_encoder != "none" and self.tokenizer != "wordpiece":
-            raise ValueError("model.query_encoder needs model.tokenizer=wordpiece (the encoder reads its own word pieces)")
-        if not self.query_bag and self.query_encoder == "none":
-            raise ValueError("model.query_bag=false needs a model.query_encoder: search would have no query signal")
-        if self.tie_text_projection and not (self.text_features and self.query_encoder != "none"):
-            raise ValueError("model.tie_text_projection needs model.text_features=true and a model.query_encoder")
-        if self.text_neighbours < 0:
-            raise ValueError("model.text_neighbours must be >= 0")
-        if self.text_neighbours and not self.text_features:
-            raise ValueError("model.text_neighbours needs model.text_features=true (the items' text vectors)")
-        if self.semantic_id_levels < 0:
-            raise ValueError("model.semantic_id_levels must be >= 0")
-        if not 0.0 <= self.id_dropout < 1.0:
-            raise ValueError(f"model.id_dropout must be in [0, 1), got {self.id_dropout}")
 
 
 @dataclass(kw_only=True)
@@ -176,19 +118,22 @@ class Block(nn.Module):
 
 
 class UnifiedRanker(nn.Module):
-    def __init__(self, cfg: RankerConfig, item_attributes: list[list[int]], item_words: list[list[int]],
-                 item_codes: torch.Tensor | None = None, item_text: torch.Tensor | None = None,
-                 query_tokens: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 lexical_rows: list[list[int]] | None = None):
-        """`item_codes` / `item_text`: the LM item features (see ItemTower); `query_tokens`: the
-        query catalogue's ([num_queries + 2, max_query_len] token ids, [num_queries + 2] lengths),
-        rows = query ids (QueryCatalogue.token_ids); `lexical_rows`: per id, the token ids of the
-        item's lexical field (model.lexical, LexicalMatch). None leaves zero placeholders of the
-        configured shape, to be filled by load_state_dict."""
+    def __init__(self, cfg: RankerConfig, catalogue: Catalogue):
+        """Built from its config and its catalogue alone (model/catalogue.py): the items' attribute
+        and word bags, and, where the config uses them, the semantic-ID codes and frozen text vectors
+        (ItemTower), the lexical field's tokens (model.lexical) and the query catalogue's token ids
+        (suggest). A part the catalogue lacks becomes a zero placeholder of the configured shape, to
+        be filled by load_state_dict."""
         super().__init__()
+        if catalogue.num_items != cfg.num_items:
+            raise ValueError(f"the catalogue has {catalogue.num_items} items, the model config {cfg.num_items}")
         self.config, self.num_items = cfg, cfg.num_items
+        item_text = catalogue.item_text if cfg.text_features else None
+        item_codes = catalogue.item_codes if cfg.semantic_id_sizes else None
+        lexical_rows = catalogue.lexical_rows if cfg.lexical != "none" else None
+        query_tokens = catalogue.query_token_ids if cfg.num_queries else None
         self.item_tower: ItemTower | PrecomputedItemTower = ItemTower(
-            cfg.num_items, item_attributes, cfg.num_attributes, item_words, cfg.num_words, cfg.dim,
+            cfg.num_items, catalogue.item_attributes, cfg.num_attributes, catalogue.item_words, cfg.num_words, cfg.dim,
             use_attributes=cfg.use_attributes, use_words=cfg.use_words, bag_impl=cfg.embedding_bag_impl,
             semantic_id_sizes=cfg.semantic_id_sizes, item_codes=item_codes,
             text_dim=cfg.text_dim if cfg.text_features else 0, item_text=item_text, id_dropout=cfg.id_dropout)

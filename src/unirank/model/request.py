@@ -31,6 +31,7 @@ class QueryTask(enum.IntEnum):
 
 TASK_NAMES = {Task.SEARCH: "search", Task.SIMILAR: "similar", Task.PREQUERY: "prequery",
               QueryTask.SUGGEST: "suggest"}
+TASK_BY_NAME = {name: task for task, name in TASK_NAMES.items()}
 
 
 class TaskIds(tuple):

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from unirank.atomic_file import atomic_write
 from unirank.model.encoder_files import bundled_model_dir, import_transformers
 
 EMBEDDING_DIM = 384
@@ -232,14 +231,5 @@ class TextEncoder:
 
 
 def _write_atomic(path: Path, key: str, embeddings: np.ndarray) -> None:
-    """Write to a temp file in the same directory, then rename: readers never see half a file."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, embeddings=embeddings, key=np.array(key), sha256=np.array(_array_digest(embeddings)))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: np.savez(f, embeddings=embeddings, key=np.array(key),
+                                          sha256=np.array(_array_digest(embeddings))))

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from unirank.model.request import INPUT_NAMES
-from unirank.serving.export import _dynamic_shapes, _rewrite_bool_where, example_inputs, onnx_session
+from unirank.serving.onnx_graph import _dynamic_shapes, _rewrite_bool_where, example_inputs, onnx_session
 from unirank.serving.graph_checks import add_request_checks
 from unirank.serving.item_index import (CONTEXT_MODEL_FILE, CONTEXT_OUTPUTS, INDEX_FILES, ITEM_TABLE_FILE, TABLE_INPUT,
                                         IndexOptions, ItemIndex, TwoStageRanker)

@@ -2,7 +2,8 @@
 of the exported item table through the trained item tower's content path alone (no id row, as id
 dropout trains it), appended after the trained catalogue; the OOV row stays last.
 
-Per new item: attribute ids from its names through the training dataset's vocabulary (unknown
+Everything comes from the checkpoint (its catalogue, model/catalogue.py): no dataset is read.
+Per new item: attribute ids from its names through the training catalogue's vocabulary (unknown
 names are counted and reported, not fatal), content words (title + names) through the model's
 tokenizer, the frozen text encoder's vector of "title. names" (models with text features) and, for
 models with semantic IDs, the K-means codes of the trained item whose text vector is nearest (the
@@ -24,7 +25,10 @@ from pathlib import Path
 
 import torch
 
+from unirank.model.catalogue import Catalogue
 from unirank.model.scoring import AddedItems
+from unirank.model.text_encoder import TextEncoder, format_item_text
+from unirank.model.tokenizer import OOV_TOKEN_ID
 
 log = logging.getLogger(__name__)
 
@@ -173,20 +177,16 @@ def _nearest_codes(tower, catalogue_text: torch.Tensor, text: torch.Tensor) -> t
 
 def encode_new_items(items: list[NewItem]) -> torch.Tensor:
     """[M, text_dim] the text-encoder vectors of the new items' content, as the catalogue's were made."""
-    from unirank.model.text_encoder import TextEncoder, format_item_text
-
     return torch.from_numpy(TextEncoder().encode([format_item_text(it.title, it.attributes) for it in items]))
 
 
-def new_item_vectors(ranker, tokenizer, data, items: list[NewItem], cache_dir: str | Path = "~/.cache/unirank",
+def new_item_vectors(ranker, catalogue: Catalogue, items: list[NewItem],
                      text: torch.Tensor | None = None) -> tuple[torch.Tensor, Counter]:
     """[M, d] content-path vectors of `items` from the trained `ranker` (UnifiedRanker with its full
-    item tower), and the attribute names the dataset's vocabulary does not know. `text`: the items'
+    item tower), and the attribute names the catalogue's vocabulary does not know. `text`: the items'
     text vectors (encode_new_items), when the caller has them already."""
-    from unirank.model.tokenizer import OOV_TOKEN_ID
-
-    tower = ranker.item_tower
-    attrs, unknown = attribute_ids(items, data.attribute_names)
+    tower, tokenizer = ranker.item_tower, catalogue.load_tokenizer()
+    attrs, unknown = attribute_ids(items, catalogue.attribute_names)
     words = [[w for w in tokenizer.encode(f"{it.title} {' '.join(it.attributes)}", unique=True) if w != OOV_TOKEN_ID]
              for it in items]
     codes = None
@@ -194,13 +194,10 @@ def new_item_vectors(ranker, tokenizer, data, items: list[NewItem], cache_dir: s
     if needs_text and text is None:
         text = encode_new_items(items)
     if tower.semantic_id_sizes:
-        if hasattr(tower, "item_text"):
-            catalogue_text = tower.item_text
-        else:
-            from unirank.data.lm_features import item_lm_features
-
-            catalogue_text = item_lm_features(data, Path(cache_dir).expanduser(), 0, 0).text
-        codes = _nearest_codes(tower, catalogue_text, text)
+        if catalogue.item_text is None:
+            raise NewItemsError("the checkpoint's catalogue has no item text vectors: the new items' semantic-ID "
+                                "codes cannot be found")
+        codes = _nearest_codes(tower, catalogue.item_text, text)
     with torch.no_grad():
         vectors = tower.eval().content_vectors(attrs, words, text if hasattr(tower, "text_proj") else None, codes)
     return vectors, unknown
@@ -220,39 +217,23 @@ def extend_catalogue(plain, vectors: torch.Tensor, added: AddedItems) -> None:
     plain.config = replace(plain.config, num_items=plain.num_items)
 
 
-def training_data(loaded, data_path: str | None = None):
-    """The dataset a checkpoint was trained on (its config's data section, or `data_path`), checked
-    against the checkpoint's sizes: it supplies the attribute vocabulary and the catalogue's ids."""
-    from omegaconf import OmegaConf
-
-    from unirank.data.datasets import load_dataset
-    from unirank.training.config import Config
-
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(loaded.config or "{}")))
-    if data_path is None and not loaded.config:
-        raise NewItemsError("the checkpoint carries no run config: pass the training dataset (--data)")
-    data = load_dataset(data_path or cfg.data.path, cfg.data.format, **asdict(cfg.data.synthetic))
-    rc = loaded.ranker.config
-    if (data.num_items, data.num_attributes) != (rc.num_items, rc.num_attributes):
-        raise NewItemsError(f"dataset {data_path or cfg.data.path} has {data.num_items} items and {data.num_attributes} "
-                            f"attribute ids, the checkpoint {rc.num_items} and {rc.num_attributes}: not its training data")
-    return data, cfg.data.cache_dir
-
-
-def add_new_items(loaded, plain, metadata_path: str | Path, data_path: str | None = None) -> NewItemsReport:
+def add_new_items(loaded, plain, metadata_path: str | Path) -> NewItemsReport:
     """Read and check the metadata, then append the new items' content-path vectors to `plain` (the
     export form of `loaded.ranker`). Raises NewItemsError before changing anything."""
-    data, cache_dir = training_data(loaded, data_path)
-    keys = set(data.item_keys[1:]) if data.item_keys is not None else set()
-    if data.item_keys is None:
+    catalogue = loaded.catalogue
+    if not catalogue.attribute_names:
+        raise NewItemsError("the checkpoint's catalogue has no attribute vocabulary (a checkpoint of an older "
+                            "unirank): retrain to export new items")
+    keys = set(catalogue.item_keys[1:]) if catalogue.item_keys is not None else set()
+    if catalogue.item_keys is None:
         log.warning("%s carries no external item ids: the new items' ids cannot be checked against the "
-                    "trained catalogue", data_path or data.name)
+                    "trained catalogue", catalogue.dataset.get("name", "the training data"))
     items = read_new_items(metadata_path, keys)
     text = encode_new_items(items) if any(term.needs_text for term in plain.terms.values()) else None
-    vectors, unknown = new_item_vectors(loaded.ranker, loaded.tokenizer, data, items, cache_dir, text=text)
+    vectors, unknown = new_item_vectors(loaded.ranker, catalogue, items, text=text)
     trained = int(plain.num_items)
     added = AddedItems([it.title for it in items], [it.attributes for it in items], loaded.tokenizer, text,
-                       getattr(loaded.ranker.item_tower, "item_text", None))
+                       catalogue.item_text)
     extend_catalogue(plain, vectors, added)
     return NewItemsReport(trained, [{"item_id": trained + 1 + i, "external_id": it.key, "title": it.title}
                                     for i, it in enumerate(items)], dict(unknown))

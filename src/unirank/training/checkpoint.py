@@ -1,21 +1,21 @@
 """Single-file checkpoints: written atomically (temp file + rename, so a crash never leaves a
-half-written file under the real name), self-contained (config, tokenizer, item features, the
-query catalogue's texts), and
-checked on load against the config the caller expects."""
+half-written file under the real name), self-contained (the weights, the model's catalogue
+(model/catalogue.py), the run config), loaded weights-only (a file cannot run code), and checked on
+load against the config the caller expects."""
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable
 
 import torch
 
+from unirank.atomic_file import atomic_write
+from unirank.model.catalogue import Catalogue, CatalogueError
 from unirank.model.ranker import RankerConfig, UnifiedRanker
 from unirank.model.tokenizer import Tokenizer, tokenizer_from_dict
 
-FORMAT = "unirank-checkpoint-v1"
+FORMAT = "unirank-checkpoint-v2"
+FORMAT_V1 = "unirank-checkpoint-v1"  # item bags, tokenizer and query texts at the top level, no catalogue
 
 
 class CheckpointError(ValueError):
@@ -25,54 +25,38 @@ class CheckpointError(ValueError):
 @dataclass
 class LoadedCheckpoint:
     ranker: UnifiedRanker
+    catalogue: Catalogue  # what the ranker was built from: items, tokenizer, query catalogue
     tokenizer: Tokenizer
     config: str  # the run's full config, YAML
     metadata: dict  # dataset name/fingerprint, epoch, validation metrics
     optimizer_state: dict | None
-    query_texts: list[str]  # the suggest task's query catalogue: id = position + 1 (empty: no suggest)
+
+    @property
+    def query_texts(self) -> list[str]:
+        """The suggest task's query catalogue: id = position + 1 (empty: no suggest)."""
+        return self.catalogue.query_texts
 
 
-def save_checkpoint(path: str | Path, ranker: UnifiedRanker, tokenizer: Tokenizer,
-                    item_attributes: list[list[int]], item_words: list[list[int]], config_yaml: str,
+def save_checkpoint(path: str | Path, ranker: UnifiedRanker, catalogue: Catalogue, config_yaml: str,
                     metadata: dict, optimizer: torch.optim.Optimizer | None = None,
-                    state_dict: dict | None = None, query_texts: list[str] = ()) -> None:
-    """`state_dict`: the ranker's weights when they live elsewhere (a data-parallel DMP replica);
-    `query_texts`: the query catalogue (its token ids are buffers of the ranker)."""
-    if len(query_texts) != ranker.config.num_queries:
-        raise ValueError(f"{len(query_texts)} query texts for a model with {ranker.config.num_queries} queries")
+                    state_dict: dict | None = None) -> None:
+    """`state_dict`: the ranker's weights when they live elsewhere (a data-parallel DMP replica)."""
+    if len(catalogue.query_texts) != ranker.config.num_queries:
+        raise ValueError(f"{len(catalogue.query_texts)} query texts for a model with {ranker.config.num_queries} queries")
+    if catalogue.tokenizer is None:
+        raise ValueError("a checkpoint's catalogue needs the tokenizer")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     bundle = {
         "format": FORMAT,
         "ranker_config": ranker.config.to_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in (state_dict or ranker.state_dict()).items()},
-        "tokenizer": tokenizer.to_dict(),
-        # plain ints: weights_only loading refuses numpy scalars
-        "item_features": {"attributes": [[int(a) for a in row] for row in item_attributes],
-                          "words": [[int(w) for w in row] for row in item_words]},
-        "query_texts": [str(t) for t in query_texts],
+        "catalogue": catalogue.to_dict(),
         "config": config_yaml,
         "metadata": metadata,
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
     }
     atomic_write(path, lambda f: torch.save(bundle, f))
-
-
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
-    """`write(file)` into a temp file beside `path`, fsync, rename over `path`: a reader (or a crash)
-    sees the old file or the new one, never half of one. Every file a checkpoint consists of is
-    written through here."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _tokenizer(path: Path, data: dict) -> Tokenizer:
@@ -93,9 +77,22 @@ def read_bundle(path: str | Path) -> dict:
     except Exception as err:  # torch raises many types (and multi-line messages) for truncated / foreign files
         first = (str(err).strip().splitlines() or [""])[0]
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {first})") from err
+    if isinstance(bundle, dict) and bundle.get("format") == FORMAT_V1:
+        return _from_v1(bundle)
     if not isinstance(bundle, dict) or bundle.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a unirank checkpoint (expected format {FORMAT})")
     return bundle
+
+
+def _from_v1(bundle: dict) -> dict:
+    """A v1 file in the v2 layout: its catalogue lacks the attribute vocabulary and the text vectors
+    outside the weights, so such a model exports and evaluates but takes no new items."""
+    state, feats = bundle["state_dict"], bundle["item_features"]
+    catalogue = Catalogue(feats["attributes"], feats["words"], tokenizer=bundle["tokenizer"],
+                          item_text=state.get("item_tower.item_text"), item_codes=state.get("item_tower.item_codes"),
+                          query_texts=list(bundle.get("query_texts", [])), query_tokens=state.get("query_tokens"),
+                          query_lengths=state.get("query_token_lengths"))
+    return {**bundle, "format": FORMAT, "catalogue": catalogue.to_dict()}
 
 
 def load_checkpoint(path: str | Path, expect: RankerConfig | None = None) -> LoadedCheckpoint:
@@ -114,12 +111,15 @@ def load_checkpoint(path: str | Path, expect: RankerConfig | None = None) -> Loa
         if diff:
             detail = ", ".join(f"{k}: checkpoint={a!r} config={b!r}" for k, (a, b) in diff.items())
             raise CheckpointError(f"{path}: checkpoint was trained with another model config ({detail})")
-    feats = bundle["item_features"]
-    ranker = UnifiedRanker(cfg, feats["attributes"], feats["words"])
+    try:
+        catalogue = Catalogue.from_dict(bundle.get("catalogue"), f"{path} (catalogue)")
+        ranker = UnifiedRanker(cfg, catalogue)
+    except (CatalogueError, ValueError) as err:
+        raise CheckpointError(str(err)) from err
     try:
         ranker.load_state_dict(bundle["state_dict"])
     except RuntimeError as err:
         raise CheckpointError(f"{path}: weights do not fit the model config: {err}") from err
-    return LoadedCheckpoint(ranker=ranker, tokenizer=_tokenizer(path, bundle["tokenizer"]),
+    return LoadedCheckpoint(ranker=ranker, catalogue=catalogue, tokenizer=_tokenizer(path, catalogue.tokenizer),
                             config=bundle["config"], metadata=bundle["metadata"],
-                            optimizer_state=bundle.get("optimizer"), query_texts=list(bundle.get("query_texts", [])))
+                            optimizer_state=bundle.get("optimizer"))

@@ -12,7 +12,7 @@ import torch
 from unirank.model.ranker import UnifiedRanker
 from unirank.model.request import RankRequest
 from unirank.training.checkpoint import CheckpointError, load_checkpoint
-from unirank.training.config import ConfigError
+from unirank.config import ConfigError
 
 
 class Teachers:

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from unirank.training.config import Config, ConfigError
+from unirank.config import Config, ConfigError
 
 CPU_SHARDING = ("table_wise", "column_wise", "table_column_wise", "data_parallel")
 GPU_ONLY_SHARDING = ("row_wise", "table_row_wise", "grid_shard")

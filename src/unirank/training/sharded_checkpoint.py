@@ -42,9 +42,14 @@ from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from unirank.training.checkpoint import CheckpointError, atomic_write, save_checkpoint
+from unirank.atomic_file import atomic_write
+from unirank.config import load_config
+from unirank.model.catalogue import Catalogue, CatalogueError
+from unirank.model.ranker import RankerConfig, UnifiedRanker
+from unirank.training.checkpoint import CheckpointError, save_checkpoint
 
 COMMIT = "COMMIT"
+CATALOGUE = "catalogue.pt"  # the model's catalogue (model/catalogue.py): consolidation builds the ranker from it
 LATEST = "LATEST"
 TMP_PREFIX = ".tmp-"
 MODEL_PREFIX = "ranker."  # the DMP-wrapped training module holds the ranker as `.ranker`
@@ -162,7 +167,7 @@ def latest(root: str | Path) -> Path | None:
 
 
 def save_sharded(root: str | Path, step: int, state: dict, trainer_state: dict, rank_state: dict,
-                 config_yaml: str, keep: int = 2, protect: tuple[str, ...] = ()) -> Path:
+                 config_yaml: str, catalogue: Catalogue, keep: int = 2, protect: tuple[str, ...] = ()) -> Path:
     """Collective: every rank calls it with its DCP `state` ({"model": ..., "optim": ..., ...}: plain,
     replicated or sharded tensors keyed by name). Returns the committed directory."""
     root = Path(root)
@@ -181,6 +186,7 @@ def save_sharded(root: str | Path, step: int, state: dict, trainer_state: dict, 
     _barrier()  # every rank's files are on disk
     if rank == 0:
         _write_atomic(tmp / "config.yaml", config_yaml)
+        catalogue.save(tmp / CATALOGUE)
         _write_atomic(tmp / "trainer.json", json.dumps({**trainer_state, "world_size": _world()}, indent=1))
         _write_atomic(tmp / COMMIT, json.dumps({"step": step, "world_size": _world()}))
         for f in tmp.iterdir():
@@ -243,20 +249,24 @@ def read_full_model_state(path: str | Path) -> dict[str, torch.Tensor]:
     return template
 
 
-def consolidate(path: str | Path, out: str | Path, cfg=None, prep=None) -> Path:
-    """Sharded checkpoint -> the single-file format of training/checkpoint.py (no torch.distributed).
+def consolidate(path: str | Path, out: str | Path) -> Path:
+    """Sharded checkpoint -> the single-file format of training/checkpoint.py (no torch.distributed),
+    from the checkpoint's own files (config, catalogue, weights): no dataset is read.
 
     Hashed-capacity rows beyond what the model's id space reaches (distributed.tables.*.rows) are
     dropped: the single-process model never looks them up."""
-    from unirank.training.config import load_config, to_yaml
-    from unirank.training.train import build_ranker, prepare, trained_query_texts
-
     path = Path(path)
     trainer = verify(path)
-    cfg = cfg or load_config(str(path / "config.yaml"))
-    prep = prep or prepare(cfg)
+    config_yaml = (path / "config.yaml").read_text()
+    cfg = load_config(str(path / "config.yaml"))
+    try:
+        catalogue = Catalogue.load(path / CATALOGUE)
+    except CatalogueError as err:
+        raise CheckpointError(str(err)) from err
     torch.manual_seed(cfg.train.seed)
-    ranker = build_ranker(cfg, prep)
+    if "ranker_config" not in trainer:
+        raise CheckpointError(f"{path}: trainer.json has no ranker_config (written by an older unirank)")
+    ranker = UnifiedRanker(RankerConfig(**trainer["ranker_config"]), catalogue)
     full = read_full_model_state(path)
     expected = ranker.state_dict()
     state = {}
@@ -277,10 +287,10 @@ def consolidate(path: str | Path, out: str | Path, cfg=None, prep=None) -> Path:
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {missing}")
     ranker.load_state_dict(state)
-    metadata = {"dataset": prep.data.name, "fingerprint": prep.data.fingerprint(), "tasks": cfg.train.tasks,
+    metadata = {**catalogue.dataset, "dataset": catalogue.dataset.get("name"), "tasks": cfg.train.tasks,
                 "epoch": trainer.get("best_epoch") or trainer.get("epoch"), "validation": trainer.get("validation"),
                 "sharded_checkpoint": str(path), "step": trainer.get("step"),
                 "trained_world_size": trainer.get("world_size")}
-    save_checkpoint(out, ranker, prep.tokenizer, prep.data.item_attributes, prep.item_words, to_yaml(cfg), metadata,
-                    query_texts=trained_query_texts(cfg, prep))
+    metadata.pop("name", None)
+    save_checkpoint(out, ranker, catalogue, config_yaml, metadata)
     return Path(out)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,99 +23,23 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from unirank.model.lexical import table_width
-from unirank.model.ranker import RankerConfig, UnifiedRanker
-from unirank.model.request import TASK_NAMES, QueryTask, Task
-from unirank.model.tokenizer import Tokenizer
+from unirank.config import Config, load_config, task_weights, to_yaml
+from unirank.data.examples import TrainingExamples
+from unirank.data.prepare import Prepared, build_catalogue, prepare, ranker_config, trained_queries
+from unirank.evaluation.evaluate import ModelScorer, evaluate_task
+from unirank.model.ranker import UnifiedRanker
+from unirank.model.request import TASK_BY_NAME, TASK_NAMES, Task
 from unirank.training import distributed
 from unirank.training import sharded_checkpoint as sc
 from unirank.training.batches import StepInputs, step_inputs
 from unirank.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from unirank.training.config import Config, load_config, task_weights, to_yaml
-from unirank.data.datasets import InteractionData, load_dataset
 from unirank.training.distill import load_teachers
-from unirank.evaluation.evaluate import ModelScorer, evaluate_task
-from unirank.data.examples import (RequestBuilder, Split, TrainingExamples, fit_tokenizer, item_lexical_rows,
-                                       item_word_ids, leave_one_out_split)
-from unirank.data.lm_features import ItemLMFeatures, item_lm_features
-from unirank.data.query_catalogue import QueryCatalogue, build_query_catalogue
 from unirank.training.loss import item_frequencies, step_loss
 from unirank.training.run_state import RunState, optimizer_state, rng_state, set_rng_state, trainable
 
-TASK_BY_NAME = {name: task for task, name in TASK_NAMES.items()}
 # keys a resumed run may change: where and how fast it runs, not what it computes
 RESUMABLE_CHANGES = ("train.threads", "train.max_minutes", "train.device", "train.stop_after_steps",
                      "train.checkpoint_every", "train.keep_checkpoints", "distributed")
-
-
-@dataclass
-class Prepared:
-    """Everything derived from the data that training, evaluation and export share."""
-
-    data: InteractionData
-    split: Split
-    tokenizer: Tokenizer
-    item_words: list[list[int]]
-    builder: RequestBuilder
-    lm: ItemLMFeatures | None = None  # text vectors + semantic IDs, when the model config uses them
-    excluded_items: np.ndarray | None = None  # item ids training never ranks (cold-start: not yet in the catalogue)
-    queries: QueryCatalogue | None = None  # the suggest task's candidates (train.tasks with suggest)
-    lexical_rows: list[list[int]] | None = None  # per id, the lexical field's token ids (model.lexical)
-
-
-def trained_queries(cfg: Config, prep: Prepared) -> QueryCatalogue | None:
-    """The query catalogue of a model trained with `cfg`: only a run that trains suggest carries one
-    (the item-task twins of a suggest benchmark share its data, not its catalogue)."""
-    return prep.queries if TASK_NAMES[QueryTask.SUGGEST] in cfg.train.tasks else None
-
-
-def trained_query_texts(cfg: Config, prep: Prepared) -> list[str]:
-    queries = trained_queries(cfg, prep)
-    return [] if queries is None else queries.texts
-
-
-def prepare(cfg: Config, data: InteractionData | None = None, fit_items: np.ndarray | None = None) -> Prepared:
-    """`data` replaces the configured dataset (e.g. a cold-start copy); `fit_items` restricts the
-    semantic-ID codebook fit (see item_lm_features)."""
-    data = data or load_dataset(cfg.data.path, cfg.data.format, **asdict(cfg.data.synthetic))
-    split = leave_one_out_split(data.sequences)
-    if len(split.users) == 0:
-        raise ValueError(f"{cfg.data.path}: no user has the 3 interactions leave-one-out needs")
-    tokenizer = fit_tokenizer(data, cfg.model.tokenizer)
-    queries = None
-    if TASK_NAMES[QueryTask.SUGGEST] in cfg.train.tasks:
-        queries = build_query_catalogue(data, split, cfg.data.zero_shot_modulus)
-        if not len(queries):
-            raise ValueError(f"{cfg.data.path}: the training split builds no search query: suggest has no candidates")
-    builder = RequestBuilder(data, tokenizer, cfg.model.max_history, cfg.model.max_query_len,
-                             cfg.data.zero_shot_modulus, queries)
-    lm = None
-    if cfg.model.text_features or cfg.model.semantic_id_levels:
-        lm = item_lm_features(data, cfg.data.cache_dir, cfg.model.semantic_id_levels, cfg.train.seed, fit_items)
-    lexical = item_lexical_rows(data, tokenizer, cfg.model.lexical) if cfg.model.lexical != "none" else None
-    return Prepared(data, split, tokenizer, item_word_ids(data, tokenizer), builder, lm, queries=queries,
-                    lexical_rows=lexical)
-
-
-def ranker_config(cfg: Config, prep: Prepared) -> RankerConfig:
-    lm = prep.lm
-    return RankerConfig(num_items=prep.data.num_items, num_attributes=prep.data.num_attributes,
-                        num_words=prep.tokenizer.vocab_size, **asdict(cfg.model),
-                        text_dim=int(lm.text.shape[1]) if lm is not None and cfg.model.text_features else 0,
-                        semantic_id_sizes=lm.level_sizes if lm is not None else [],
-                        num_queries=len(trained_query_texts(cfg, prep)),
-                        lexical_width=table_width(prep.lexical_rows) if prep.lexical_rows is not None else 0)
-
-
-def build_ranker(cfg: Config, prep: Prepared) -> UnifiedRanker:
-    lm = prep.lm
-    queries = trained_queries(cfg, prep)
-    return UnifiedRanker(ranker_config(cfg, prep), prep.data.item_attributes, prep.item_words,
-                         item_codes=lm.codes if lm is not None and lm.level_sizes else None,
-                         item_text=lm.text if lm is not None and cfg.model.text_features else None,
-                         query_tokens=None if queries is None else queries.token_ids(prep.tokenizer,
-                                                                                    cfg.model.max_query_len),
-                         lexical_rows=prep.lexical_rows)
 
 
 def validate(ranker: UnifiedRanker, prep: Prepared, tasks: list[Task], cfg: Config) -> dict[str, dict]:
@@ -263,7 +187,8 @@ class Trainer:
         self.out = Path(cfg.train.out_dir)
         self.root = Path(cfg.distributed.checkpoint_dir or self.out / "checkpoints")
         self.resume_from = _check_resumable(self.out, self.root, cfg)
-        ranker = build_ranker(cfg, prep)  # the same initial weights at every world size
+        self.catalogue = build_catalogue(cfg, prep)
+        ranker = UnifiedRanker(ranker_config(cfg, prep), self.catalogue)  # the same initial weights at every world size
         self.examples = TrainingExamples(prep.split, prep.builder, cfg.train.batch_size, cfg.train.seed,
                                          tuple(self.tasks))
         if Task.SIMILAR in self.tasks and not (self.examples.lengths >= 2).any():
@@ -513,9 +438,10 @@ class Trainer:
     def save_last(self) -> None:
         """The resumable checkpoint of this step (collective), with the loop state beside the tensors."""
         st = self.st
-        trainer = {**st.to_dict(), "generator": self.generator.get_state().tolist(), "plan": self.plan}
+        trainer = {**st.to_dict(), "generator": self.generator.get_state().tolist(), "plan": self.plan,
+                   "ranker_config": self.ranker.config.to_dict()}
         sc.save_sharded(self.root, st.step, self.checkpoint_state(), trainer, rng_state(self.runtime.device),
-                        to_yaml(self.cfg), keep=self.cfg.train.keep_checkpoints,
+                        to_yaml(self.cfg), self.catalogue, keep=self.cfg.train.keep_checkpoints,
                         protect=(st.best_checkpoint,) if st.best_checkpoint else ())
 
     def save_best(self, epoch: int, metrics: dict) -> None:
@@ -526,14 +452,11 @@ class Trainer:
             self.st.best_checkpoint = sc.checkpoint_name(self.st.step)
             return
         if self.runtime.is_main:
-            prep, cfg = self.prep, self.cfg
             full = {k[len("ranker."):]: v for k, v in state.items() if k.startswith("ranker.")}
-            save_checkpoint(self.out / "best.pt", self.ranker, prep.tokenizer, prep.data.item_attributes,
-                            prep.item_words, to_yaml(cfg),
+            save_checkpoint(self.out / "best.pt", self.ranker, self.catalogue, to_yaml(self.cfg),
                             {**self.metadata(), "epoch": epoch, "validation": metrics,
                              "trained_world_size": self.runtime.world},
-                            self.optimizer if self.fused is None else None, state_dict=full,
-                            query_texts=trained_query_texts(cfg, prep))
+                            self.optimizer if self.fused is None else None, state_dict=full)
         self.st.best_checkpoint = None
 
     def metadata(self) -> dict:
@@ -556,7 +479,7 @@ class Trainer:
         if runtime.is_main:
             (self.out / "train_history.json").write_text(json.dumps(st.history, indent=1))
             if not self.stopped and st.best_checkpoint and self.cfg.distributed.consolidate:
-                sc.consolidate(self.root / st.best_checkpoint, self.out / "best.pt", self.cfg, self.prep)
+                sc.consolidate(self.root / st.best_checkpoint, self.out / "best.pt")
             (self.out / "train_result.json").write_text(json.dumps(result, indent=1))
             self.writer.close()
         runtime.barrier()

@@ -11,9 +11,10 @@ from typing import Dict, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from unirank.model.ranker import ModelConfig
-
 TASK_CHOICES = ("search", "similar", "prequery", "suggest")
+IMPL_CHOICES = ("auto", "reference", "triton")
+BAG_IMPL_CHOICES = ("auto", "torch", "triton")
+LEXICAL_FIELDS = ("none", "names", "title+names")  # model.lexical: which item text the BM25 match reads
 ITEM_TASKS = TASK_CHOICES[:3]  # the default train.tasks: suggest (query suggestions) is opt-in
 
 
@@ -40,6 +41,63 @@ class DataConfig:
     # appear in a training query; test queries built from them alone form the zero-shot set. 0 = off.
     zero_shot_modulus: int = 10
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class ModelConfig:
+    """Hyperparameters: the `model:` section of a run config."""
+
+    dim: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    ffn_mult: int = 4
+    block: str = "prenorm"  # "prenorm" (pre-LN residual, GELU MLP) or "ligr" (gated residuals, SwiGLU MLP)
+    dropout: float = 0.2
+    max_history: int = 50
+    max_query_len: int = 16
+    use_attributes: bool = True
+    use_words: bool = True
+    similarity: str = "dot"  # "dot" or "cosine"
+    temperature: float = 1.0  # divides the scores (cosine needs << 1)
+    # implementation switches (same weights, same numbers): "auto" = the Triton kernels on CUDA, plain torch on CPU
+    attention_impl: str = "auto"  # "auto" | "reference" (torch SDPA) | "triton" (kernels/attention)
+    embedding_bag_impl: str = "auto"  # "auto" | "torch" (F.embedding_bag) | "triton" (kernels/embedding_bag); unsharded tables
+    # LM features (model/text_encoder.py, model/semantic_ids.py)
+    tokenizer: str = "word"  # "word" (letter runs, vocabulary fitted on the catalogue) or "wordpiece" (the text encoder's)
+    text_features: bool = False  # item tower adds a projection of the frozen text-encoder vector of the item's content
+    semantic_id_levels: int = 0  # RQ-KMeans levels of semantic-ID tables in the item tower (0 = off; + a collision level)
+    query_encoder: str = "none"  # search context adds the text encoder's query vector: "none" | "frozen" | "finetune"
+    query_bag: bool = True  # search context includes the pooled query-token bag
+    tie_text_projection: bool = False  # query vector and item text vectors share one projection (one space)
+    id_dropout: float = 0.0  # training: drop an item's id vector with this probability (content must carry it)
+    lexical: str = "none"  # search score adds learned-scale BM25 of the query against the items' "names" or "title+names"
+    text_neighbours: int = 0  # similar-item / pre-query scores add w_task * text cosine for the anchor's K nearest items
+
+    def __post_init__(self) -> None:
+        if self.dim % self.num_heads:
+            raise ValueError(f"model.dim={self.dim} must be divisible by model.num_heads={self.num_heads}")
+        choices = {"block": ("prenorm", "ligr"), "similarity": ("dot", "cosine"), "attention_impl": IMPL_CHOICES,
+                   "embedding_bag_impl": BAG_IMPL_CHOICES, "tokenizer": ("word", "wordpiece"),
+                   "query_encoder": ("none", "frozen", "finetune"), "lexical": LEXICAL_FIELDS}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"model.{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        if self.max_history < 1 or self.max_query_len < 1:
+            raise ValueError("model.max_history and model.max_query_len must be >= 1")
+        if self.query_encoder != "none" and self.tokenizer != "wordpiece":
+            raise ValueError("model.query_encoder needs model.tokenizer=wordpiece (the encoder reads its own word pieces)")
+        if not self.query_bag and self.query_encoder == "none":
+            raise ValueError("model.query_bag=false needs a model.query_encoder: search would have no query signal")
+        if self.tie_text_projection and not (self.text_features and self.query_encoder != "none"):
+            raise ValueError("model.tie_text_projection needs model.text_features=true and a model.query_encoder")
+        if self.text_neighbours < 0:
+            raise ValueError("model.text_neighbours must be >= 0")
+        if self.text_neighbours and not self.text_features:
+            raise ValueError("model.text_neighbours needs model.text_features=true (the items' text vectors)")
+        if self.semantic_id_levels < 0:
+            raise ValueError("model.semantic_id_levels must be >= 0")
+        if not 0.0 <= self.id_dropout < 1.0:
+            raise ValueError(f"model.id_dropout must be in [0, 1), got {self.id_dropout}")
 
 
 @dataclass
@@ -122,8 +180,8 @@ class Config:
 
 
 def builtin_config(name: str) -> Path:
-    # configs/ sits beside training/ both in the source tree and when installed (unirank/configs).
-    return Path(__file__).resolve().parent.parent / "configs" / f"{name}.yaml"
+    # configs/ sits beside this file both in the source tree and when installed (unirank/configs).
+    return Path(__file__).resolve().parent / "configs" / f"{name}.yaml"
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
