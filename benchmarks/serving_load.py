@@ -29,7 +29,7 @@ import torch
 
 from unirank.model.request import INPUT_NAMES
 from unirank.model.tokenizer import WordTokenizer
-from unirank.serving.client import RankerClient, RequestBuilder
+from unirank.serving.client import RankerClient, RequestBuilder, widths_from_server
 from unirank.serving.export import OUTPUT_NAMES, ExportMetadata, TopKRanker, export_onnx, onnx_session
 from unirank.serving.model_repository import build_model_repository
 from unirank.serving.server import Server, free_port
@@ -118,7 +118,8 @@ def in_process_calls(plain, session):
 
 
 def server_call(url: str, tokenizer, metadata, concurrency: int):
-    clients = [RankerClient(url, tokenizer, metadata, timeout_s=30) for _ in range(concurrency)]
+    widths = widths_from_server(url)  # the python flavour's fixed sequence widths
+    clients = [RankerClient(url, tokenizer, metadata, timeout_s=30, widths=widths) for _ in range(concurrency)]
     return (lambda worker, request: clients[worker].rank(request)), clients
 
 
