@@ -35,7 +35,7 @@ from unirank.model.request import QueryTask, Task
 from unirank.model.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_dict
 from unirank.serving.metadata import (METADATA_FILE, METADATA_PARAMETER, OUTPUT_NAMES, QUERIES_FILE,
                                       QUERIES_PARAMETER, TOKENIZER_FILE, TOKENIZER_PARAMETER, ExportMetadata)
-from unirank.serving.request_arrays import FIELDS, ROW_FIELDS, SEQUENCE_FIELDS, RequestLimits, check_request
+from unirank.serving.request_arrays import FIELDS, ROW_FIELDS, RequestLimits, check_request
 
 RETRYABLE = ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED")
 MAX_BACKOFF_S = 2.0
@@ -135,7 +135,7 @@ def fixed_widths(config: dict) -> dict[str, int]:
     widths = {}
     for tensor in config.get("input", []):
         dims = [int(d) for d in tensor.get("dims", [])]
-        if tensor.get("name") in SEQUENCE_FIELDS and dims and dims[-1] > 0:
+        if tensor.get("name") not in ROW_FIELDS and dims and dims[-1] > 0:
             widths[tensor["name"]] = dims[-1]
     return widths
 

@@ -1,7 +1,7 @@
 """Triton model repositories generated from one description: the endpoint contract is data here.
 
 `build_model_repository` writes two standard repositories from the same `EndpointSpec`:
-  <out>/python/<name>/       backend "python": model.py (ONNX Runtime, pads ragged batches itself)
+  <out>/python/<name>/       backend "python": model.py (ONNX Runtime, pads each batch itself)
                              for the bundled CPU tritonserver (no onnxruntime backend there);
   <out>/onnxruntime/<name>/  platform "onnxruntime_onnx" for the official Triton container.
 Both hold 1/model.onnx (+ its external data file, model.onnx.data, when the weights pass 2 GB),
@@ -22,7 +22,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
 from unirank.model import request as request_schema
-from unirank.model.request import ROW_FIELDS, SEQUENCE_LENGTHS, SEQUENCE_LIMITS
+from unirank.model.request import ROW_FIELDS, SEQUENCE_LIMITS
 from unirank.serving.metadata import (METADATA_FILE, METADATA_PARAMETER, MODEL_FILE, NEW_ITEMS_FILE, QUERIES_FILE,
                                       QUERIES_PARAMETER, TOKENIZER_FILE, TOKENIZER_PARAMETER, ExportMetadata,
                                       external_data_files)
@@ -122,7 +122,8 @@ def sequence_widths(metadata: ExportMetadata) -> dict[str, int]:
     0 bytes through, and the python backend's stub aborted building that array before model.py ran;
     a shape that differs from a fixed dim is refused by Triton itself (INVALID_ARGUMENT naming the input)."""
     limits = RequestLimits(metadata.num_items, metadata.max_history, metadata.max_query_len, num_queries=metadata.num_queries)
-    return {name: limits.resolve(SEQUENCE_LIMITS.get(name, "max_candidates")) for name in SEQUENCE_LENGTHS}
+    return {name: limits.resolve(SEQUENCE_LIMITS.get(name, "max_candidates"))
+            for name in metadata.input_names if name not in ROW_FIELDS}
 
 
 def build_model_repository(export_dir: str | Path, out_dir: str | Path, name: str = "unirank",
