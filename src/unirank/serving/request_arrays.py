@@ -80,7 +80,7 @@ def broken_value(rule: Rule, request: dict[str, np.ndarray], limits: RequestLimi
         return value.shape[1] if value.shape[1] > bound else None
     if rule.kind == "set_for_task":
         bad = (request["task"] == bound) & (value == 0)
-    elif rule.kind == "one_of":  # a few allowed values: comparisons cost ~1 us, np.isin ~190 us
+    elif rule.kind == "one_of":  # a few allowed values: one comparison each, ~5x cheaper than np.isin on one row
         bad = value != bound[0]
         for allowed in bound[1:]:
             bad &= value != allowed

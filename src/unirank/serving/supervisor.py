@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from unirank.serving.server import Server, ServerError
+from unirank.serving.server import Server
 
 log = logging.getLogger(__name__)
 
