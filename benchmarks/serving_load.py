@@ -29,9 +29,9 @@ import torch
 
 from unirank.model.request import INPUT_NAMES
 from unirank.model.tokenizer import WordTokenizer
-from unirank.serving.client import RankerClient, RequestBuilder
+from unirank.serving.client import RankerClient, RequestBuilder, widths_from_server
+from unirank.serving.metadata import OUTPUT_NAMES, ExportMetadata
 from unirank.serving.onnx_graph import TopKRanker, export_onnx, onnx_session
-from unirank.serving.metadata import ExportMetadata, OUTPUT_NAMES
 from unirank.serving.model_repository import build_model_repository
 from unirank.serving.server import Server, free_port
 from unirank.serving.synthetic_requests import random_request
@@ -120,7 +120,8 @@ def in_process_calls(plain, session):
 
 
 def server_call(url: str, tokenizer, metadata, concurrency: int):
-    clients = [RankerClient(url, tokenizer, metadata, timeout_s=30) for _ in range(concurrency)]
+    widths = widths_from_server(url)  # the python flavour's fixed sequence widths
+    clients = [RankerClient(url, tokenizer, metadata, timeout_s=30, widths=widths) for _ in range(concurrency)]
     return (lambda worker, request: clients[worker].rank(request)), clients
 
 

@@ -80,8 +80,13 @@ def torch_topk(plain_topk: TopKRanker, arrays: dict[str, np.ndarray]) -> tuple[n
     return ids.numpy(), scores.numpy()
 
 
-def raw_inputs(arrays: dict[str, np.ndarray]) -> list:
-    """gRPC inputs of any dtype/shape, as given; 1-D row fields go as [B, 1] like the typed client sends them."""
+# The python flavour's fixed sequence widths for the tiny model (model_repository.sequence_widths).
+WIDTHS = {"history": 12, "query": 6, "candidates": 10_000, "exclude": 1_000}
+
+
+def raw_inputs(arrays: dict[str, np.ndarray], widths: dict[str, int] = WIDTHS) -> list:
+    """gRPC inputs of any dtype/shape, as given; 1-D row fields go as [B, 1] like the typed client sends them,
+    2-D sequences narrower than `widths` are right-padded with 0 to it (as the typed client does)."""
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import np_to_triton_dtype
 
@@ -92,6 +97,8 @@ def raw_inputs(arrays: dict[str, np.ndarray]) -> list:
         value = np.ascontiguousarray(value)
         if name in ROW_FIELDS and value.ndim == 1:
             value = value[:, None]
+        if value.ndim == 2 and value.shape[1] < widths.get(name, 0):
+            value = np.pad(value, ((0, 0), (0, widths[name] - value.shape[1])))
         tensor = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
         tensor.set_data_from_numpy(value)
         inputs.append(tensor)

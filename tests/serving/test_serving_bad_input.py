@@ -8,7 +8,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import NUM_ITEMS, NUM_WORDS, raw_inputs, torch_topk
+from conftest import NUM_ITEMS, NUM_WORDS, WIDTHS, raw_inputs, torch_topk
 from unirank.serving.request_arrays import pad_and_stack
 from unirank.serving.synthetic_requests import random_request
 
@@ -64,13 +64,14 @@ CASES = {
     "negative candidate": (_with(candidates=[[-1]]), "candidates"),
     "history too long": (_with(history=np.ones((1, MAX_HISTORY + 3), np.int64), history_lengths=[MAX_HISTORY + 3]), "history"),
     "query too long": (_with(task=[0], query=np.full((1, MAX_QUERY + 1), 3), query_lengths=[MAX_QUERY + 1]), "query"),
-    "length beyond padding": (_with(history=[[3, 4]], history_lengths=[5]), "history_lengths"),
+    "length beyond padding": (_with(history=[[3, 4]], history_lengths=[MAX_HISTORY + 1]), "history_lengths"),
     "similar without source": (_with(task=[1], source_item=[0]), "source_item"),
     "batch above max_batch_size": (lambda a: {k: np.repeat(v, MAX_BATCH + 1, axis=0) for k, v in a.items()}, "batch"),
     "ids beyond the catalogue -> OOV": (_with(history=[[NUM_ITEMS + 7, 2, 10**12]], history_lengths=[3],
                                               candidates=[[NUM_ITEMS + 1, 5, 6]]), None),
     "empty history pre-query": (_with(task=[2], history=[[0]], history_lengths=[0]), None),
-    "long padding, short history": (_with(history=lambda a: np.pad(a["history"], ((0, 0), (0, 40)))), None),
+    # The python flavour's sequences have a fixed width (the limit): Triton refuses any other width.
+    "padding beyond the limit": (_with(history=lambda a: np.pad(a["history"], ((0, 0), (0, 40)))), "history"),
 }
 
 
@@ -144,3 +145,41 @@ def test_concurrent_mix_of_bad_and_valid_requests(server, plain_topk):
         else:
             assert isinstance(outcome, InferenceServerException) and field in outcome.message()
             assert outcome.status() == "StatusCode.INVALID_ARGUMENT"
+
+
+@pytest.mark.parametrize("field, shape, values", [
+    ("history", [1, 2**61], 0),  # 2**61 * 8 bytes wraps to 0 in Triton's byte-size check
+    ("history", [1, 2**61 + 1], 1),  # wraps to 8 bytes
+    ("query", [1, 2**61], 0),
+    ("candidates", [1, 2**61], 0),
+])
+def test_a_shape_whose_byte_size_overflows_is_refused_before_the_stub(field, shape, values, server, grpc, plain_topk):
+    """Such a shape passed Triton's byte-size check, and the python backend's stub aborted building
+    the array: every later request failed until a heal. Fixed widths make Triton refuse it."""
+    from unirank.serving.supervisor import stub_pids
+
+    stubs = stub_pids(server.process.pid)
+    arrays = valid()
+    arrays[field] = np.zeros((1, values), np.int64)
+    inputs = raw_inputs(arrays, widths={k: w for k, w in WIDTHS.items() if k != field})
+    next(i for i in inputs if i.name() == field).set_shape(shape)
+    with pytest.raises(InferenceServerException) as err:
+        grpc.infer("unirank", inputs, client_timeout=10)
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and f"unexpected shape for input '{field}'" in err.value.message()
+    assert stub_pids(server.process.pid) == stubs  # the same stub, alive
+    assert_exact(grpc, plain_topk, valid(seed=2))
+
+
+@pytest.mark.parametrize("width", [0, 1, None])  # None: each sequence at its fixed width
+def test_a_batch_of_zero_rows_is_refused_and_the_server_stays_up(width, server, grpc, plain_topk):
+    """0 rows with zero-width sequences reached the python backend through a config with reshaped
+    row fields and variable widths, and tritonserver died (SIGSEGV in libtriton_python.so)."""
+    from unirank.serving.supervisor import stub_pids
+
+    stubs = stub_pids(server.process.pid)
+    arrays = {name: value[:0] if value.ndim == 1 or width is None else value[:0, :width] for name, value in valid().items()}
+    with pytest.raises(InferenceServerException) as err:
+        grpc.infer("unirank", raw_inputs(arrays, widths=WIDTHS if width is None else {}), client_timeout=10)
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT", err.value.message()
+    assert server.process.poll() is None and stub_pids(server.process.pid) == stubs
+    assert_exact(grpc, plain_topk, valid(seed=3))

@@ -5,6 +5,8 @@ Every bad request is refused naming its field by all three; every other request 
 answer from all three and PyTorch; a known-good request after every 50 cases stays exact."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -59,8 +61,10 @@ def _negative_length(rng, batch, row):
 
 
 def _length_beyond_width(rng, batch, row):
-    sequence = rng.choice(["history", "query"])
-    _set(batch, f"{sequence}_lengths", row, batch[sequence].shape[1] + int(rng.integers(1, 3)))
+    """Padded to the limit first: the python flavour's server pads every sequence to it."""
+    sequence, limit = [("history", LIMITS.max_history), ("query", LIMITS.max_query_len)][rng.integers(2)]
+    batch[sequence] = np.pad(batch[sequence], ((0, 0), (0, limit - batch[sequence].shape[1])))
+    _set(batch, f"{sequence}_lengths", row, limit + int(rng.integers(1, 3)))
     return f"{sequence}_lengths"
 
 
@@ -116,8 +120,10 @@ def _unknown_ids(rng, batch, row):
 
 
 def _trailing_padding(rng, batch, row):
-    for sequence in ("history", "query"):
-        batch[sequence] = np.pad(batch[sequence], ((0, 0), (0, int(rng.integers(1, 40)))))
+    """Up to the limit: the python flavour's config fixes each sequence's width there (Triton refuses wider)."""
+    for sequence, limit in (("history", LIMITS.max_history), ("query", LIMITS.max_query_len)):
+        room = limit - batch[sequence].shape[1]
+        batch[sequence] = np.pad(batch[sequence], ((0, 0), (0, int(rng.integers(0, room + 1)) if room > 0 else 0)))
 
 
 GOOD = [_duplicates, _history_in_candidates, _unknown_ids, _trailing_padding, lambda rng, batch, row: None]
@@ -162,8 +168,11 @@ def assert_refused(field, session, grpc, arrays):
     with pytest.raises(InferenceServerException) as err:
         server_flavour(grpc, arrays)
     assert err.value.status() == "StatusCode.INVALID_ARGUMENT", err.value.message()
-    # Triton refuses some empty batches itself ("input byte size mismatch for input ...").
-    assert err.value.message().startswith(f"{field}: ") or not len(arrays["task"]), err.value.message()
+    # Triton refuses some empty batches itself ("input byte size mismatch for input ..."), and a
+    # sequence wider than the python flavour's fixed width (its limit) names the sequence.
+    message = err.value.message()
+    wider = re.search(r"unexpected shape for input '(\w+)'", message)
+    assert message.startswith(f"{field}: ") or (wider and field.startswith(wider.group(1))) or not len(arrays["task"]), message
 
 
 def assert_rules_kept(arrays, ids):
@@ -206,3 +215,15 @@ def test_every_flavour_refuses_and_answers_alike(count, plain_topk, session, grp
                 assert np.array_equal(ids, want_ids) and np.array_equal(scores, want_scores)
     assert min(outcomes.values()) >= count // 3
     assert grpc.is_server_live() and grpc.is_model_ready("unirank")
+
+
+@pytest.mark.parametrize("field, rows", [("candidates", 0), ("query_lengths", 0), ("history", 2), ("source_item", 3)])
+def test_the_bare_graph_refuses_inputs_with_another_batch_size(field, rows, session):
+    """0-row candidates beside 1-row inputs made ONNX Runtime divide by zero (SIGFPE); 0-row
+    query_lengths got an answer. The graph checks every input's rows against task's first."""
+    arrays = pad_and_stack(_rows(np.random.default_rng(5), count=1))
+    arrays[field] = np.repeat(arrays[field][:1], rows, axis=0) if rows else arrays[field][:0]
+    with pytest.raises(ort.capi.onnxruntime_pybind11_state.InvalidArgument, match=f"Name:'{field}: batch dimension != task's'"):
+        graph_flavour(session, arrays)
+    with pytest.raises(RequestError, match=f"{field}: batch dimension"):
+        python_flavour(session, arrays)

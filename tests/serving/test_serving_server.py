@@ -164,25 +164,44 @@ def test_only_unavailable_is_retried(monkeypatch, client, repositories):
     assert 0.005 <= sleeps[0] <= 0.015 and 0.01 <= sleeps[1] <= 0.03  # jittered exponential backoff
     sleeps.clear()
     arrays = client.builder.build(2, [1])
-    arrays["task"] = np.array([9])  # server-side INVALID_ARGUMENT: not retried
+    arrays["task"] = np.array([9])  # server-side INVALID_ARGUMENT (past the client's own check): not retried
     with pytest.raises(InferenceServerException, match=r"task: unknown task id .*got 9") as err:
-        client.rank(arrays)
+        client._call(arrays, None)
     assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and sleeps == []
 
 
-def test_deadline_is_not_retried(monkeypatch, repositories):
-    # Fault injection: a listener that accepts the connection and never answers, so the deadline
-    # fires whatever the machine's speed (a 1 us deadline on the real server raced the reply).
+def test_deadline_exceeded_is_retried_within_the_call_deadline(monkeypatch, repositories):
+    # Fault injection: a listener that accepts the connection and never answers, so every attempt's
+    # deadline fires whatever the machine's speed (a 1 us deadline on the real server raced the reply).
     sleeps = []
     monkeypatch.setattr(client_module.time, "sleep", sleeps.append)
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         url = f"127.0.0.1:{silent.getsockname()[1]}"
-        with RankerClient.from_model_dir(url, repositories["python"] / "unirank", timeout_s=0.3) as hasty:
+        with RankerClient.from_model_dir(url, repositories["python"] / "unirank", timeout_s=0.3, deadline_s=1.0) as hasty:
             with pytest.raises(InferenceServerException) as err:
                 hasty.recommend([1, 2])
-    assert err.value.status() == "StatusCode.DEADLINE_EXCEEDED" and sleeps == []
+    # Each attempt took its 0.3 s (the pauses were not slept): the 1 s deadline ends the call after a few.
+    assert err.value.status() == "StatusCode.DEADLINE_EXCEEDED" and 1 <= len(sleeps) < hasty.retries
+
+
+def test_client_arguments_follow_the_contract(client, repositories):
+    """candidates=[] ranks nothing (not the whole catalogue); ids are integers; 0 rows get the contract's message."""
+    assert client.similar(42, candidates=[]).item_ids.tolist() == []
+    assert client.recommend([1, 2], candidates=[0, 0]).scores.tolist() == []
+    assert client.search([4], "waa", candidates=np.array([], np.int64)).item_ids.size == 0
+    assert client.similar(np.int64(42), k=3).item_ids.tolist() == client.similar(42, k=3).item_ids.tolist()
+    assert len(client.recommend(np.array([1, 2], np.int32), candidates=[np.uint16(3), 4], k=2).item_ids) == 2
+    for call, argument in [(lambda: client.similar(40.0), "item"), (lambda: client.similar(True), "item"),
+                           (lambda: client.recommend([1, 2.5]), "user_history"),
+                           (lambda: client.search([1], "waa", candidates=[3, np.bool_(True)]), "candidates"),
+                           (lambda: client.recommend(np.array([1.0])), "user_history")]:
+        with pytest.raises(TypeError, match=f"{argument}: ids must be integers"):
+            call()
+    empty = {name: value[:0] for name, value in client.builder.build(2, [1]).items()}
+    with pytest.raises(ValueError, match=r"task: batch size 0 \(send at least one row\)"):
+        client.rank(empty)
 
 
 def test_candidate_buckets_stay_within_the_server_limit(client):
@@ -224,7 +243,7 @@ def test_serve_blocks_until_sigterm_and_cleans_up(repositories):
     from pathlib import Path
 
     ports = [free_port() for _ in range(3)]
-    code = (f"import sys; from unirank.serving.server import serve; "
+    code = (f"import sys; from unirank.serving.supervisor import serve; "
             f"sys.exit(serve({str(repositories['python'])!r}, {ports[0]}, {ports[1]}, {ports[2]}))")
     before = set(Path("/dev/shm").glob("triton_python_backend_shm_region_*"))
     process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -237,6 +256,6 @@ def test_serve_blocks_until_sigterm_and_cleans_up(repositories):
     finally:
         if process.poll() is None:
             process.kill()
-    assert not (set(Path("/dev/shm").glob("triton_python_backend_shm_region_unirank_*")) - before)
+    assert not (set(Path("/dev/shm").glob(f"triton_python_backend_shm_region_unirank_{process.pid}_*")) - before)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", ports[0]))  # the port is free again

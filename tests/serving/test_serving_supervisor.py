@@ -90,7 +90,7 @@ def test_faults_are_healed_and_versions_swap(tmp_path, repositories, session, se
     shutil.copytree(repositories["python"], repository)
     ports = [free_port() for _ in range(3)]
     url = f"127.0.0.1:{ports[0]}"
-    code = (f"import logging, sys; logging.basicConfig(level=logging.INFO); from unirank.serving.server import serve; "
+    code = (f"import logging, sys; logging.basicConfig(level=logging.INFO); from unirank.serving.supervisor import serve; "
             f"sys.exit(serve({str(repository)!r}, {ports[0]}, {ports[1]}, {ports[2]}, poll_s=0.3))")
     log_file = open(tmp_path / "serve.log", "w")
     launcher = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=log_file, text=True)
@@ -204,3 +204,100 @@ def test_every_call_to_triton_has_a_deadline_and_a_missed_one_is_a_failed_heal(m
     with pytest.raises(grpcclient.InferenceServerException):
         sup.version_states(HungClient(""), supervisor.index_timeout_s)
     assert calls == [("unload", 7.0), ("load", 7.0), ("index", 2.0)]
+
+
+def closed_connection_on(port: int, states: tuple[str, ...] = ("04", "05", "06"), timeout_s: float = 5.0) -> bool:
+    """Waits for a closed connection still holding the local port: FIN-WAIT-1/2 (04/05, the peer has
+    not closed yet) or TIME-WAIT (06)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            for row in Path(table).read_text().splitlines()[1:]:
+                fields = row.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] in states:
+                    return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
+def plain_bind_fails(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def test_a_port_in_time_wait_is_free_and_a_listener_is_not():
+    import socket
+
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert port_in_use(port)
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = listener.accept()
+        accepted.close()  # the listening side closes first: its end goes to TIME-WAIT
+        client.recv(1)
+        client.close()
+    assert closed_connection_on(port, states=("06",)) and plain_bind_fails(port)  # what refused `unirank serve` for ~60 s
+    assert not port_in_use(port)
+
+
+@pytest.mark.slow  # ~60 s alone
+def test_failed_restarts_are_retried_until_one_succeeds(tmp_path, repositories, session, caplog):
+    """kill -9 of tritonserver with a client connected (its gRPC port then has a connection in
+    TIME-WAIT) while the repository cannot load: restarts fail, are logged and retried with backoff;
+    once the repository is repaired, the next restart serves, through the same client. Stop leaves
+    no stub, shared-memory file or bound port."""
+    import logging
+
+    from unirank.serving.supervisor import Supervisor
+
+    caplog.set_level(logging.INFO)
+    repository = tmp_path / "repo"
+    shutil.copytree(repositories["python"], repository)
+    server = Server(repository, free_port(), free_port(), free_port(), startup_timeout_s=90)
+    supervisor = Supervisor(server, poll_s=0.2, max_backoff_s=1.0)
+    supervisor.start()
+    stop = threading.Event()
+    watcher = threading.Thread(target=supervisor.run, args=(stop,))
+    watcher.start()
+    expected = session.run(["item_ids"], REQUEST)[0]
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        assert np.array_equal(client.infer("unirank", raw_inputs(REQUEST), client_timeout=10).as_numpy("item_ids"), expected)
+        first_pid, stubs = server.process.pid, set(stub_pids(server.process.pid))
+        graph = repository / "unirank" / "1" / MODEL_FILE
+        graph.rename(graph.with_suffix(".away"))
+        os.kill(first_pid, signal.SIGKILL)
+        deadline = time.monotonic() + RECOVERY_S
+        while supervisor.failed_restarts < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert supervisor.failed_restarts >= 2 and supervisor.restarts == 0
+        assert "model.onnx missing" in caplog.text and "restart attempt 2 failed" in caplog.text
+        assert all(gone(stub) for stub in stubs)  # the dead server's stubs were killed
+        assert closed_connection_on(server.ports["grpc"]) and plain_bind_fails(server.ports["grpc"])  # the client's connection
+        graph.with_suffix(".away").rename(graph)
+        while supervisor.restarts < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert supervisor.restarts == 1 and server.process.pid != first_pid
+        assert np.array_equal(client.infer("unirank", raw_inputs(REQUEST), client_timeout=10).as_numpy("item_ids"), expected)
+        assert "tritonserver exited with code -9" in caplog.text
+        assert (server.run_dir / "tritonserver.log.1").exists()  # the dead server's log, kept
+    finally:
+        client.close()
+        stop.set()
+        watcher.join()
+        pid, stubs = server.process.pid, set(stub_pids(server.process.pid))
+        prefix = server._shm_prefix
+        server.stop()
+    assert gone(pid) and all(gone(stub) for stub in stubs)
+    assert not list(SHM_DIR.glob(f"{prefix}*"))
+    assert not any(port_in_use(p) for p in server.ports.values())

@@ -175,7 +175,7 @@ def _export(args, out_dir, index):
 
 
 def cmd_serve(args) -> int:
-    from unirank.serving.server import serve
+    from unirank.serving.supervisor import serve
 
     return serve(args.repository, grpc_port=args.grpc_port, http_port=args.http_port, metrics_port=args.metrics_port)
 

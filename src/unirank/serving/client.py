@@ -5,14 +5,19 @@ Needs only numpy and tritonclient (`pip install unirank[client]`; no torch). Lim
 tokenizer come from the server (`from_server`: the model config's parameters) or from a model
 directory (`from_model_dir`). Query text is tokenized here with the model's own tokenizer.
 Requests follow the model's rules before they leave: the most recent `max_history` items, the first
-`max_query_len` query tokens. A history longer than the model's `max_history` is cut to its newest
-items and the older ones move into the request's `exclude` list, so they are still never returned
-(the explicit `exclude=` ids first, then the older history newest first, up to MAX_EXCLUDE ids in
-all; explicit ids beyond the limit are refused); lengths are padded to a few buckets so the onnxruntime backend's
-batcher (equal shapes only) can merge requests. Calls time out after `timeout_s`; UNAVAILABLE
-(server restarting, connection refused), an unhealthy model and a model with no available versions
-(a python-backend stub being replaced) are retried, at most `retries` times, with jittered
-exponential backoff. Optional TLS; optional version pinning.
+`max_query_len` query tokens; ids must be integers (Python or numpy, not bool). A history longer than
+the model's `max_history` is cut to its newest items and the older ones move into the request's
+`exclude` list, so they are still never returned (the explicit `exclude=` ids first, then the older
+history newest first, up to MAX_EXCLUDE ids in all; explicit ids beyond the limit are refused).
+Lengths are padded to a few buckets so the onnxruntime backend's batcher (equal shapes only) can
+merge requests, or to the fixed widths the model config declares (the python flavour).
+`candidates=[]` (or only padding ids 0) ranks nothing and gives an empty answer without a call;
+`None` ranks the whole catalogue. Every call is idempotent and retried within an overall
+`deadline_s` (default 30 s: a dead python-backend stub is healed in ~2 s after Triton's 10 s stub
+timeout, a tritonserver restart takes a few seconds): each attempt may take `timeout_s`;
+DEADLINE_EXCEEDED, UNAVAILABLE (server restarting, connection refused), an unhealthy model and a
+model with no available versions (a stub being replaced) are retried, at most `retries` times, with
+jittered exponential backoff capped at `MAX_BACKOFF_S`. Optional TLS; optional version pinning.
 """
 from __future__ import annotations
 
@@ -35,7 +40,8 @@ from unirank.serving.metadata import (METADATA_FILE, METADATA_PARAMETER, OUTPUT_
                                       QUERIES_PARAMETER, TOKENIZER_FILE, TOKENIZER_PARAMETER, ExportMetadata)
 from unirank.serving.request_arrays import FIELDS, ROW_FIELDS, RequestLimits, check_request
 
-RETRYABLE = "StatusCode.UNAVAILABLE"
+RETRYABLE = ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED")
+MAX_BACKOFF_S = 2.0
 # Transient answers while the supervisor heals a model, by status: a dead python-backend stub
 # (INTERNAL), then the model unloaded and loading again (NOT_FOUND; an unknown model name or a
 # version the server does not have says "is not found" instead and is not retried).
@@ -44,12 +50,22 @@ TRANSIENT = {"StatusCode.INTERNAL": "is not healthy", "StatusCode.NOT_FOUND": "h
 
 def retryable(err: InferenceServerException) -> bool:
     status = err.status()
-    return status == RETRYABLE or (status in TRANSIENT and TRANSIENT[status] in (err.message() or ""))
+    return status in RETRYABLE or (status in TRANSIENT and TRANSIENT[status] in (err.message() or ""))
 
 
 def backoff_s(base_s: float, attempt: int) -> float:
     """Exponential, with +-50% jitter so that clients cut off together do not come back together."""
-    return base_s * 2**attempt * random.uniform(0.5, 1.5)
+    return min(base_s * 2**attempt, MAX_BACKOFF_S) * random.uniform(0.5, 1.5)
+
+
+def _ids(argument: str, values: Sequence[int]) -> list[int]:
+    """Integer ids (int or a numpy integer; bool and floats refused, naming the argument)."""
+    ids = []
+    for value in values:
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{argument}: ids must be integers, got {value!r} ({type(value).__name__})")
+        ids.append(int(value))
+    return ids
 
 
 @dataclass
@@ -58,6 +74,9 @@ class Ranking:
 
     item_ids: np.ndarray  # [k] int64
     scores: np.ndarray  # [k] float32
+
+
+NOTHING_RANKED = Ranking(np.zeros(0, np.int64), np.zeros(0, np.float32))  # the answer to candidates=[]
 
 
 @dataclass
@@ -89,26 +108,30 @@ class RequestBuilder:
                                     num_queries=metadata.num_queries)
 
     def build(self, task: Task, history: Sequence[int] = (), query_text: str = "", source_item: int = 0,
-              candidates: Sequence[int] | None = None, exclude: Sequence[int] = ()) -> dict[str, np.ndarray]:
+              candidates: Sequence[int] | None = None, exclude: Sequence[int] = ()) -> dict[str, np.ndarray] | None:
+        """None when `candidates` is given but holds no id (nothing to rank)."""
         md = self.metadata
-        history = list(history)
-        exclude = _exclusions(list(exclude), history[: max(0, len(history) - md.max_history)])
+        history = _ids("user_history", history)
+        exclude = _exclusions(_ids("exclude", exclude), history[: max(0, len(history) - md.max_history)])
         history = history[-md.max_history:]
         query = self.tokenizer.encode(query_text, max_length=md.max_query_len) if query_text else []
-        candidates = list(candidates or [])
+        (source_item,) = _ids("item", [source_item])
+        given = None if candidates is None else _ids("candidates", candidates)
+        candidates = [c for c in given or () if c != 0]  # 0 is padding
+        nothing_to_rank = given is not None and not candidates
         arrays = {
             "task": np.array([int(task)], dtype=np.int64),
             "history": _padded(history, bucket(len(history), md.max_history)),
             "history_lengths": np.array([len(history)], dtype=np.int64),
             "query": _padded(query, bucket(len(query), md.max_query_len)),
             "query_lengths": np.array([len(query)], dtype=np.int64),
-            "source_item": np.array([int(source_item)], dtype=np.int64),
+            "source_item": np.array([source_item], dtype=np.int64),
             "candidates": _padded(candidates, bucket(len(candidates), self.limits.max_candidates)),
             "exclude": _padded(exclude, bucket(len(exclude), MAX_EXCLUDE)),
             "exclude_lengths": np.array([len(exclude)], dtype=np.int64),
         }
         check_request(arrays, self.limits)  # fail fast, with the server's message, before the network
-        return arrays
+        return None if nothing_to_rank else arrays
 
 
 def _exclusions(exclude: list[int], older_history: list[int]) -> list[int]:
@@ -124,13 +147,28 @@ def _exclusions(exclude: list[int], older_history: list[int]) -> list[int]:
     return out
 
 
-def infer_inputs(arrays: dict[str, np.ndarray]) -> list[grpcclient.InferInput]:
-    """Row fields travel as [B, 1] (the config reshapes them to [B])."""
+def fixed_widths(config: dict) -> dict[str, int]:
+    """{sequence input: width} of the inputs a model config (as JSON) declares with a fixed width
+    (the python flavour: every sequence at its limit); the others take any width."""
+    widths = {}
+    for tensor in config.get("input", []):
+        dims = [int(d) for d in tensor.get("dims", [])]
+        if tensor.get("name") not in ROW_FIELDS and dims and dims[-1] > 0:
+            widths[tensor["name"]] = dims[-1]
+    return widths
+
+
+def infer_inputs(arrays: dict[str, np.ndarray], widths: dict[str, int] | None = None) -> list[grpcclient.InferInput]:
+    """Row fields travel as [B, 1] (the config reshapes them to [B]); sequences narrower than a
+    fixed `widths` entry are right-padded with 0 to it."""
     inputs = []
     for name in FIELDS:
         value = np.ascontiguousarray(arrays[name], dtype=np.int64)
         if name in ROW_FIELDS and value.ndim == 1:
             value = value[:, None]
+        width = (widths or {}).get(name, 0)
+        if value.ndim == 2 and value.shape[1] < width:
+            value = np.pad(value, ((0, 0), (0, width - value.shape[1])))
         tensor = grpcclient.InferInput(name, list(value.shape), "INT64")
         tensor.set_data_from_numpy(value)
         inputs.append(tensor)
@@ -165,6 +203,22 @@ def model_files_from_server(url: str, model_name: str = "unirank", model_version
             ExportMetadata(**json.loads(parameters[METADATA_PARAMETER])))
 
 
+def widths_from_model_dir(model_dir: str | Path) -> dict[str, int]:
+    """fixed_widths of the model directory's config.pbtxt."""
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    config = text_format.Parse((Path(model_dir) / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    return fixed_widths(json_format.MessageToDict(config, preserving_proto_field_name=True))
+
+
+def widths_from_server(url: str, model_name: str = "unirank", model_version: str = "",
+                       tls: dict | None = None) -> dict[str, int]:
+    """fixed_widths of the served model's config."""
+    with grpcclient.InferenceServerClient(url, **(tls or {})) as client:
+        return fixed_widths(client.get_model_config(model_name, model_version, as_json=True)["config"])
+
+
 def query_texts_from_model_dir(model_dir: str | Path) -> list[str]:
     """The query catalogue (queries.json) of a model directory; [] for a model without one."""
     path = Path(model_dir) / QUERIES_FILE
@@ -184,35 +238,53 @@ class _TypedCalls:
     """Construction and the per-task surface, shared by the sync and async clients (`_call` differs)."""
 
     def __init__(self, url: str, tokenizer: Tokenizer, metadata: ExportMetadata, model_name: str = "unirank",
-                 timeout_s: float = 2.0, retries: int = 6, retry_backoff_s: float = 0.1, model_version: str = "",
-                 tls: dict | None = None, query_texts: Sequence[str] = ()):
+                 timeout_s: float = 2.0, retries: int = 30, retry_backoff_s: float = 0.1, model_version: str = "",
+                 tls: dict | None = None, query_texts: Sequence[str] = (), deadline_s: float = 30.0,
+                 widths: dict[str, int] | None = None):
         """`model_version` "" lets the server pick (the newest loaded); "2" pins version 2. `tls`:
         tritonclient's TLS arguments, e.g. {"ssl": True, "root_certificates": "ca.pem"}.
-        `query_texts`: the model's query catalogue (id = position + 1), for `suggest`."""
+        `query_texts`: the model's query catalogue (id = position + 1), for `suggest`. `timeout_s`:
+        one attempt; `deadline_s`: the whole call, retries included. `widths`: the config's fixed
+        sequence widths (`fixed_widths`; from_model_dir and from_server read them)."""
         if len(query_texts) != metadata.num_queries:
             raise ValueError(f"the model has {metadata.num_queries} queries, got {len(query_texts)} query texts")
         self.query_texts = list(query_texts)
         self.url, self.model_name, self.model_version = url, model_name, model_version
         self.builder = RequestBuilder(tokenizer, metadata)
         self.timeout_s, self.retries, self.retry_backoff_s = timeout_s, retries, retry_backoff_s
+        self.deadline_s, self.widths = deadline_s, dict(widths or {})
         self._client = self._connect(url, tls or {})
 
     @classmethod
     def from_model_dir(cls, url: str, model_dir: str | Path, **kwargs):
         """Tokenizer and limits from a model directory of the repository (e.g. repo/python/unirank)."""
         return cls(url, *_load_model_files(model_dir), model_name=Path(model_dir).name,
-                   query_texts=query_texts_from_model_dir(model_dir), **kwargs)
+                   query_texts=query_texts_from_model_dir(model_dir), widths=widths_from_model_dir(model_dir), **kwargs)
 
     @classmethod
     def from_server(cls, url: str, model_name: str = "unirank", model_version: str = "", tls: dict | None = None, **kwargs):
         """Tokenizer and limits read from the served model's config: nothing local needed."""
         return cls(url, *model_files_from_server(url, model_name, model_version, tls), model_name=model_name,
                    model_version=model_version, tls=tls,
-                   query_texts=query_texts_from_server(url, model_name, model_version, tls), **kwargs)
+                   query_texts=query_texts_from_server(url, model_name, model_version, tls),
+                   widths=widths_from_server(url, model_name, model_version, tls), **kwargs)
 
-    def _infer_arguments(self, arrays) -> dict:
-        return dict(model_name=self.model_name, inputs=infer_inputs(arrays), model_version=self.model_version,
-                    outputs=[grpcclient.InferRequestedOutput(n) for n in OUTPUT_NAMES], client_timeout=self.timeout_s)
+    def _infer_arguments(self, arrays, timeout_s: float) -> dict:
+        return dict(model_name=self.model_name, inputs=infer_inputs(arrays, self.widths), model_version=self.model_version,
+                    outputs=[grpcclient.InferRequestedOutput(n) for n in OUTPUT_NAMES], client_timeout=timeout_s)
+
+    def _attempts(self):
+        """(attempt, its timeout) while the call's deadline leaves time; `_retry_pause` decides on a failure."""
+        deadline = time.monotonic() + self.deadline_s
+        for attempt in range(self.retries + 1):
+            yield attempt, max(0.001, min(self.timeout_s, deadline - time.monotonic()))
+
+    def _retry_pause(self, err: InferenceServerException, attempt: int, started: float) -> float:
+        """Seconds to wait before the next attempt; raises `err` when it is not retried."""
+        pause = backoff_s(self.retry_backoff_s, attempt)
+        if not retryable(err) or attempt >= self.retries or time.monotonic() + pause >= started + self.deadline_s:
+            raise err
+        return pause
 
     def _check_k(self, k: int) -> int:
         if not 1 <= k <= self.builder.metadata.top_k:
@@ -247,7 +319,9 @@ class _TypedCalls:
         return Suggestions(ranking.item_ids, [self.query_texts[int(i) - 1] for i in ranking.item_ids], ranking.scores)
 
     def rank(self, arrays: dict[str, np.ndarray], k: int | None = None):
-        """A prepared (batched) request, e.g. from request_arrays.pad_and_stack; one Ranking per row."""
+        """A prepared (batched) request, e.g. from request_arrays.pad_and_stack; one Ranking per row.
+        Checked against the contract before it leaves (a batch of 0 rows: "task: batch size 0 ...")."""
+        check_request(arrays, self.builder.limits)
         return self._call(arrays, k)
 
 
@@ -259,19 +333,19 @@ class RankerClient(_TypedCalls):
         return grpcclient.InferenceServerClient(url, **tls)
 
     def _one(self, arrays, k):
-        return self._call(arrays, self._check_k(k))[0]
+        k = self._check_k(k)
+        return NOTHING_RANKED if arrays is None else self._call(arrays, k)[0]
 
     def _suggestions(self, ranking):
         return self._texts(ranking)
 
     def _call(self, arrays, k):
-        for attempt in range(self.retries + 1):
+        started = time.monotonic()
+        for attempt, timeout_s in self._attempts():
             try:
-                return rankings(self._client.infer(**self._infer_arguments(arrays)), k)
+                return rankings(self._client.infer(**self._infer_arguments(arrays, timeout_s)), k)
             except InferenceServerException as err:
-                if not retryable(err) or attempt == self.retries:
-                    raise
-                time.sleep(backoff_s(self.retry_backoff_s, attempt))
+                time.sleep(self._retry_pause(err, attempt, started))
 
     def close(self) -> None:
         self._client.close()
@@ -291,19 +365,19 @@ class AsyncRankerClient(_TypedCalls):
         return aioclient.InferenceServerClient(url, **tls)
 
     async def _one(self, arrays, k):
-        return (await self._call(arrays, self._check_k(k)))[0]
+        k = self._check_k(k)
+        return NOTHING_RANKED if arrays is None else (await self._call(arrays, k))[0]
 
     async def _suggestions(self, pending):
         return self._texts(await pending)
 
     async def _call(self, arrays, k):
-        for attempt in range(self.retries + 1):
+        started = time.monotonic()
+        for attempt, timeout_s in self._attempts():
             try:
-                return rankings(await self._client.infer(**self._infer_arguments(arrays)), k)
+                return rankings(await self._client.infer(**self._infer_arguments(arrays, timeout_s)), k)
             except InferenceServerException as err:
-                if not retryable(err) or attempt == self.retries:
-                    raise
-                await asyncio.sleep(backoff_s(self.retry_backoff_s, attempt))
+                await asyncio.sleep(self._retry_pause(err, attempt, started))
 
     async def close(self) -> None:
         await self._client.close()

@@ -2,6 +2,7 @@
 server running the bare graph (the official container's onnxruntime backend) refuses the same
 requests as the python flavour.
 
+The inputs' batch sizes are checked first (every input has task's number of rows), then RULES.
 ONNX has no assert: each broken rule makes a one-element Gather read index 1, and ONNX Runtime fails
 with "... Gather node. Name:'<field>: <message>' Status Message: indices element out of data
 bounds". The checks are chained (rule i runs after rule i-1 passed, so the first broken rule is the
@@ -17,6 +18,7 @@ from unirank.model.request import RULES, SEQUENCE_LIMITS, Rule
 from unirank.serving.request_arrays import RequestLimits, rule_message
 
 CHECKED = "__checked"
+BATCH_MISMATCH = "batch dimension != task's"  # request_arrays.as_request's check, without the numbers
 
 
 def add_request_checks(path: str | Path, limits: RequestLimits) -> None:
@@ -29,13 +31,14 @@ def add_request_checks(path: str | Path, limits: RequestLimits) -> None:
     inputs = [i.name for i in graph.input]
     nodes = [_const("rc_zero_1", [0]), _const("rc_zero", 0), _const("rc_one", 1), _const("rc_axis1", [1]), _const("rc_minus_1", [-1])]
     guard = "rc_zero_1"
-    for i, rule in enumerate(RULES):
-        broken, rule_nodes = _broken(rule, i, limits)
+    checks = [(f"rows_{name}", name, BATCH_MISMATCH, _batch_mismatch(name)) for name in inputs if name != "task"]
+    checks += [(i, rule.field, rule_message(rule, limits), _broken(rule, i, limits)) for i, rule in enumerate(RULES)]
+    for i, field, message, (broken, check_nodes) in checks:
         index = f"rc_check{i}_index"
-        nodes += rule_nodes + [helper.make_node("Cast", [broken], [f"{index}_s"], to=TensorProto.INT64),
-                               helper.make_node("Unsqueeze", [f"{index}_s", "rc_zero_1"], [index])]
+        nodes += check_nodes + [helper.make_node("Cast", [broken], [f"{index}_s"], to=TensorProto.INT64),
+                                helper.make_node("Unsqueeze", [f"{index}_s", "rc_zero_1"], [index])]
         out = f"rc_check{i}_guard"
-        nodes.append(helper.make_node("Gather", [guard, index], [out], name=f"{rule.field}: {rule_message(rule, limits)}"))
+        nodes.append(helper.make_node("Gather", [guard, index], [out], name=f"{field}: {message}"))
         guard = out
     for name in inputs:
         source = f"{name}{CHECKED}_full" if name in SEQUENCE_LIMITS else f"{name}{CHECKED}"
@@ -69,6 +72,19 @@ def _any(mask: str, out: str) -> list:
     return [helper.make_node("Cast", [mask], [f"{out}_i"], to=TensorProto.INT64),
             helper.make_node("ReduceSum", [f"{out}_i"], [f"{out}_sum"], keepdims=0),
             helper.make_node("Greater", [f"{out}_sum", "rc_zero"], [out])]
+
+
+def _batch_mismatch(field: str) -> tuple[str, list]:
+    """(bool scalar name, nodes): true when `field` has another number of rows than task. Checked
+    first: ONNX Runtime divided by zero (SIGFPE) on 0-row candidates beside 1-row inputs."""
+    from onnx import helper
+
+    p = f"rc_rows_{field}"
+    return f"{p}_broken", [helper.make_node("Shape", [field], [f"{p}_shape"], end=1),
+                           helper.make_node("Shape", ["task"], [f"{p}_task_shape"], end=1),
+                           helper.make_node("Equal", [f"{p}_shape", f"{p}_task_shape"], [f"{p}_same1"]),
+                           helper.make_node("Squeeze", [f"{p}_same1", "rc_zero_1"], [f"{p}_same"]),
+                           helper.make_node("Not", [f"{p}_same"], [f"{p}_broken"])]
 
 
 def _width(field: str, out: str) -> list:

@@ -1,7 +1,7 @@
 """Triton model repositories generated from one description: the endpoint contract is data here.
 
 `build_model_repository` writes two standard repositories from the same `EndpointSpec`:
-  <out>/python/<name>/       backend "python": model.py (ONNX Runtime, pads ragged batches itself)
+  <out>/python/<name>/       backend "python": model.py (ONNX Runtime, pads each batch itself)
                              for the bundled CPU tritonserver (no onnxruntime backend there);
   <out>/onnxruntime/<name>/  platform "onnxruntime_onnx" for the official Triton container.
 Both hold 1/model.onnx (+ its external data file, model.onnx.data, when the weights pass 2 GB),
@@ -22,11 +22,12 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
 from unirank.model import request as request_schema
-from unirank.model.request import ROW_FIELDS
+from unirank.model.request import MAX_CANDIDATES, MAX_EXCLUDE, ROW_FIELDS, SEQUENCE_LIMITS
 from unirank.serving.metadata import (METADATA_FILE, METADATA_PARAMETER, MODEL_FILE, NEW_ITEMS_FILE, QUERIES_FILE,
                                       QUERIES_PARAMETER, TOKENIZER_FILE, TOKENIZER_PARAMETER, ExportMetadata,
                                       external_data_files)
 from unirank.serving.item_index import CONTEXT_MODEL_FILE, INDEX_FILE, INDEX_FILES, INDEX_META_FILE, ITEM_TABLE_FILE
+from unirank.serving.request_arrays import RequestLimits
 
 FLAVOURS = ("python", "onnxruntime")
 _HERE = Path(__file__).parent
@@ -87,10 +88,11 @@ def model_config(spec: EndpointSpec, flavour: str) -> pb.ModelConfig:
             tensor.dims.append(1)
             if not python:
                 tensor.reshape.SetInParent()
+        elif python:
+            tensor.dims.append(sequence_widths(spec.metadata)[name])
         else:
+            # The ONNX Runtime backend cannot pad: its batcher only merges equal shapes (clients bucket).
             tensor.dims.append(-1)
-            # The ONNX Runtime backend cannot pad: its batcher only merges equal shapes.
-            tensor.allow_ragged_batch = python
     k = spec.metadata.top_k
     config.output.add(name="item_ids", data_type=pb.TYPE_INT64, dims=[k])
     config.output.add(name="scores", data_type=pb.TYPE_FP32, dims=[k])
@@ -112,6 +114,20 @@ def model_config(spec: EndpointSpec, flavour: str) -> pb.ModelConfig:
     if spec.queries_json:
         config.parameters[QUERIES_PARAMETER].string_value = spec.queries_json
     return config
+
+
+def sequence_widths(metadata: ExportMetadata) -> dict[str, int]:
+    """The python flavour's fixed width of every sequence input: its limit. Triton checks an input's
+    byte size against a wrapping int64 product of its shape, so a variable dim let [1, 2**61] with
+    0 bytes through, and the python backend's stub aborted building that array before model.py ran;
+    a shape that differs from a fixed dim is refused by Triton itself (INVALID_ARGUMENT naming the input)."""
+    limits = RequestLimits(metadata.num_items, metadata.max_history, metadata.max_query_len, num_queries=metadata.num_queries)
+    widths = {**{name: limits.resolve(limit) for name, limit in SEQUENCE_LIMITS.items()},
+              "candidates": MAX_CANDIDATES, "exclude": MAX_EXCLUDE}
+    unknown = [name for name in metadata.input_names if name not in ROW_FIELDS and name not in widths]
+    if unknown:
+        raise ValueError(f"no fixed width for the sequence inputs {unknown}: add their limit here")
+    return {name: widths[name] for name in metadata.input_names if name not in ROW_FIELDS}
 
 
 def build_model_repository(export_dir: str | Path, out_dir: str | Path, name: str = "unirank",

@@ -29,6 +29,7 @@ HOST = "127.0.0.1"
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "triton_python_backend_shm_region_"
 STUB_TIMEOUT_S = 10
+KEPT_LOGS = 5  # a restart keeps the dead server's log as tritonserver.log.1 (older ones .2 ... .5)
 
 
 class ServerError(RuntimeError):
@@ -43,7 +44,11 @@ def triton_home() -> Path:
 
 
 def port_in_use(port: int, host: str = HOST) -> bool:
+    """True while a socket listens on (or is bound to) the port. Binds as tritonserver does, with
+    SO_REUSEADDR: a connection of a dead server in TIME-WAIT (60 s after a kill -9 with a client
+    connected) does not stop tritonserver from binding, so it does not count."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
@@ -94,6 +99,29 @@ def remove_stale_shm() -> list[str]:
             path.unlink(missing_ok=True)
             removed.append(path.name)
     return removed
+
+
+def _kill_group(pgid: int, timeout_s: float = 10.0) -> None:
+    """SIGKILL to a process group (tritonserver runs in its own session) and wait until it is empty."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and _group_alive(pgid):
+        time.sleep(0.05)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Any process of the group that is not a zombie."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 def _die_with_parent() -> None:
@@ -164,8 +192,17 @@ class Server:
         return f"http://{HOST}:{self.ports['metrics']}/metrics"
 
     @property
-    def log_path(self) -> Path:
-        return self.run_dir / "tritonserver.log"
+    def log_path(self) -> Path | None:
+        return None if self.run_dir is None else self.run_dir / "tritonserver.log"
+
+    def _rotate_logs(self) -> None:
+        """tritonserver.log -> .1 -> .2 ...; the oldest beyond KEPT_LOGS is dropped."""
+        for n in range(KEPT_LOGS - 1, 0, -1):
+            older = self.log_path.with_name(f"{self.log_path.name}.{n}")
+            if older.exists():
+                older.replace(self.log_path.with_name(f"{self.log_path.name}.{n + 1}"))
+        if self.log_path.exists():
+            self.log_path.replace(self.log_path.with_name(f"{self.log_path.name}.1"))
 
     def command(self, backend_dir: Path) -> list[str]:
         home = triton_home()
@@ -190,8 +227,9 @@ class Server:
             f"--log-verbose={self.log_verbose}",
         ]
 
-    def start(self) -> "Server":
-        """Validates the repository, checks the ports, launches, and waits for readiness."""
+    def start(self, keep_run_dir: bool = False) -> "Server":
+        """Validates the repository, checks the ports, launches, and waits for readiness. A failed
+        start stops what it launched; `keep_run_dir` keeps its log (the supervisor's restarts)."""
         validate_model_repository(self.repository)
         remove_stale_shm()
         taken = [f"{kind} port {port}" + (f" (held by {owner})" if (owner := port_owner(port)) else "")
@@ -202,6 +240,7 @@ class Server:
         if self.run_dir is None:
             self.run_dir = Path(tempfile.mkdtemp(prefix="unirank-triton-"))
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._rotate_logs()
         home = triton_home()
         command = self.command(_backend_directory(self.run_dir, home))
         log.info("starting %s", " ".join(command))
@@ -212,7 +251,7 @@ class Server:
         try:
             self._wait_until_ready()
         except BaseException:
-            self.stop()
+            self.stop(keep_run_dir=keep_run_dir)
             raise
         return self
 
@@ -235,6 +274,8 @@ class Server:
 
     def log_excerpt(self, lines: int = 25) -> str:
         """Error lines of the server log (or its tail), for error messages."""
+        if self.log_path is None:
+            return "(no log)"
         try:
             text = self.log_path.read_text(errors="replace").splitlines()
         except OSError:
@@ -244,8 +285,17 @@ class Server:
         relevant = [l for l in text if l[:1] == "E" and not any(n in l for n in noise)]
         return "\n".join((relevant or text)[-lines:])
 
-    def stop(self, timeout_s: float = 30.0) -> None:
-        """SIGTERM, wait, SIGKILL if needed; removes this server's shared-memory files and run dir."""
+    def log_tail(self, lines: int = 10) -> str:
+        """The last lines of the server log (a crash's signal and backtrace are not error lines)."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except (OSError, AttributeError):
+            return "(no log)"
+
+    def stop(self, timeout_s: float = 30.0, keep_run_dir: bool = False) -> None:
+        """SIGTERM, wait, SIGKILL if needed; then SIGKILL to what is left of its process group (python
+        backend stubs outlive a tritonserver killed with -9), and removes this server's shared-memory
+        files and (unless `keep_run_dir`: a restart keeps the logs) its run dir."""
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -254,9 +304,11 @@ class Server:
                 log.warning("tritonserver ignored SIGTERM for %.0f s; killing it", timeout_s)
                 self.process.kill()
                 self.process.wait()
+        if self.process is not None:
+            _kill_group(self.process.pid)
         for leftover in SHM_DIR.glob(f"{self._shm_prefix}*"):
             leftover.unlink(missing_ok=True)
-        if self._own_run_dir and self.run_dir is not None and self.process is not None:
+        if self._own_run_dir and self.run_dir is not None and not keep_run_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
             self.run_dir = None
 
@@ -265,28 +317,3 @@ class Server:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def serve(repository: str | Path, grpc_port: int = 8001, http_port: int = 8000, metrics_port: int = 8002,
-          startup_timeout_s: float = 120.0, log_verbose: int = 0, poll_s: float = 0.5) -> int:
-    """Blocking: start tritonserver under a Supervisor (restarts, stub reloads, new versions; see
-    serving/supervisor.py), print the endpoints, run until Ctrl-C / SIGTERM, stop cleanly. Returns 0."""
-    import threading
-
-    from unirank.serving.supervisor import supervise
-
-    server = Server(repository, grpc_port, http_port, metrics_port, startup_timeout_s, log_verbose)
-    stop = threading.Event()
-
-    def _terminate(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, _terminate)
-    try:
-        supervise(server, stop, poll_s)
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM, also while starting
-        print("tritonserver stopped", flush=True)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        server.stop()
-    return 0

@@ -1,7 +1,9 @@
 """`unirank serve`: one tritonserver kept answering. Every `poll_s` the supervisor checks
 
-- tritonserver itself: if it exited, it is started again (same ports) after a bounded exponential
-  backoff, each attempt logged;
+- tritonserver itself: if it exited, its error and last log lines are copied into our log (its own
+  log is kept: tritonserver.log.1 ... .5 in the run folder) and it is started again (same ports)
+  after a bounded exponential backoff (0.5 s doubling, at most max_backoff_s); a failed start is
+  logged and tried again, for as long as the supervisor runs;
 - the python-backend stubs (children of tritonserver, one per model version and instance): when one
   dies, Triton keeps reporting the model ready while every request fails ("Stub process ... is not
   healthy"); the supervisor unloads and loads the model, which starts new stubs. A stub counts as
@@ -9,17 +11,19 @@
 - the repository: a new or changed version directory is loaded once its files stopped changing
   for one poll; Triton keeps answering from the old version until the new one is ready.
 
-tritonserver dies with the supervisor (PR_SET_PDEATHSIG, serving/server.py).
+tritonserver dies with the supervisor (PR_SET_PDEATHSIG, serving/server.py); its stubs are killed
+with it (its process group) when it stops or is restarted.
 """
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 from pathlib import Path
 
-from unirank.serving.server import Server, ServerError
+from unirank.serving.server import Server
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +91,7 @@ class Supervisor:
         self.max_backoff_s = max_backoff_s
         self.stable_s = stable_s  # up this long: the next failure starts the backoff afresh
         self.restarts = 0
+        self.failed_restarts = 0
         self.reloads = 0
         self.heals = 0
         self._unhealed: set[str] = set()  # a heal that failed is tried again next poll
@@ -108,34 +113,50 @@ class Supervisor:
         self._up_since = time.monotonic()
 
     def run(self, stop: threading.Event) -> None:
-        """Watches until `stop` is set; the server must have been started."""
-        failures = 0
+        """Watches until `stop` is set; the server must have been started. Nothing but `stop` ends it:
+        a poll that fails is logged and the next poll tries again."""
+        failures = 0  # failed starts (and crashes within stable_s of a start) since the server was last up for good
+        down = False  # the exit was seen and logged; restarts are being tried
         while not stop.wait(self.poll_s):
-            if self.server.process.poll() is not None:
-                if time.monotonic() - self._up_since > self.stable_s:
-                    failures = 0
-                failures = self._restart(failures, stop)
-                continue
-            self._check_stubs()
-            self._check_repository()
+            try:
+                if self.server.process.poll() is not None:
+                    if not down:
+                        down = True
+                        failures = 0 if time.monotonic() - self._up_since > self.stable_s else failures
+                        self._log_exit()
+                    failures, down = self._restart(failures, stop)
+                    continue
+                self._check_stubs()
+                self._check_repository()
+            except Exception:  # keep supervising: a poll that failed is tried again
+                log.exception("supervisor poll failed")
 
-    def _restart(self, failures: int, stop: threading.Event) -> int:
-        code = self.server.process.returncode
+    def _log_exit(self) -> None:
+        """The dead server's error lines and last lines into our log (its log is kept, rotated)."""
+        log.error("tritonserver exited with code %s (its log: %s); error lines:\n%s\nlast lines:\n%s",
+                  self.server.process.returncode, self.server.log_path, self.server.log_excerpt(),
+                  self.server.log_tail())
+
+    def _restart(self, failures: int, stop: threading.Event) -> tuple[int, bool]:
+        """One start attempt after a bounded exponential backoff (0.5 s doubling up to max_backoff_s):
+        returns (failures, still down). A failed start (busy port, bad repository, readiness
+        timeout) is logged and tried again by the next poll, for as long as the supervisor runs."""
         delay = min(self.max_backoff_s, 0.5 * 2 ** failures)
-        log.warning("tritonserver exited with code %s; restarting in %.1f s:\n%s", code, delay, self.server.log_excerpt())
+        log.warning("restarting tritonserver in %.1f s (attempt %d)", delay, failures + 1)
         if stop.wait(delay):
-            return failures
-        self.server.stop()
-        before = repository_state(self.server.repository)
+            return failures, True
+        self.server.stop(keep_run_dir=True)
         try:
-            self.server.start()
-        except ServerError as err:
-            log.error("restart failed: %s", err)
-            return failures + 1
+            before = repository_state(self.server.repository)
+            self.server.start(keep_run_dir=True)
+        except Exception as err:  # anything a start can raise: ServerError, InvalidModelRepository, OSError
+            self.failed_restarts += 1
+            log.error("restart attempt %d failed (%d failed restarts): %s", failures + 1, self.failed_restarts, err)
+            return failures + 1, True
         self.restarts += 1
         self._after_start(before)
         log.warning("tritonserver restarted (%d restarts)", self.restarts)
-        return failures + 1
+        return failures + 1, False  # a server that crashes again within stable_s backs off further
 
     def _check_stubs(self) -> None:
         alive = stub_pids(self.server.process.pid)
@@ -212,3 +233,24 @@ def supervise(server: Server, stop: threading.Event, poll_s: float = 0.5) -> Sup
           f"(supervised, pid {os.getpid()})", flush=True)
     supervisor.run(stop)
     return supervisor
+
+
+def serve(repository: str | Path, grpc_port: int = 8001, http_port: int = 8000, metrics_port: int = 8002,
+          startup_timeout_s: float = 120.0, log_verbose: int = 0, poll_s: float = 0.5) -> int:
+    """Blocking: start tritonserver under a Supervisor (restarts, stub reloads, new versions; see
+    serving/supervisor.py), print the endpoints, run until Ctrl-C / SIGTERM, stop cleanly. Returns 0."""
+    server = Server(repository, grpc_port, http_port, metrics_port, startup_timeout_s, log_verbose)
+    stop = threading.Event()
+
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        supervise(server, stop, poll_s)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM, also while starting
+        print("tritonserver stopped", flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        server.stop()
+    return 0
