@@ -1,6 +1,7 @@
 """The one trainer on several ranks (torchrun + TorchRec DMP, CPU/gloo): 2 ranks == 1 process on the
-quality recipe, fused model-parallel tables on 2 ranks == 1 rank, SIGKILL + resume (one process and
-2 ranks), resume on another world size, consolidation into the single-file format, bad input."""
+quality recipe with the lexical match, fused model-parallel tables on 2 ranks == 1 rank, SIGKILL +
+resume (one process and 2 ranks), resume on another world size, consolidation into the single-file
+format, bad input."""
 from __future__ import annotations
 
 import os
@@ -64,6 +65,7 @@ def _validation_score(checkpoint: Path, world_size: int) -> float:
     cfg = load_config("quickstart", TINY)
     loaded = load_checkpoint(checkpoint)
     assert loaded.metadata["trained_world_size"] == world_size
+    assert float(loaded.ranker.terms["lexical"].scale) != 1.0  # the lexical match's scale trained with the rest
     tasks = [TASK_BY_NAME[t] for t in cfg.train.tasks]
     return selection_score(validate(loaded.ranker, prepare(cfg), tasks, cfg))
 

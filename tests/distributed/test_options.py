@@ -1,5 +1,6 @@
-"""Every train.* option at world size 2: each is accepted, gives what one process gives (same
-losses, same validation), and changes the run (so it cannot be silently ignored)."""
+"""Every train.* option (and the lexical match's field) at world size 2: each is accepted, gives
+what one process gives (same losses, same validation), and changes the run (so it cannot be
+silently ignored)."""
 from __future__ import annotations
 
 import subprocess
@@ -26,6 +27,9 @@ VARIANTS = {
     "task_weights": (["train.task_weights=[1.0,0.5,3.0]"], "base", "losses"),
     "tasks": (["train.tasks=[prequery,search]"], "base", "losses"),
     "lr_schedule": (["train.lr_schedule=cosine", "train.warmup_steps=2"], "base", "losses"),
+    # the quickstart's lexical match (attribute names) is in every variant; these change its field
+    "lexical_title": (["model.lexical=title+names"], "base", "losses"),
+    "lexical_none": (["model.lexical=none"], "base", "losses"),
 }
 
 
@@ -42,7 +46,7 @@ def option_runs(tmp_path_factory) -> dict[str, tuple[dict, dict]]:
     here = Path(__file__).parent
     proc = subprocess.run(["nice", "-n", "10", sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc-per-node=2", str(here / "_option_runs.py"), str(base / "two"), str(teacher)],
-                          env={**env(), "PYTHONPATH": str(here)}, capture_output=True, text=True, timeout=900)
+                          env=env(here), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-6000:]
     runs = {}
     for name in VARIANTS:
