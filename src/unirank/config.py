@@ -117,9 +117,6 @@ class TrainConfig:
     eval_every: int = 1  # epochs between validation rounds
     eval_users: Optional[int] = None  # validation on a fixed random subset of users; None = all
     num_negatives: int = 0  # sampled softmax negatives; 0 = full softmax over the catalogue
-    distill_from: list[str] = field(default_factory=list)  # finished runs (or best.pt files) that teach this one
-    distill_weight: float = 0.5  # share of each position's loss that is the teachers' (distill_from set)
-    distill_temperature: float = 1.0  # > 1 softens the teachers' and the student's distributions
     max_minutes: Optional[float] = None  # wall-clock budget
     init_from: Optional[str] = None  # start from a finished run's best.pt (weights + optimizer state)
     resume: bool = True  # an out_dir with a run's checkpoints continues it exactly (false: refuse to touch it)
@@ -245,8 +242,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.tasks must be a non-empty subset of {TASK_CHOICES}, got {cfg.train.tasks}")
     if len(cfg.train.task_weights) not in (len(ITEM_TASKS), len(TASK_CHOICES)):
         raise ConfigError(f"train.task_weights needs one weight per task {TASK_CHOICES} (or per item task {ITEM_TASKS})")
-    if "suggest" in cfg.train.tasks and cfg.train.distill_from:
-        raise ConfigError("train.distill_from teaches item tasks only: train suggest without it")
     for key in ("batch_size", "max_epochs", "eval_every"):
         if getattr(cfg.train, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1")
@@ -259,21 +254,11 @@ def validate(cfg: Config) -> None:
     if cfg.train.weight_decay < 0 or (cfg.train.id_weight_decay is not None and cfg.train.id_weight_decay < 0):
         raise ConfigError("train.weight_decay and train.id_weight_decay must be >= 0, got "
                           f"{cfg.train.weight_decay} and {cfg.train.id_weight_decay}")
-    if not 0.0 < cfg.train.distill_weight <= 1.0 or cfg.train.distill_temperature <= 0:
-        raise ConfigError("train.distill_weight must be in (0, 1] and train.distill_temperature > 0, got "
-                          f"{cfg.train.distill_weight} and {cfg.train.distill_temperature}")
     if cfg.train.device not in ("auto", "cpu", "cuda") or cfg.train.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"train.device must be auto, cpu or cuda and train.precision auto, fp32 or bf16, got "
                           f"{cfg.train.device!r} and {cfg.train.precision!r}")
     if cfg.train.checkpoint_every < 0 or cfg.train.keep_checkpoints < 1:
         raise ConfigError("train.checkpoint_every must be >= 0 and train.keep_checkpoints >= 1")
-    out = Path(cfg.train.out_dir).resolve()
-    if any(Path(t).resolve() in (out, out / "best.pt") for t in cfg.train.distill_from):
-        raise ConfigError(f"train.distill_from names this run's own train.out_dir {cfg.train.out_dir}: its best.pt "
-                          "would be overwritten by the student; give the student another out_dir")
-    if cfg.train.distill_from and cfg.train.num_negatives:
-        raise ConfigError("train.distill_from needs the full softmax (train.num_negatives=0): the teachers' "
-                          "distribution is over the whole catalogue")
 
 
 def task_weights(train: TrainConfig) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""benchmarks/quality.py: time to quality, bad input, ensembles and distilled runs; one slow
+"""benchmarks/quality.py: time to quality, bad input and ensembles; one slow
 end-to-end run of a real rectools SASRec (needs .venv-peers: `make peers`). The peers' metrics and
 split are tested with unirank.experiments.peers (test_peers.py)."""
 from __future__ import annotations
@@ -111,41 +111,6 @@ def test_several_ours_runs_are_one_ensemble_and_a_run_with_itself_ranks_as_the_r
     with pytest.raises(ValueError, match="at least 2"):
         from unirank.evaluation.evaluate import EnsembleScorer
         EnsembleScorer([])
-
-
-def test_a_distilled_runs_clock_counts_its_teachers_training(tmp_path):
-    """A run trained with train.distill_from reports its teachers, and its validation curve, time to
-    quality and wall time start when the teachers started; with a teacher whose training time is not
-    on record (a bare checkpoint file) it reports no time at all rather than its own alone."""
-    import shutil
-
-    from unirank.config import load_config
-    from unirank.training.train import train
-
-    tiny = ["data.synthetic.num_users=200", "data.synthetic.num_items=120", "model.dim=16", "model.max_history=10",
-            "model.num_layers=1", "train.batch_size=64", "train.max_epochs=1", "eval.num_bootstrap=0",
-            "train.threads=1"]
-    train(load_config(None, tiny + [f"train.out_dir={tmp_path / 'teacher'}"]), quiet=True)
-    shutil.copy(tmp_path / "teacher" / "best.pt", tmp_path / "bare.pt")
-    teacher_seconds = json.loads((tmp_path / "teacher" / "train_history.json").read_text())[-1]["seconds"]
-    for name, teacher in (("student", tmp_path / "teacher"), ("bare-student", tmp_path / "bare.pt")):
-        train(load_config(None, tiny + [f"train.distill_from=[{teacher}]", f"train.out_dir={tmp_path / name}"]),
-              quiet=True)
-    own = json.loads((tmp_path / "student" / "train_history.json").read_text())[-1]["seconds"]
-    report = quality.ours_report(tmp_path / "student", "synthetic", 0)
-    assert report["distilled"] == {"teachers": [str(tmp_path / "teacher")],
-                                   "teachers_train_wall_seconds": teacher_seconds, "own_train_wall_seconds": own}
-    assert report["train_wall_seconds"] == pytest.approx(own + teacher_seconds)
-    curve = report["tasks"]["prequery"]["validation_curve"]
-    assert curve[0][0] == pytest.approx(own + teacher_seconds)
-    bare = quality.ours_report(tmp_path / "bare-student", "synthetic", 0)
-    assert bare["train_wall_seconds"] is None and bare["distilled"]["teachers_train_wall_seconds"] is None
-    for task in quality.TASKS:
-        assert bare["tasks"][task]["validation_curve"] == []
-        assert set(bare["tasks"][task]["seconds_to_reach_validation_recall@10"].values()) == {None}
-
-
-# ---------------------------------------------------------------- end to end (real rectools)
 
 
 def has_peers_python() -> bool:

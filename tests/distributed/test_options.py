@@ -22,7 +22,6 @@ VARIANTS = {
     "weight_decay": (["train.weight_decay=0.5"], "base", "losses"),
     "id_weight_decay": (["train.weight_decay=0.5", "train.id_weight_decay=2.0"], "weight_decay", "losses"),
     "id_dropout": (["model.id_dropout=0.5"], "base", "losses"),
-    "distill_from": (["train.distill_weight=0.7", "train.distill_from=[TEACHER]"], "base", "losses"),
     "num_negatives": (["train.num_negatives=16"], "base", "losses"),
     "task_weights": (["train.task_weights=[1.0,0.5,3.0]"], "base", "losses"),
     "tasks": (["train.tasks=[prequery,search]"], "base", "losses"),

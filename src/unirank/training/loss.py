@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 from unirank.model.ranker import NUM_TASK_IDS, UnifiedRanker
 from unirank.model.request import QueryTask, Task
-from unirank.training.distill import Teachers
 from unirank.training.batches import StepInputs, local_batch, step_inputs
 from unirank.data.examples import TrainBatch
 
@@ -32,22 +31,16 @@ def softmax_loss(ranker: UnifiedRanker, batch: TrainBatch, num_negatives: int, i
 
 
 def step_loss(ranker: UnifiedRanker, inputs: StepInputs, task_weights: dict[Task, float],
-              excluded_items: torch.Tensor | None = None,
-              teachers: Teachers | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              excluded_items: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's share of the global batch's loss and its per-task cross-entropy sums [NUM_TASK_IDS]
     (detached). The global loss is sum_t w_t * mean over task t's positions; each rank returns
     W * sum_t w_t * (sum over ITS positions of task t) / N_t with N_t the GLOBAL count, so the mean of
     the ranks' gradients (DDP; TorchRec's pooled all-to-all divides table gradients by W too) is the
     gradient of the global loss, and one process (W = 1) computes exactly the task-weighted mean.
     `excluded_items`: ids that are not in the catalogue at training time (never a negative).
-    `teachers` (full softmax only): each position's loss becomes (1 - w) * the loss above + w * the
-    distillation loss against the teachers' distribution (training/distill.py); the per-task values
-    returned are then that mix.
     The logits come from the model (`UnifiedRanker.position_logits`: the score terms included).
     Suggest rows (targets = query ids) take a softmax over the query catalogue instead (`query_loss`)."""
     req, batch = inputs.request, local_batch(inputs)
-    if teachers is not None and not inputs.full:
-        raise ValueError("distillation needs the full softmax (train.num_negatives=0)")
     hidden, _, cand_vec = ranker.encode(req.task, req.history, req.history_lengths, req.query, req.query_lengths,
                                         req.source_item, items=inputs.items)
     targets = batch.targets[:, : hidden.shape[1] - 1]
@@ -57,15 +50,12 @@ def step_loss(ranker: UnifiedRanker, inputs: StepInputs, task_weights: dict[Task
     query_targets, h_queries = targets[keep_queries], hidden[:, 1:][keep_queries]
     h, targets = hidden[:, 1:][keep], targets[keep]
     row_task = req.task.unsqueeze(1).expand_as(keep)[keep]
-    if teachers is not None:
-        teachers.observe(req, keep)
 
     if inputs.full:
         # Columns = ids 1..n only (padding and OOV rows are never candidates): label = id - 1.
         per_position = full_softmax_cross_entropy(ranker.position_logits(req, keep, h, cand_vec), len(h),
                                                   cand_vec.shape[0] * cand_vec.element_size(), targets - 1,
-                                                  None if excluded_items is None else excluded_items - 1,
-                                                  teachers=teachers)
+                                                  None if excluded_items is None else excluded_items - 1)
     else:
         candidates = inputs.candidates
         logits = ranker.position_logits(req, keep, h, cand_vec, candidates, inputs.logq,
@@ -112,24 +102,20 @@ def query_loss(ranker: UnifiedRanker, inputs: StepInputs, h: torch.Tensor, targe
 
 
 def full_softmax_cross_entropy(logits_of, num_rows: int, row_bytes: int, labels: torch.Tensor,
-                               excluded_columns: torch.Tensor | None = None, chunk_bytes: int = CHUNK_BYTES,
-                               teachers: Teachers | None = None) -> torch.Tensor:
+                               excluded_columns: torch.Tensor | None = None,
+                               chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
     """Per-row cross-entropy of `num_rows` rows of logits over C columns (item ids 1..C), `logits_of`
     (a slice of rows -> [rows, C]; UnifiedRanker.position_logits) called in row chunks of at most
     `chunk_bytes` of logits (`row_bytes` per row). Same values and gradients as one [N, C] matrix;
     the chunks stay in the allocator's heap instead of being mapped from and returned to the OS at
-    every step (one [positions x catalogue] matrix is tens of MB). `teachers` (observed on the
-    rows): as in `step_loss`."""
+    every step (one [positions x catalogue] matrix is tens of MB)."""
     rows = max(1, chunk_bytes // max(1, row_bytes))
     out = []
     for start in range(0, num_rows, rows):
         logits = logits_of(slice(start, start + rows))
         if excluded_columns is not None:
             logits = logits.index_fill(1, excluded_columns, -torch.inf)
-        loss = F.cross_entropy(logits, labels[start: start + rows], reduction="none")
-        if teachers is not None:
-            loss = (1.0 - teachers.weight) * loss + teachers.weight * teachers.loss(logits, slice(start, start + rows))
-        out.append(loss)
+        out.append(F.cross_entropy(logits, labels[start: start + rows], reduction="none"))
     return torch.cat(out) if out else labels.new_zeros(0, dtype=torch.float32)
 
 

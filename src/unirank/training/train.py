@@ -33,7 +33,6 @@ from unirank.training import distributed
 from unirank.training import sharded_checkpoint as sc
 from unirank.training.batches import StepInputs, step_inputs
 from unirank.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from unirank.training.distill import load_teachers
 from unirank.training.loss import item_frequencies, step_loss
 from unirank.training.run_state import RunState, optimizer_state, rng_state, set_rng_state, trainable
 
@@ -222,13 +221,7 @@ class Trainer:
         weights = {task: task_weights(cfg.train)[TASK_NAMES[task]] for task in self.tasks}
         excluded = None if prep.excluded_items is None else torch.as_tensor(prep.excluded_items, dtype=torch.int64,
                                                                             device=device)
-        teachers = None
-        if cfg.train.distill_from:
-            teachers = load_teachers(cfg.train.distill_from, cfg.train.distill_weight, cfg.train.distill_temperature,
-                                     fingerprint=prep.data.fingerprint(), num_items=prep.data.num_items,
-                                     tokenizer_state=prep.tokenizer.to_dict(), max_history=cfg.model.max_history)
-            teachers.to(device)
-        return LossModule(ranker, weights, excluded_items=excluded, teachers=teachers)
+        return LossModule(ranker, weights, excluded_items=excluded)
 
     def _make_optimizers(self) -> None:
         """The trainer's AdamW (with init_from's optimizer state) and, for tables updated inside
