@@ -102,7 +102,8 @@ class Block(nn.Module):
         self.ln1, self.ln2 = nn.LayerNorm(cfg.dim), nn.LayerNorm(cfg.dim)
         self.attn = SelfAttention(cfg)
         hidden = cfg.ffn_mult * cfg.dim
-        if cfg.block == "ligr":
+        self.ligr = cfg.block == "ligr"
+        if self.ligr:
             self.mlp: nn.Module = SwiGLU(cfg.dim, hidden)
             self.gate_attn, self.gate_mlp = nn.Linear(cfg.dim, cfg.dim), nn.Linear(cfg.dim, cfg.dim)
         else:
@@ -110,7 +111,7 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        if hasattr(self, "gate_attn"):
+        if self.ligr:
             x = x + torch.sigmoid(self.gate_attn(x)) * self.drop(self.attn(self.ln1(x), lengths))
             return x + torch.sigmoid(self.gate_mlp(x)) * self.drop(self.mlp(self.ln2(x)))
         x = x + self.drop(self.attn(self.ln1(x), lengths))
@@ -226,7 +227,7 @@ class UnifiedRanker(nn.Module):
             extra_vec = vecs[b * n_hist + b:] if items is not None and len(vecs) > b * n_hist + b else None
 
         task = task.clamp(0, self.task_embedding.num_embeddings - 1)
-        if hasattr(self, "query_encoder"):
+        if self.config.query_encoder != "none":
             query_vec = self._search_context(task, query, query_lengths, query_vec)
         context = torch.where((task == Task.SEARCH).unsqueeze(1), query_vec,
                               torch.where((task == Task.SIMILAR).unsqueeze(1), source_vec,
@@ -252,7 +253,7 @@ class UnifiedRanker(nn.Module):
         (if configured) + the projected text-encoder vector (if configured)."""
         _, bag = self.item_tower(query.new_zeros(0), query, query_lengths)
         vec = bag if self.config.query_bag else torch.zeros_like(bag)
-        if hasattr(self, "query_encoder"):
+        if self.config.query_encoder != "none":
             vec = vec + self.query_proj(self.query_encoder(query, query_lengths)).to(vec.dtype)
         return vec
 
@@ -345,7 +346,7 @@ class UnifiedRanker(nn.Module):
         for term in plain.terms.values():
             term.export_form()  # e.g. ONNX has no sparse matrix product
         plain.config = replace(plain.config, attention_impl="reference", embedding_bag_impl="torch")
-        if hasattr(plain, "query_encoder"):
+        if plain.config.query_encoder != "none":
             plain.query_encoder.memoize = False  # the graph runs the encoder itself
         for block in plain.blocks:
             block.attn.impl = "reference"
@@ -356,7 +357,7 @@ class UnifiedRanker(nn.Module):
         (a fine-tuned encoder takes a much smaller step); `item_ids`, the item-id table (its own
         decay), local or the TorchRec sharded collection's.
         Every other weight is the freshly initialised rest."""
-        encoder = list(self.query_encoder.parameters()) if hasattr(self, "query_encoder") else []
+        encoder = list(self.query_encoder.parameters()) if self.config.query_encoder != "none" else []
         return {"encoder": encoder, "item_ids": [self.item_tower.id_table()]}
 
 
