@@ -60,6 +60,8 @@ def package_tree(checkout: Path, into: Path) -> Path:
         return checkout / "src"
     pkg = into / "unirank"
     pkg.mkdir(parents=True)
+    # a regular package: as a namespace portion it would lose to this tree's installed unirank
+    (pkg / "__init__.py").touch()
     for folder in FOLDERS:
         (pkg / folder).symlink_to(checkout / folder)
     return into
