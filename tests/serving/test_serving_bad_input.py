@@ -70,6 +70,11 @@ CASES = {
     "ids beyond the catalogue -> OOV": (_with(history=[[NUM_ITEMS + 7, 2, 10**12]], history_lengths=[3],
                                               candidates=[[NUM_ITEMS + 1, 5, 6]]), None),
     "empty history pre-query": (_with(task=[2], history=[[0]], history_lengths=[0]), None),
+    "negative exclude id": (_with(exclude=[[4, -2]], exclude_lengths=[2]), "exclude"),
+    "negative exclude length": (_with(exclude=[[4]], exclude_lengths=[-1]), "exclude_lengths"),
+    "more exclude ids than the limit": (_with(exclude=np.ones((1, 1_001), np.int64), exclude_lengths=[1_001]),
+                                        "exclude"),
+    "excluded ids are never answered": (_with(exclude=[[1, 2, 3, 4, 5]], exclude_lengths=[5]), None),
     # The python flavour's sequences have a fixed width (the limit): Triton refuses any other width.
     "padding beyond the limit": (_with(history=lambda a: np.pad(a["history"], ((0, 0), (0, 40)))), "history"),
 }
@@ -90,12 +95,15 @@ def test_bad_input_is_named_and_server_recovers(case, grpc, plain_topk):
     assert_exact(grpc, plain_topk, valid(seed=1, task=len(case) % 3))
 
 
-def test_random_bad_input_battery(grpc, plain_topk):
-    """300 requests: random valid rows of every task, each corrupted by a random case (or not)."""
-    rng = np.random.default_rng(0)
+@pytest.mark.parametrize("count", [300, pytest.param(1_200, marks=pytest.mark.slow)])
+def test_random_bad_input_battery(grpc, plain_topk, count):
+    """`count` requests: random valid rows of every task, each corrupted by a random case (or not);
+    every corrupted one is refused naming its field, every other one answers exactly PyTorch's top-k,
+    and the server stays up (0 crashes, 0 hangs: each call has a 10 s deadline)."""
+    rng = np.random.default_rng(count)
     names = list(CASES)
     outcomes = {"rejected": 0, "served": 0}
-    for i in range(300):
+    for i in range(count):
         arrays = valid(seed=1000 + i, task=i % 3)
         if rng.random() < 0.8:
             mutate, field = CASES[names[rng.integers(len(names))]]
