@@ -78,6 +78,7 @@ class ModelConfig:
     query_bag: bool = True  # search context includes the pooled query-token bag
     tie_text_projection: bool = False  # query vector and item text vectors share one projection (one space)
     id_dropout: float = 0.0  # training: drop an item's id vector with this probability (content must carry it)
+    content_distill: float = 0.0  # training: + w * mean ||content(i) - full(i).detach()||^2 over the step's target items
     lexical: str = "none"  # search score adds learned-scale BM25 of the query against the items' "names" or "title+names"
     text_neighbours: int = 0  # similar-item / pre-query scores add w_task * text cosine for the anchor's K nearest items
 
@@ -106,6 +107,8 @@ class ModelConfig:
             raise ValueError("model.semantic_id_levels must be >= 0")
         if not 0.0 <= self.id_dropout < 1.0:
             raise ValueError(f"model.id_dropout must be in [0, 1), got {self.id_dropout}")
+        if self.content_distill < 0.0:
+            raise ValueError(f"model.content_distill must be >= 0, got {self.content_distill}")
 
 
 @dataclass(kw_only=True)

@@ -54,7 +54,8 @@ def step_loss(ranker: UnifiedRanker, inputs: StepInputs, task_weights: dict[Task
     distillation loss against the teachers' distribution (training/distill.py); the per-task values
     returned are then that mix.
     Suggest rows (targets = query ids) take a softmax over the query catalogue instead (`query_loss`);
-    the options above are item-task options and leave them alone, label smoothing aside."""
+    the options above are item-task options and leave them alone, label smoothing aside.
+    `ranker.config.content_distill` w > 0 adds w * `content_distillation` of the rank's item targets."""
     req, n, batch = inputs.request, ranker.num_items, local_batch(inputs)
     if teachers is not None and not inputs.full:
         raise ValueError("distillation needs the full softmax (train.num_negatives=0)")
@@ -116,8 +117,21 @@ def step_loss(ranker: UnifiedRanker, inputs: StepInputs, task_weights: dict[Task
         if count:
             scale[int(task)] = inputs.world * weight / count
     loss = (per_position * scale[row_task]).sum() + 0.0 * hidden.sum()  # a rank with no position: still a graph
+    if ranker.config.content_distill:
+        loss = loss + ranker.config.content_distill * content_distillation(ranker, targets)
     sums = torch.zeros(NUM_TASK_IDS, device=h.device).index_add_(0, row_task, per_position.detach())
     return loss, sums
+
+
+def content_distillation(ranker: UnifiedRanker, items: torch.Tensor) -> torch.Tensor:
+    """ALDI-style: mean over the unique `items` (this rank's item targets: the warm items the step has
+    evidence for, drawn by popularity) of ||content vector - full vector||^2, the full vector (with
+    the id row) a fixed teacher. The content vector (text projection, attribute / word bags,
+    semantic IDs) learns to stand where the item's full vector stands, so an item with no id row (a
+    new item) lands where contexts look, and the id row becomes the residual content cannot explain."""
+    uniq = torch.unique(items)
+    content, full = ranker.item_tower.content_and_full(uniq)
+    return (content - full.detach()).pow(2).sum() / max(len(uniq), 1)
 
 
 def query_loss(ranker: UnifiedRanker, inputs: StepInputs, h: torch.Tensor, targets: torch.Tensor,
