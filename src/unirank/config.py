@@ -72,6 +72,7 @@ class ModelConfig:
     id_dropout: float = 0.0  # training: drop an item's id vector with this probability (content must carry it)
     lexical: str = "none"  # search score adds learned-scale BM25 of the query against the items' "names" or "title+names"
     text_neighbours: int = 0  # similar-item / pre-query scores add w_task * text cosine for the anchor's K nearest items
+    content_distill: float = 0.0  # training: + w * mean ||content(i) - full(i).detach()||^2 over the step's target items
 
     def __post_init__(self) -> None:
         if self.dim % self.num_heads:
@@ -96,6 +97,8 @@ class ModelConfig:
             raise ValueError("model.text_neighbours needs model.text_features=true (the items' text vectors)")
         if self.semantic_id_levels < 0:
             raise ValueError("model.semantic_id_levels must be >= 0")
+        if self.content_distill < 0.0:
+            raise ValueError(f"model.content_distill must be >= 0, got {self.content_distill}")
         if not 0.0 <= self.id_dropout < 1.0:
             raise ValueError(f"model.id_dropout must be in [0, 1), got {self.id_dropout}")
 

@@ -156,6 +156,12 @@ class ItemTower(nn.Module):
     def pool(self, features, item_ids: torch.Tensor, n_query: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Vectors of the `item_ids` [U] that `features` (JaggedFeatures, or its KJT for a sharded
         collection) was built from, and the pooled query bags [n_query] (None for 0)."""
+        vec, _, query_vec = self._pool_parts(features, item_ids, n_query)
+        return vec, query_vec
+
+    def _pool_parts(self, features, item_ids: torch.Tensor,
+                    n_query: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(item vectors [U], their id-row part [U] (zero where the id was dropped), query bags)."""
         if isinstance(features, JaggedFeatures) and not isinstance(self.ebc, EmbeddingTables):
             features = features.to_kjt()
         pooled = self.ebc(features)
@@ -164,7 +170,15 @@ class ItemTower(nn.Module):
         vec = sum(pooled[f][:n_items] for f in keys)
         if hasattr(self, "text_proj"):
             vec = vec + self.text_proj(self.item_text[clamp_item_ids(item_ids, self.num_items)])
-        return vec, (pooled["query_words"][:n_query] if n_query else None)
+        return vec, pooled["item_id"][:n_items], (pooled["query_words"][:n_query] if n_query else None)
+
+    def content_and_full(self, item_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(content vectors, full vectors) [U, dim] of unique 1-D `item_ids` [U], from one lookup with
+        every id row present: content = full - the id row, the vector the same item gets with no id
+        row (as a new item: `content_vectors`); it carries no gradient to the id table."""
+        features = self.features(item_ids)
+        full, id_part, _ = self._pool_parts(features, item_ids, 0)
+        return full - id_part, full
 
     def lookup(self, item_ids: torch.Tensor, query: torch.Tensor | None = None,
                query_lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:

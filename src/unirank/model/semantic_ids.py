@@ -1,6 +1,6 @@
 """Semantic IDs: residual K-means (RQ-KMeans) codes of item content embeddings, as in TIGER.
 
-Level l clusters what levels 0..l-1 left unexplained, so items with similar text share code
+Level l clusters (FAISS k-means) what levels 0..l-1 left unexplained, so items with similar text share code
 prefixes. A final collision level numbers items that share the whole code tuple 0, 1, 2, ... in
 item order, making every item's semantic ID unique. `SemanticIdTable` turns the codes into
 embedding ids (one id per level, offset so all levels can share one table).
@@ -40,40 +40,20 @@ def _squared_distances(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     return np.maximum(d, 0.0)
 
 
-def _kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    centroids = [x[rng.integers(len(x))]]
-    closest = _squared_distances(x, centroids[0][None])[:, 0]
-    for _ in range(1, k):
-        total = closest.sum()
-        # All points already sit on a centroid (duplicates): any point is as good as another.
-        probs = closest / total if total > 0 else None
-        centroids.append(x[rng.choice(len(x), p=probs)])
-        closest = np.minimum(closest, _squared_distances(x, centroids[-1][None])[:, 0])
-    return np.stack(centroids)
-
-
 def kmeans(x: np.ndarray, k: int, seed: int, max_iters: int = 100) -> tuple[np.ndarray, np.ndarray]:
-    """Lloyd's k-means with k-means++ init (float64); returns (centroids [k, D], assignment [N])."""
+    """FAISS k-means (seeded, every point in the fit, at most `max_iters` Lloyd iterations; FAISS
+    re-seeds an empty code by splitting a large one). Returns (centroids [k, D] float64, assignment
+    [N]): each point's nearest centroid in float64, the rule `ResidualKMeans.quantize` applies."""
+    try:
+        import faiss  # the `index` extra: only semantic IDs need it, a model without them imports no FAISS
+    except ImportError as err:
+        raise ImportError("semantic IDs need FAISS k-means: pip install 'unirank[index]' (faiss-cpu)") from err
     x = np.asarray(x, dtype=np.float64)
     k = min(k, len(x))
-    rng = np.random.default_rng(seed)
-    centroids = _kmeans_plus_plus(x, k, rng)
-    assign = None
-    for _ in range(max_iters):
-        distances = _squared_distances(x, centroids)
-        new_assign = distances.argmin(1)
-        if assign is not None and np.array_equal(new_assign, assign):
-            break
-        assign = new_assign
-        counts = np.bincount(assign, minlength=k)
-        sums = np.zeros_like(centroids)
-        np.add.at(sums, assign, x)
-        empty = counts == 0
-        centroids[~empty] = sums[~empty] / counts[~empty, None]
-        if empty.any():
-            # Re-seed an empty code with the worst-served points so no codeword is wasted.
-            worst = np.argsort(-distances[np.arange(len(x)), assign], kind="stable")
-            centroids[empty] = x[worst[: int(empty.sum())]]
+    clustering = faiss.Kmeans(x.shape[1], k, niter=max_iters, seed=seed, verbose=False,
+                              min_points_per_centroid=1, max_points_per_centroid=max(1, len(x)))
+    clustering.train(np.ascontiguousarray(x, dtype=np.float32))
+    centroids = clustering.centroids.astype(np.float64)
     return centroids, _squared_distances(x, centroids).argmin(1)
 
 

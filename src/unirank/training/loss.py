@@ -39,7 +39,8 @@ def step_loss(ranker: UnifiedRanker, inputs: StepInputs, task_weights: dict[Task
     gradient of the global loss, and one process (W = 1) computes exactly the task-weighted mean.
     `excluded_items`: ids that are not in the catalogue at training time (never a negative).
     The logits come from the model (`UnifiedRanker.position_logits`: the score terms included).
-    Suggest rows (targets = query ids) take a softmax over the query catalogue instead (`query_loss`)."""
+    Suggest rows (targets = query ids) take a softmax over the query catalogue instead (`query_loss`).
+    `ranker.config.content_distill` w > 0 adds w * `content_distillation` of the rank's item targets."""
     req, batch = inputs.request, local_batch(inputs)
     hidden, _, cand_vec = ranker.encode(req.task, req.history, req.history_lengths, req.query, req.query_lengths,
                                         req.source_item, items=inputs.items)
@@ -70,6 +71,8 @@ def step_loss(ranker: UnifiedRanker, inputs: StepInputs, task_weights: dict[Task
         if count:
             scale[int(task)] = inputs.world * weight / count
     loss = (per_position * scale[row_task]).sum() + 0.0 * hidden.sum()  # a rank with no position: still a graph
+    if ranker.config.content_distill:
+        loss = loss + ranker.config.content_distill * content_distillation(ranker, targets)
     sums = torch.zeros(NUM_TASK_IDS, device=h.device).index_add_(0, row_task, per_position.detach())
     return loss, sums
 
@@ -85,6 +88,17 @@ def sampled_cross_entropy(logits: torch.Tensor, candidates: torch.Tensor, num_un
     if excluded is not None:
         hits |= torch.isin(candidates, excluded).unsqueeze(0)
     return F.cross_entropy(logits.masked_fill(hits, -torch.inf), labels, reduction="none")
+
+
+def content_distillation(ranker: UnifiedRanker, items: torch.Tensor) -> torch.Tensor:
+    """ALDI-style: mean over the unique `items` (this rank's item targets: the warm items the step has
+    evidence for, drawn by popularity) of ||content vector - full vector||^2, the full vector (with
+    the id row) a fixed teacher. The content vector (text projection, attribute / word bags,
+    semantic IDs) learns to stand where the item's full vector stands, so an item with no id row (a
+    new item) lands where contexts look, and the id row becomes the residual content cannot explain."""
+    uniq = torch.unique(items)
+    content, full = ranker.item_tower.content_and_full(uniq)
+    return (content - full.detach()).pow(2).sum() / max(len(uniq), 1)
 
 
 def query_loss(ranker: UnifiedRanker, inputs: StepInputs, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

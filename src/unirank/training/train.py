@@ -178,6 +178,9 @@ class Trainer:
     def __init__(self, cfg: Config, runtime: distributed.Runtime, prep: Prepared | None, quiet: bool):
         self.t0 = time.time()
         self.cfg, self.runtime, self.quiet = cfg, runtime, quiet
+        if cfg.model.content_distill and runtime.world > 1:
+            raise ValueError("model.content_distill averages over each rank's own item targets, so several ranks "
+                             "would not compute the one-process step: train it in one process")
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         torch.manual_seed(cfg.train.seed)
