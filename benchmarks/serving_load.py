@@ -6,7 +6,9 @@ Same single-row requests (mixed tasks, built by the typed client) through
   triton     the bundled tritonserver over gRPC, dynamic batching on
   triton-nb  the same without dynamic batching (one execution per request)
 Each in-process runtime and the server model use one intra-op thread; the load generator runs on
-the same machine. Every cell is bounded by --requests and --seconds.
+the same machine. Every cell is bounded by --requests and --seconds; `--setups` picks setups. A cell
+records its percentiles per task too (`by_task`) and the 1-minute load average at its end (the
+machine may be shared).
 
     python benchmarks/serving_load.py                       # random-init model of realistic size
     python benchmarks/serving_load.py --checkpoint runs/x/best.pt --out docs/bench/serving/serving_load.json
@@ -32,6 +34,7 @@ from unirank.model.tokenizer import WordTokenizer
 from unirank.serving.client import RankerClient, RequestBuilder, widths_from_server
 from unirank.serving.metadata import OUTPUT_NAMES, ExportMetadata
 from unirank.serving.onnx_graph import TopKRanker, export_onnx, onnx_session
+from unirank.serving.request_arrays import TASK_IDS
 from unirank.serving.model_repository import build_model_repository
 from unirank.serving.server import Server, free_port
 from unirank.serving.synthetic_requests import random_request
@@ -52,6 +55,7 @@ def random_ranker(num_items: int, dim: int, max_history: int, num_words: int = 2
     return UnifiedRanker(config, Catalogue(attributes, words)).eval(), tokenizer
 
 
+SETUPS = ("torch", "ort", "triton", "triton-nb")
 PLAIN_WORDS = ("red", "nail", "polish", "shampoo", "hair", "care", "lipstick", "cream", "oil", "brush", "eye", "skin")
 
 
@@ -73,6 +77,7 @@ def build_requests(builder: RequestBuilder, count: int, vocab: int, seed: int = 
 def run_load(call, requests, concurrency: int, max_requests: int, max_seconds: float) -> dict:
     """`concurrency` threads call `call(worker, request)` until max_requests or max_seconds."""
     latencies: list[float] = []
+    tasks: list[int] = []  # the task of each answered request (its first row)
     errors: list[str] = []
     lock = threading.Lock()
     counter = iter(range(max_requests))
@@ -94,6 +99,7 @@ def run_load(call, requests, concurrency: int, max_requests: int, max_seconds: f
             elapsed = time.perf_counter() - start
             with lock:
                 latencies.append(elapsed)
+                tasks.append(int(requests[i % len(requests)]["task"].flat[0]))
 
     threads = [threading.Thread(target=worker, args=(w,)) for w in range(concurrency)]
     started = time.perf_counter()
@@ -104,8 +110,10 @@ def run_load(call, requests, concurrency: int, max_requests: int, max_seconds: f
     wall = time.perf_counter() - started
     ms = np.array(latencies) * 1e3
     percentiles = {f"p{q}_ms": round(float(np.percentile(ms, q)), 3) if len(ms) else None for q in (50, 90, 99)}
-    return {"requests": len(ms), "errors": len(errors), "first_errors": errors[:3], "seconds": round(wall, 3),
-            "throughput_rps": round(len(ms) / wall, 1), **percentiles}
+    by_task = {TASK_IDS[t]: {f"p{q}_ms": round(float(np.percentile(ms[np.array(tasks) == t], q)), 3) for q in (50, 99)}
+               for t in sorted(set(tasks))}
+    return {"requests": len(ms), "errors": len(errors), "first_errors": errors[:3], "seconds": round(wall, 3), "by_task": by_task,
+            "throughput_rps": round(len(ms) / wall, 1), **percentiles, "load_average_1m": round(os.getloadavg()[0], 2)}
 
 
 def in_process_calls(plain, session):
@@ -144,7 +152,7 @@ def machine() -> dict:
 def commit() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "serving", "benchmarks"], capture_output=True, text=True).stdout
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src/unirank/serving", "src/unirank/model", "benchmarks"], capture_output=True, text=True).stdout
         return head + ("+dirty" if dirty.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -177,10 +185,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests", type=int, default=1500, help="max requests per cell")
     parser.add_argument("--seconds", type=float, default=5.0, help="max seconds per cell")
+    parser.add_argument("--setups", nargs="+", choices=SETUPS, default=list(SETUPS), help="which setups to run")
     parser.add_argument("--out", default="docs/bench/serving/serving_load.json")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
+    load_start = list(os.getloadavg())  # the machine may be shared: the load beside the numbers
     if args.checkpoint:
         from unirank.training.checkpoint import load_checkpoint
 
@@ -198,10 +208,14 @@ def main() -> None:
         requests = build_requests(builder, 512, tokenizer.vocab_size)
         calls = in_process_calls(plain, onnx_session(export_dir / "model.onnx", threads=1))
         for setup, call in calls.items():
+            if setup not in args.setups:
+                continue
             for c in args.concurrency:
                 results.append({"setup": setup, "concurrency": c, **run_load(call, requests, c, args.requests, args.seconds)})
                 print(results[-1], flush=True)
         for setup, batching in (("triton", True), ("triton-nb", False)):
+            if setup not in args.setups:
+                continue
             repo = build_model_repository(export_dir, Path(tmp) / setup, dynamic_batching=batching, flavours=("python",))
             with Server(repo["python"], free_port(), free_port(), free_port()) as server:
                 for c in args.concurrency:
@@ -216,7 +230,10 @@ def main() -> None:
                     print(results[-1], flush=True)
     table = markdown(results, args.concurrency)
     print(table)
-    report = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "commit": commit(), "machine": machine(),
+    package = str(Path(__import__("unirank").__file__).parent)  # the code measured (PYTHONPATH may point elsewhere)
+    report = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "commit": commit(), "package": package,
+              "machine": machine(),
+              "load_average_start": load_start, "load_average_end": list(os.getloadavg()),
               "model": model, "top_k": args.top_k, "results": results, "markdown": table}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

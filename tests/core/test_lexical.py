@@ -180,8 +180,16 @@ def test_onnx_export_keeps_the_lexical_term(tmp_path):
     with torch.no_grad():
         off.terms["lexical"].scale.zero_()
     batches = random_batches(report.metadata, vocab_size=VOCAB, requests=64, seed=1)
-    assert parity_max_abs_diff(TopKRanker(off, 10).eval(), onnx_session(tmp_path / "export" / MODEL_FILE),
-                               [{k: v for k, v in b.items()} for b in batches]) > 1e-3
+    session = onnx_session(tmp_path / "export" / MODEL_FILE)
+    assert parity_max_abs_diff(TopKRanker(off, 10).eval(), session, [{k: v for k, v in b.items()} for b in batches]) > 1e-3
+    # The graph scores the search rows alone: batches without one (pre-query only) and with only one
+    # (search, the rest pre-query) answer as PyTorch does, with and without candidates.
+    on = TopKRanker(ranker.to_plain(), 10).eval()
+    for searches in (0, 1):
+        for b in batches[:2]:
+            task = np.full_like(b["task"], int(Task.PREQUERY))
+            task[:searches] = int(Task.SEARCH)
+            assert parity_max_abs_diff(on, session, [{**b, "task": task}]) <= 1e-4
     from unirank.serving.item_index import IndexOptions
 
     with pytest.raises(ValueError, match="lexical"):

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from unirank.model.request import INPUT_NAMES, SEQUENCE_LENGTHS, TASK_NAMES
-from unirank.serving.request_arrays import FIELDS, TASK_IDS, RequestError, RequestLimits, check_request, pad_and_stack
+from unirank.serving.request_arrays import (FIELDS, TASK_IDS, RequestError, RequestLimits, StackBuffers, check_request,
+                                           pad_and_stack)
 
 LIMITS = RequestLimits(num_items=100, max_history=4, max_query_len=3)
 
@@ -66,6 +67,43 @@ def test_valid_requests_are_trimmed_and_padded_into_one_batch():
     assert pad_and_stack([first])["query"].shape == (1, 1)
     # Ids above the catalogue are allowed (scored as OOV); empty pre-query history too.
     check_request(request(history=[[0]], history_lengths=[0], candidates=[[1000]]), LIMITS)
+
+
+def padded(width, **fields):
+    """request(**fields) with every sequence right-padded with zeros to `width` (the fixed widths)."""
+    base = request(**fields)
+    return {k: np.pad(v, ((0, 0), (0, width - v.shape[1]))) if k in SEQUENCE_LENGTHS else v for k, v in base.items()}
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"candidates": [[5, 0, 0, -2]]}, "candidates: negative id, got -2"),
+    ({"exclude": [[0, 0, -3]], "exclude_lengths": [1]}, "exclude: negative id, got -3"),
+    ({"history": [[3, 4, 0, -1]]}, "history: negative id, got -1"),  # past its length: checked all the same
+    ({"exclude_lengths": [1001]}, "exclude_lengths: length > padded exclude width, got 1001"),
+])
+def test_requests_at_the_fixed_widths_are_checked_as_before(fields, message):
+    with pytest.raises(RequestError, match=message):
+        check_request(padded(1000, **fields), LIMITS)
+
+
+def test_lengths_count_against_the_padded_width_not_the_ids_sent():
+    """A length may cover trailing zeros (padding ids): the request is valid and keeps those columns."""
+    checked = check_request(padded(1000, exclude=[[7]], exclude_lengths=[3], candidates=[[0, 9]]), LIMITS)
+    assert checked["exclude"].tolist() == [[7, 0, 0]] and checked["candidates"].tolist() == [[0, 9]]
+    assert checked["history"].tolist() == [[3, 4]] and checked["query"].shape == (1, 0)
+
+
+def test_reused_buffers_give_fresh_batches():
+    rows = [check_request(request(candidates=[[5, 6, 7, 8]], exclude=[[9, 9]], exclude_lengths=[2]), LIMITS),
+            check_request(request(history=[[1]], history_lengths=[1]), LIMITS)]
+    buffers = StackBuffers()
+    first = {k: v.copy() for k, v in pad_and_stack(rows, buffers).items()}
+    again = pad_and_stack(rows[::-1], buffers)  # same memory, other order: nothing left over
+    expected = pad_and_stack(rows[::-1])
+    assert all(np.array_equal(again[k], expected[k]) and again[k].flags.c_contiguous for k in FIELDS)
+    assert first["candidates"].tolist() == [[5, 6, 7, 8], [0, 0, 0, 0]] and again["exclude"].tolist() == [[0, 0], [9, 9]]
+    # One request with its columns goes through as it is (no copy).
+    assert np.shares_memory(pad_and_stack(rows[:1], buffers)["candidates"], rows[0]["candidates"])
 
 
 def test_fields_come_from_the_request_schema():

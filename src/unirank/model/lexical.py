@@ -124,7 +124,7 @@ class LexicalMatch(nn.Module):
             known = (candidates >= 1) & (candidates <= self.num_items)
             cand = torch.where(known, candidates, torch.zeros_like(candidates))
             tokens, weights = self.tokens[cand], self.weights[cand]  # [B, C, W]
-            matched = hot.gather(1, tokens.reshape(hot.shape[0], -1)).view(tokens.shape)
+            matched = hot.gather(1, tokens.flatten(1)).view(tokens.shape)  # flatten: also for 0 rows
             return self.scale * (matched * weights).sum(-1)
         if self.gather:
             terms = hot.index_select(1, self.flat_tokens) * self.flat_weights  # [B, terms]

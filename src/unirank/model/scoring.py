@@ -100,8 +100,11 @@ class LexicalTerm(LexicalMatch, ScoreTerm):
         self.field = cfg.lexical
 
     def scores(self, view: RequestView, candidates: torch.Tensor | None = None) -> torch.Tensor:
-        lexical = self(view.query, view.query_lengths, candidates)
-        return lexical * (view.task == Task.SEARCH).unsqueeze(1).to(lexical.dtype)
+        """BM25 of the search rows only (gathered, scored, added back into zeros): other rows cost
+        nothing, where scoring every row x the catalogue and masking paid for all of them."""
+        rows = torch.nonzero(view.task == Task.SEARCH).squeeze(1)
+        lexical = self(view.query[rows], view.query_lengths[rows], None if candidates is None else candidates[rows])
+        return lexical.new_zeros(view.task.shape[0], lexical.shape[1]).index_add(0, rows, lexical)
 
     def extend(self, added: AddedItems) -> None:
         names = [" ".join(a) for a in added.attributes]
