@@ -30,7 +30,8 @@ def test_both_flavours_share_the_endpoint_contract(repositories):
     sequences = ("history", "query", "candidates", "exclude")
     assert {n: d for n, _, d in _io(python)[0] if n in sequences} == {
         "history": [12], "query": [6], "candidates": [10_000], "exclude": [1_000]}
-    variable = lambda io: [(n, t, [-1] if n in sequences else d) for n, t, d in io[0]]  # noqa: E731
+    # The ONNX Runtime flavour fixes the history alone: no request of 0 rows fits its shapes.
+    variable = lambda io: [(n, t, [-1] if n in sequences[1:] else d) for n, t, d in io[0]]  # noqa: E731
     assert variable(_io(python)) == _io(onnxruntime)[0] and _io(python)[1] == _io(onnxruntime)[1]
     inputs, outputs = _io(onnxruntime)
     assert [n for n, _, _ in inputs] == ["task", "history", "history_lengths", "query", "query_lengths", "source_item",

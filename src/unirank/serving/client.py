@@ -149,7 +149,8 @@ def _exclusions(exclude: list[int], older_history: list[int]) -> list[int]:
 
 def fixed_widths(config: dict) -> dict[str, int]:
     """{sequence input: width} of the inputs a model config (as JSON) declares with a fixed width
-    (the python flavour: every sequence at its limit); the others take any width."""
+    (the python flavour: every sequence at its limit; the ONNX Runtime flavour: the history); the
+    others take any width."""
     widths = {}
     for tensor in config.get("input", []):
         dims = [int(d) for d in tensor.get("dims", [])]

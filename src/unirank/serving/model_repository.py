@@ -88,7 +88,10 @@ def model_config(spec: EndpointSpec, flavour: str) -> pb.ModelConfig:
             tensor.dims.append(1)
             if not python:
                 tensor.reshape.SetInParent()
-        elif python:
+        elif python or name == "history":
+            # Fixed at its limit. The python flavour: every sequence (see sequence_widths). The ONNX
+            # Runtime flavour: the history, so that no request of 0 rows fits its shapes (Triton lets
+            # [0, 0] through a variable dim, and 0 rows of zero-width sequences crashed tritonserver).
             tensor.dims.append(sequence_widths(spec.metadata)[name])
         else:
             # The ONNX Runtime backend cannot pad: its batcher only merges equal shapes (clients bucket).
