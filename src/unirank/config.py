@@ -112,12 +112,17 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0  # AdamW (decoupled) decay of every weight, the tables' included
     id_weight_decay: Optional[float] = None  # decay of the item-id table alone; None = train.weight_decay
-    lr_schedule: str = "constant"  # constant | cosine (decays to 0 at max_epochs)
+    lr_schedule: str = "constant"  # constant | cosine (decays to 0 at the run's last step)
     warmup_steps: int = 0  # linear warm-up from 0 over this many steps (both schedules)
+    warmup_fraction: Optional[float] = None  # warm-up over this fraction of the run's steps, in place of warmup_steps
     encoder_lr: float = 5e-5  # learning rate of the text encoder's weights when model.query_encoder=finetune
+    # The run's length (training/schedule.py): max_epochs, stretched on a small dataset to at least
+    # min_steps optimizer updates (epochs = max(max_epochs, ceil(min_steps / steps per epoch))).
     max_epochs: int = 50
+    min_steps: int = 0
     patience: int = 5  # validation rounds without improvement before stopping
-    eval_every: int = 1  # epochs between validation rounds
+    eval_every: int = 1  # epochs between validation rounds (at least)
+    eval_rounds: int = 0  # > 0: at most about this many rounds, every max(eval_every, ceil(epochs / eval_rounds)) epochs
     eval_users: Optional[int] = None  # validation on a fixed random subset of users; None = all
     num_negatives: int = 0  # sampled softmax negatives; 0 = full softmax over the catalogue
     max_minutes: Optional[float] = None  # wall-clock budget
@@ -252,6 +257,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.lr_schedule must be constant or cosine, got {cfg.train.lr_schedule!r}")
     if cfg.train.warmup_steps < 0:
         raise ConfigError("train.warmup_steps must be >= 0")
+    if cfg.train.warmup_fraction is not None and not 0.0 <= cfg.train.warmup_fraction < 1.0:
+        raise ConfigError(f"train.warmup_fraction must be in [0, 1), got {cfg.train.warmup_fraction}")
+    if cfg.train.min_steps < 0 or cfg.train.eval_rounds < 0:
+        raise ConfigError(f"train.min_steps and train.eval_rounds must be >= 0 (0 = off), got "
+                          f"{cfg.train.min_steps} and {cfg.train.eval_rounds}")
     if cfg.train.num_negatives < 0:
         raise ConfigError("train.num_negatives must be >= 0 (0 = full softmax)")
     if cfg.train.weight_decay < 0 or (cfg.train.id_weight_decay is not None and cfg.train.id_weight_decay < 0):

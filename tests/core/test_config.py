@@ -12,7 +12,7 @@ BEAUTY = "../shared/data/amazon-beauty"
 COSINE_36 = {"data.path": BEAUTY, "train.lr": 0.002, "train.lr_schedule": "cosine", "train.warmup_steps": 200,
              "train.max_epochs": 36, "train.eval_every": 2, "train.eval_users": 5000}
 FAST = {**COSINE_36, "model.block": "ligr", "train.max_epochs": 9, "train.eval_every": 9,
-        "train.out_dir": "runs/fast"}
+        "train.min_steps": 500, "train.eval_rounds": 10, "train.out_dir": "runs/fast"}
 # every packaged config: the values that differ from the dataclass defaults, once resolved
 RESOLVED = {
     "default": COSINE_36,

@@ -137,16 +137,17 @@ def test_single_task_mode_trains_only_that_task(tmp_path, monkeypatch):
 
 def test_lr_schedule_warmup_then_cosine_to_zero(tmp_path):
     from unirank.config import ConfigError
-    from unirank.training.train import lr_factor
+    from unirank.training.schedule import lr_factor, sized_schedule
 
-    cfg = tiny_config(tmp_path, "train.lr_schedule=cosine", "train.warmup_steps=10")
-    factors = [lr_factor(s, 110, cfg) for s in range(120)]
+    cfg = tiny_config(tmp_path, "train.lr_schedule=cosine", "train.warmup_steps=10", "train.max_epochs=11")
+    schedule = sized_schedule(cfg.train, 10)  # 110 steps
+    factors = [lr_factor(s, schedule) for s in range(120)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)  # linear warm-up
     assert factors[10] == pytest.approx(1.0) and factors[60] == pytest.approx(0.5)  # cosine midpoint
     assert factors[110] == pytest.approx(0.0) and factors[119] == pytest.approx(0.0)  # 0 after the horizon
     assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
-    constant = tiny_config(tmp_path)
-    assert {lr_factor(s, 110, constant) for s in range(120)} == {1.0}
+    constant = sized_schedule(tiny_config(tmp_path, "train.max_epochs=11").train, 10)
+    assert {lr_factor(s, constant) for s in range(120)} == {1.0}
     with pytest.raises(ConfigError, match="lr_schedule"):
         tiny_config(tmp_path, "train.lr_schedule=linear")
 

@@ -5,9 +5,10 @@
 embedding tables sharded by TorchRec (training/distributed.py, docs/DISTRIBUTED.md). Every step is
 one mixed batch of all trained tasks (task-weighted loss, training/loss.py); every rank draws the same
 global batch and trains on its rows (training/batches.py), so N ranks compute the 1-rank step.
-Validation-based early stopping, a resumable checkpoint every epoch (an out_dir that holds one
-continues exactly where it stopped, also after a SIGKILL), the best model as a single-file
-best.pt, TensorBoard scalars, progress bars."""
+The run's length, validation cadence and learning-rate curve are sized by the data in optimizer
+updates (training/schedule.py). Validation-based early stopping, a resumable checkpoint every
+epoch (an out_dir that holds one continues exactly where it stopped, also after a SIGKILL), the
+best model as a single-file best.pt, TensorBoard scalars, progress bars."""
 from __future__ import annotations
 
 import json
@@ -35,6 +36,7 @@ from unirank.training.batches import StepInputs, step_inputs
 from unirank.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from unirank.training.loss import item_frequencies, step_loss
 from unirank.training.run_state import RunState, optimizer_state, rng_state, set_rng_state, trainable
+from unirank.training.schedule import lr_factor, sized_schedule
 
 # keys a resumed run may change: where and how fast it runs, not what it computes
 RESUMABLE_CHANGES = ("train.threads", "train.max_minutes", "train.device", "train.stop_after_steps",
@@ -73,19 +75,6 @@ def make_optimizer(model: nn.Module, cfg: Config, ranker: UnifiedRanker | None =
     """AdamW over every weight the trainer owns (`model`, `ranker`: as in parameter_groups)."""
     return torch.optim.AdamW(parameter_groups(model, cfg, ranker), lr=cfg.train.lr,
                              weight_decay=cfg.train.weight_decay)
-
-
-def lr_factor(step: int, total_steps: int, cfg: Config) -> float:
-    """Multiplier of train.lr at optimizer step `step` (0-based): linear warm-up, then constant or
-    cosine down to 0 at `total_steps` (the max_epochs horizon)."""
-    t = cfg.train
-    if t.warmup_steps and step < t.warmup_steps:
-        return (step + 1) / t.warmup_steps
-    if t.lr_schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - t.warmup_steps) / max(1, total_steps - t.warmup_steps))
-    # a Python float: the optimizer state (checkpoints load weights-only) must hold no numpy scalars
-    return float(0.5 * (1.0 + np.cos(np.pi * progress)))
 
 
 class LossModule(nn.Module):
@@ -214,7 +203,7 @@ class Trainer:
             self.ranker = module.ranker
         self._make_optimizers()
         self.steps_per_epoch = self.examples.steps_per_epoch()
-        self.total_steps = cfg.train.max_epochs * self.steps_per_epoch
+        self.schedule = sized_schedule(cfg.train, self.steps_per_epoch)
         self.autocast = _autocast(cfg, device)
         self.st = RunState()
         self.writer, self.memory, self.stopped, self.clock = None, None, False, time.time()
@@ -246,9 +235,9 @@ class Trainer:
     def run(self) -> TrainResult:
         self.restore()
         self.open_run_dir()
-        while self.st.epoch <= self.cfg.train.max_epochs and not self.st.finished and not self.stopped:
+        while self.st.epoch <= self.schedule.epochs and not self.st.finished and not self.stopped:
             self.epoch()
-        if not self.stopped and not self.st.finished:  # max_epochs reached without a validation round left to run
+        if not self.stopped and not self.st.finished:  # the last epoch reached without a validation round left to run
             self.st.finished = True
             self.save_last()
         return self.finish()
@@ -290,21 +279,24 @@ class Trainer:
             if stale:
                 self.say(f"removed uncommitted checkpoint(s): {[p.name for p in stale]}")
             self.writer = SummaryWriter(str(self.out / "tensorboard"))
+            sched = self.schedule
+            self.say(f"[unirank train] {sched.epochs} epochs x {sched.steps_per_epoch} steps = {sched.total_steps} "
+                     f"updates, validation every {sched.eval_every} epoch(s), warm-up {sched.warmup_steps} steps")
             if self.plan is not None:
                 self.say(f"[unirank train] world_size={self.runtime.world} backend={torch.distributed.get_backend()} "
                          f"table optimizer={self.cfg.distributed.sparse_optimizer}\n{json.dumps(self.plan)}")
         self.runtime.barrier()
 
     def epoch(self) -> None:
-        """Trains the current epoch from its first untrained batch, then validates it (every
-        train.eval_every epochs, the last one, or once over the time budget) and checkpoints."""
+        """Trains the current epoch from its first untrained batch, then validates it (at the
+        schedule's cadence, the last epoch, or once over the time budget) and checkpoints."""
         epoch = self.st.epoch
         self.train_epoch()
         if self.stopped:
             return
         self.st.epoch, self.st.batches_done, self.st.epoch_rng = epoch + 1, 0, self.examples.rng.bit_generator.state
         over_budget = self.over_budget()
-        if epoch % self.cfg.train.eval_every == 0 or over_budget or epoch == self.cfg.train.max_epochs:
+        if self.schedule.validates(epoch) or over_budget:
             self.validate(epoch, over_budget)
         self.save_last()
 
@@ -341,7 +333,7 @@ class Trainer:
         """One optimizer step on the global batch (this rank's rows of it); every rank reports the
         global loss."""
         st, device = self.st, self.runtime.device
-        self.set_rates(lr_factor(st.step, self.total_steps, self.cfg))
+        self.set_rates(lr_factor(st.step, self.schedule))
         inputs = step_inputs(self.ranker, batch.to(device), num_negatives=self.cfg.train.num_negatives,
                              item_freq=self.item_freq, generator=self.generator, rank=self.runtime.rank,
                              world=self.runtime.world, id_dropout_seed=step_seed(self.cfg.train.seed, st.step),
@@ -413,7 +405,7 @@ class Trainer:
             st.best, st.best_epoch, st.bad_rounds, st.validation = score, epoch, 0, metrics
         else:
             st.bad_rounds += 1
-        st.finished = st.bad_rounds >= self.cfg.train.patience or over_budget or epoch == self.cfg.train.max_epochs
+        st.finished = st.bad_rounds >= self.cfg.train.patience or over_budget or epoch == self.schedule.epochs
 
     def log_round(self, row: dict) -> None:
         if self.writer is None:
@@ -468,6 +460,7 @@ class Trainer:
             memories = [None] * runtime.world
             torch.distributed.all_gather_object(memories, self.memory)
         result = {"world_size": runtime.world, "device": str(runtime.device), "steps": st.step,
+                  "schedule": self.schedule.to_dict(),
                   "best_epoch": st.best_epoch, "best_score": st.best, "history": st.history, "losses": st.losses,
                   "task_losses": st.task_losses, "samples_per_s": round(st.samples / max(st.train_seconds, 1e-9), 1),
                   "train_seconds": round(st.train_seconds, 2), "memory": memories, "plan": self.plan,
