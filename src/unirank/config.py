@@ -122,7 +122,7 @@ class TrainConfig:
     min_steps: int = 0
     patience: int = 5  # validation rounds without improvement before stopping
     eval_every: int = 1  # epochs between validation rounds (at least)
-    eval_rounds: int = 0  # > 0: at most about this many rounds, every max(eval_every, ceil(epochs / eval_rounds)) epochs
+    eval_rounds: int = 0  # > 0: about this many rounds, every max(eval_every, ceil(epochs / eval_rounds)) epochs
     eval_users: Optional[int] = None  # validation on a fixed random subset of users; None = all
     num_negatives: int = 0  # sampled softmax negatives; 0 = full softmax over the catalogue
     max_minutes: Optional[float] = None  # wall-clock budget
