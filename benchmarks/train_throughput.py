@@ -23,7 +23,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-FOLDERS = ("model", "training", "serving", "kernels", "configs")
 
 DRIVER = r"""
 import json, os, sys, time, tempfile
@@ -41,6 +40,8 @@ except ImportError:
     from unirank.training.train import TASK_BY_NAME, prepare
 import unirank.training.train as module
 cfg = load_config(sys.argv[2], json.loads(sys.argv[3]) + [f"train.out_dir={tempfile.mkdtemp()}/run"])
+if hasattr(cfg.train, "min_steps"):  # one epoch is one epoch, also in a tree whose schedules have a floor
+    cfg.train.min_steps = 0
 prep = prepare(cfg)
 tasks = tuple(TASK_BY_NAME[t] for t in cfg.train.tasks)
 rows = sum(b.request.batch_size for b in TrainingExamples(prep.split, prep.builder, cfg.train.batch_size,
@@ -62,8 +63,9 @@ def package_tree(checkout: Path, into: Path) -> Path:
     pkg.mkdir(parents=True)
     # a regular package: as a namespace portion it would lose to this tree's installed unirank
     (pkg / "__init__.py").touch()
-    for folder in FOLDERS:
-        (pkg / folder).symlink_to(checkout / folder)
+    for folder in sorted(checkout.iterdir()):  # the package folders and configs/, as its setup.py mapped them
+        if (folder / "__init__.py").is_file() or folder.name == "configs":
+            (pkg / folder.name).symlink_to(folder)
     return into
 
 

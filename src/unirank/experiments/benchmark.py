@@ -139,7 +139,8 @@ def run_benchmark(data: str, config: str = "fast", seeds: int = 3, out: str | Pa
     runs = []
     for i, seed in enumerate(range(first, first + seeds)):
         cfg = run_config(config, data, seed, out / f"seed-{seed}", list(overrides), eval_every)
-        progress.say(f"run {i + 1}/{seeds}: seed {seed}, training {cfg.train.max_epochs} epochs")
+        progress.say(f"run {i + 1}/{seeds}: seed {seed}, training at least {cfg.train.max_epochs} epochs and "
+                     f"{cfg.train.min_steps} updates (train_result.json of each seed: the sized schedule)")
         t = time.time()
         run_prep = prepare(cfg) if per_seed_prep and i else prep
         runs.append(train_and_test(cfg, run_prep, quiet))
@@ -153,6 +154,7 @@ def run_benchmark(data: str, config: str = "fast", seeds: int = 3, out: str | Pa
                                 num_bootstrap=base.eval.num_bootstrap, progress=True)
     report = {"dataset": prep.data.name, "data": str(data), "config": config, "seeds": [r["seed"] for r in runs],
               "selection": SELECTION, "eval_every": base.train.eval_every,
+              "min_steps": base.train.min_steps, "eval_rounds": base.train.eval_rounds,
               "num_validation_users": len(prep.split.valid.users), "num_test_users": len(prep.split.test.users),
               "runs": runs, "baselines": base_results, "peers": peer_results,
               "peer_notes": list(PEER_NOTES) if peers else [],
