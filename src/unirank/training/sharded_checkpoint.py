@@ -166,10 +166,26 @@ def latest(root: str | Path) -> Path | None:
     return path
 
 
+def save_catalogue(root: str | Path, catalogue: Catalogue) -> None:
+    """Rank 0 at the start of a run: the run's catalogue, once, in the checkpoint root; every
+    checkpoint then links it (save_sharded) instead of writing it again."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    catalogue.save(root / CATALOGUE)
+
+
+def _link(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # a file system without hard links
+        shutil.copyfile(source, target)
+
+
 def save_sharded(root: str | Path, step: int, state: dict, trainer_state: dict, rank_state: dict,
-                 config_yaml: str, catalogue: Catalogue, keep: int = 2, protect: tuple[str, ...] = ()) -> Path:
+                 config_yaml: str, keep: int = 2, protect: tuple[str, ...] = ()) -> Path:
     """Collective: every rank calls it with its DCP `state` ({"model": ..., "optim": ..., ...}: plain,
-    replicated or sharded tensors keyed by name). Returns the committed directory."""
+    replicated or sharded tensors keyed by name). Returns the committed directory, which holds the
+    run's catalogue too (linked from the root: save_catalogue)."""
     root = Path(root)
     name = checkpoint_name(step)
     tmp, final = root / f"{TMP_PREFIX}{name}", root / name
@@ -186,7 +202,7 @@ def save_sharded(root: str | Path, step: int, state: dict, trainer_state: dict, 
     _barrier()  # every rank's files are on disk
     if rank == 0:
         _write_atomic(tmp / "config.yaml", config_yaml)
-        catalogue.save(tmp / CATALOGUE)
+        _link(root / CATALOGUE, tmp / CATALOGUE)
         _write_atomic(tmp / "trainer.json", json.dumps({**trainer_state, "world_size": _world()}, indent=1))
         _write_atomic(tmp / COMMIT, json.dumps({"step": step, "world_size": _world()}))
         for f in tmp.iterdir():

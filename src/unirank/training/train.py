@@ -276,6 +276,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(to_yaml(self.cfg))
             stale = sc.remove_stale(self.root)
+            sc.save_catalogue(self.root, self.catalogue)
             if stale:
                 self.say(f"removed uncommitted checkpoint(s): {[p.name for p in stale]}")
             self.writer = SummaryWriter(str(self.out / "tensorboard"))
@@ -429,7 +430,7 @@ class Trainer:
         trainer = {**st.to_dict(), "generator": self.generator.get_state().tolist(), "plan": self.plan,
                    "ranker_config": self.ranker.config.to_dict()}
         sc.save_sharded(self.root, st.step, self.checkpoint_state(), trainer, rng_state(self.runtime.device),
-                        to_yaml(self.cfg), self.catalogue, keep=self.cfg.train.keep_checkpoints,
+                        to_yaml(self.cfg), keep=self.cfg.train.keep_checkpoints,
                         protect=(st.best_checkpoint,) if st.best_checkpoint else ())
 
     def save_best(self, epoch: int, metrics: dict) -> None:
