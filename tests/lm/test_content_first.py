@@ -4,10 +4,10 @@ an item with no id row (a new item, `ItemTower.content_vectors`, the export path
 scored where a warm item with the same content is."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
+from lm_data import random_lm_features
 from unirank.data.examples import TrainBatch
 from unirank.model.catalogue import Catalogue
 from unirank.model.ranker import RankerConfig, UnifiedRanker
@@ -20,12 +20,7 @@ SID_SIZES = [4, 3]
 
 def content_ranker(content_distill: float, seed: int = 0) -> tuple[UnifiedRanker, list, list, torch.Tensor, torch.Tensor]:
     """Every item has its own content word, one shared attribute, random text and semantic IDs."""
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    codes = torch.full((N + 2, len(SID_SIZES)), -1, dtype=torch.int64)
-    codes[1: N + 1] = torch.from_numpy(np.stack([rng.integers(0, s, N) for s in SID_SIZES], 1))
-    text = torch.zeros(N + 2, TEXT_DIM)
-    text[1: N + 1] = torch.randn(N, TEXT_DIM)
+    codes, text = random_lm_features(N, SID_SIZES, TEXT_DIM, seed)
     attributes = [[]] + [[i % 3] for i in range(N)]
     words = [[]] + [[2 + i] for i in range(N)]
     cfg = RankerConfig(num_items=N, num_attributes=3, num_words=N + 2, dim=DIM, num_heads=2, num_layers=1,

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from lm_data import random_lm_features
 from unirank.model.catalogue import Catalogue
 
 from unirank.model.ranker import RankerConfig, UnifiedRanker
@@ -61,12 +62,7 @@ def test_sentence_encoder_matches_text_encoder(wordpiece, sentence_encoder):
 
 
 def lm_ranker(seed: int = 0, **overrides) -> tuple[UnifiedRanker, torch.Tensor, torch.Tensor]:
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    codes = torch.full((N + 2, len(SID_SIZES)), -1, dtype=torch.int64)
-    codes[1: N + 1] = torch.from_numpy(np.stack([rng.integers(0, s, N) for s in SID_SIZES], 1))
-    text = torch.zeros(N + 2, TEXT_DIM)
-    text[1: N + 1] = torch.randn(N, TEXT_DIM)
+    codes, text = random_lm_features(N, SID_SIZES, TEXT_DIM, seed)
     cfg = RankerConfig(num_items=N, num_attributes=4, num_words=20, dim=DIM, num_heads=2, max_history=6,
                        text_features=True, text_dim=TEXT_DIM, semantic_id_sizes=SID_SIZES, **overrides)
     words = [[]] + [[2 + i % 5] for i in range(N)]
