@@ -180,3 +180,41 @@ def test_the_client_moves_the_older_history_into_exclude(export_dir, tokenizer):
     assert long["exclude_lengths"][0] == MAX_EXCLUDE and long["exclude"][0, 0] == 250
     with pytest.raises(RequestError, match="exclude_lengths"):
         builder.build(Task.SIMILAR, source_item=5, exclude=list(range(1, MAX_EXCLUDE + 2)))
+
+
+def test_candidate_membership_by_sorting_equals_the_id_by_id_comparison():
+    from unirank.model.scoring import hidden_candidates
+
+    gen = torch.Generator().manual_seed(0)
+    for width_c, width_k in [(1, 1), (7, 3), (40, 25), (300, 50)]:
+        candidates = torch.randint(-3, 30, (6, width_c), generator=gen)
+        hidden = torch.randint(-3, 30, (6, width_k), generator=gen)
+        hidden[:, ::3] = 0  # padding marks nothing
+        if width_c >= 3:
+            candidates[0, :3] = torch.tensor([2 ** 62, -(2 ** 63), 2 ** 63 - 1])  # keys must not overflow
+        expected = ((candidates[:, :, None] == hidden[:, None, :]) & (hidden[:, None, :] != 0)).any(dim=2)
+        assert torch.equal(hidden_candidates(candidates, hidden), expected)
+    huge = torch.tensor([[2 ** 62, 5]])
+    assert hidden_candidates(huge, torch.tensor([[2 ** 63 - 1]])).tolist() == [[True, False]]  # documented
+
+
+def test_a_request_at_the_widest_candidates_and_exclude_costs_what_its_inputs_cost(session):
+    """10,000 candidates and MAX_EXCLUDE excluded ids on 8 rows: the graph once built a [B, C, X]
+    comparison (0.9 GB here); sorting keeps it to a few MB of intermediates, and the answer keeps
+    the rules (no excluded id returned, only candidates)."""
+    import resource
+
+    rows, width = 8, 10_000
+    rng = np.random.default_rng(0)
+    arrays = pad_and_stack([_row(task, exclude=rng.integers(1, NUM_ITEMS + 1, MAX_EXCLUDE).tolist())
+                            for task in [0, 1, 2] * 3][:rows])
+    arrays["candidates"] = rng.integers(1, NUM_ITEMS + 100, (rows, width))
+    arrays["query_lengths"][:] = 0
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    ids, _ = session.run(OUTPUT_NAMES, arrays)
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mb < 200, f"peak memory grew by {grown_mb:.0f} MB"
+    for row in range(rows):
+        returned = set(ids[row][ids[row] > 0].tolist())
+        assert returned <= set(arrays["candidates"][row].tolist())
+        assert not returned & set(arrays["exclude"][row].tolist())

@@ -219,6 +219,26 @@ def hidden_catalogue(hidden: torch.Tensor, num_items: int) -> torch.Tensor:
 
 
 def hidden_candidates(candidates: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    """[B, C] True for candidates among the row's hidden ids, compared id by id so that ids unknown
-    to the model are filtered too (O(B * C * K))."""
-    return ((candidates[:, :, None] == hidden[:, None, :]) & (hidden[:, None, :] != 0)).any(dim=2)
+    """[B, C] True for candidates among the row's hidden ids [B, K] (0 = padding, marks nothing),
+    compared id by id so that ids unknown to the model are filtered too.
+
+    Two sorts of each row's hidden and candidate ids together instead of a [B, C, K] comparison:
+    O(B (C + K) log(C + K)) time and O(B (C + K)) memory, so a request with 10,000 candidates and
+    1,000 excluded ids costs what its inputs cost. Keys are 2 * id for a hidden id and 2 * id + 1
+    (2 * id - 1 in the second sort) for a candidate; the running count of hidden ids then reads, at
+    a candidate, how many hidden ids are <= id (first sort) and < id (second). Ids are clamped to
+    +-2^61 first so the keys cannot overflow: two distinct ids beyond that (outside any catalogue)
+    compare equal, which can only hide more."""
+    bound = 2 ** 61
+    hid = hidden.clamp(-bound, bound)
+    cand = candidates.clamp(-bound, bound)
+    counts = (hidden != 0).long()
+    flags = torch.cat([counts, torch.zeros_like(cand)], dim=1)
+
+    def hidden_up_to(candidate_offset: int) -> torch.Tensor:
+        keys = torch.cat([2 * hid, 2 * cand + candidate_offset], dim=1)
+        _, order = keys.sort(dim=1)
+        running = flags.gather(1, order).cumsum(dim=1)
+        return torch.zeros_like(running).scatter(1, order, running)[:, hid.shape[1]:]
+
+    return (hidden_up_to(1) - hidden_up_to(-1)) > 0
