@@ -52,6 +52,9 @@ class ModelConfig:
     num_heads: int = 2
     ffn_mult: int = 4
     block: str = "prenorm"  # "prenorm" (pre-LN residual, GELU MLP) or "ligr" (gated residuals, SwiGLU MLP)
+    # share of each block's token mixing given to a causal low-pass filter beside attention (model/ranker.py
+    # CausalFilter: the frequency-domain mixing of BSARec in a causal form); 0 = attention only
+    filter_mix: float = 0.0
     dropout: float = 0.2
     max_history: int = 50
     max_query_len: int = 16
@@ -99,6 +102,8 @@ class ModelConfig:
             raise ValueError("model.semantic_id_levels must be >= 0")
         if self.content_distill < 0.0:
             raise ValueError(f"model.content_distill must be >= 0, got {self.content_distill}")
+        if not 0.0 <= self.filter_mix <= 1.0:
+            raise ValueError(f"model.filter_mix must be in [0, 1], got {self.filter_mix}")
         if not 0.0 <= self.id_dropout < 1.0:
             raise ValueError(f"model.id_dropout must be in [0, 1), got {self.id_dropout}")
 

@@ -25,10 +25,12 @@ def make_ranker(seed: int = 0, **overrides) -> UnifiedRanker:
     return UnifiedRanker(cfg, Catalogue(attributes, words)).eval()
 
 
-@pytest.fixture(scope="module", params=["prenorm", "ligr"])
+@pytest.fixture(scope="module", params=["prenorm", "ligr", "ligr+filter"])
 def ranker(request) -> UnifiedRanker:
-    """Every behavioural test runs on both block kinds (model.block)."""
-    return make_ranker(block=request.param)
+    """Every behavioural test runs on both block kinds (model.block) and on attention blended with the
+    causal filter (model.filter_mix)."""
+    block, _, mixing = request.param.partition("+")
+    return make_ranker(block=block, filter_mix=0.5 if mixing else 0.0)
 
 
 def inputs(task: Task, b: int = 3, width: int = 8, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -208,3 +210,36 @@ def test_prefix_causal_mask_hand_case():
     assert mask[0].tolist() == expected_full
     # length 3: the valid rows 0..2 never see keys >= 3
     assert mask[1, :3].tolist() == [[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]]
+
+
+def test_causal_filter_hand_case():
+    from unirank.model.ranker import CausalFilter
+
+    filt = CausalFilter(RankerConfig(num_items=NUM_ITEMS, num_attributes=NUM_ATTRS, num_words=NUM_WORDS, dim=2,
+                                     num_heads=1, filter_mix=0.5))
+    x = torch.tensor([[[1.0, 2.0], [3.0, 0.0], [5.0, 4.0]]])
+    with torch.no_grad():
+        torch.testing.assert_close(filt(x), x)  # high = 1 at init: the identity
+        filt.high.zero_()  # the low pass alone, decay 0.5: weights 1, (0.5, 1), (0.25, 0.5, 1), normalized
+        low = filt(x)
+    expected = torch.tensor([[[1.0, 2.0], [(0.5 + 3) / 1.5, 1.0 / 1.5], [(0.25 + 1.5 + 5) / 1.75, (0.5 + 4) / 1.75]]])
+    torch.testing.assert_close(low, expected)
+    with torch.no_grad():
+        later = filt(torch.cat([x, torch.ones(1, 2, 2) * 9], dim=1))
+    torch.testing.assert_close(later[:, :3], low)  # later positions never reach earlier ones
+
+
+def test_filter_mix_exports_to_onnx_with_the_same_answers(tmp_path):
+    from unirank.model.tokenizer import WordTokenizer
+    from unirank.serving.metadata import ExportMetadata
+    from unirank.serving.onnx_graph import TopKRanker, export_onnx, onnx_session, parity_max_abs_diff
+    from unirank.serving.synthetic_requests import random_batches
+
+    plain = make_ranker(seed=3, block="ligr", filter_mix=0.5).to_plain()
+    with torch.no_grad():  # away from the identity, so that the filter matters
+        for block in plain.blocks:
+            block.filter.high.fill_(0.3)
+            block.filter.decay_logit.normal_()
+    export_onnx(plain, tmp_path, top_k=8, tokenizer=WordTokenizer([f"w{i}" for i in range(NUM_WORDS - 2)]))
+    batches = random_batches(ExportMetadata.load(tmp_path / "export.json"), vocab_size=NUM_WORDS, requests=48, seed=0)
+    assert parity_max_abs_diff(TopKRanker(plain, 8).eval(), onnx_session(tmp_path / "model.onnx"), batches) <= 1e-4

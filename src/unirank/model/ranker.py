@@ -92,6 +92,28 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
+class CausalFilter(nn.Module):
+    """Token mixing by a learned low-pass filter over the earlier positions, with its high-frequency
+    rest rescaled: low_t = sum_{s <= t} g^(t - s) x_s / sum_{s <= t} g^(t - s) with a decay g in (0, 1)
+    per channel, out = low + h * (x - low) with a learned h per channel (h = 1: the identity). BSARec
+    (Shin et al. 2024) mixes self-attention with a filter that keeps the low frequencies of the whole
+    sequence's Fourier transform; that filter reads later positions, which a model trained on every
+    position's next item cannot, so the low pass here is a causal exponential average."""
+
+    def __init__(self, cfg: RankerConfig):
+        super().__init__()
+        self.decay_logit = nn.Parameter(torch.zeros(cfg.dim))  # g = sigmoid: 0.5 at init
+        self.high = nn.Parameter(torch.ones(cfg.dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(x.shape[1], device=x.device)
+        lag = positions.unsqueeze(1) - positions.unsqueeze(0)  # [T, T]: t - s
+        decay = torch.sigmoid(self.decay_logit).view(-1, 1, 1)
+        weights = decay ** lag.clamp(min=0).to(x.dtype) * (lag >= 0).to(x.dtype)  # [d, T, T], causal
+        low = torch.einsum("dts,bsd->btd", weights / weights.sum(dim=2, keepdim=True), x)
+        return low + self.high * (x - low)
+
+
 class Block(nn.Module):
     """Pre-LayerNorm transformer block. `block=ligr`: each residual branch is scaled by a sigmoid
     gate read from the residual stream, and the MLP is SwiGLU (LiGR, Borisyuk et al. 2025, as used
@@ -101,6 +123,8 @@ class Block(nn.Module):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(cfg.dim), nn.LayerNorm(cfg.dim)
         self.attn = SelfAttention(cfg)
+        self.filter_mix = cfg.filter_mix
+        self.filter = CausalFilter(cfg) if cfg.filter_mix > 0 else None
         hidden = cfg.ffn_mult * cfg.dim
         self.ligr = cfg.block == "ligr"
         if self.ligr:
@@ -110,11 +134,18 @@ class Block(nn.Module):
             self.mlp = nn.Sequential(nn.Linear(cfg.dim, hidden), nn.GELU(), nn.Linear(hidden, cfg.dim))
         self.drop = nn.Dropout(cfg.dropout)
 
+    def mix(self, h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The token-mixing branch: attention, or its blend with the causal filter (model.filter_mix)."""
+        attended = self.attn(h, lengths)
+        if self.filter is None:
+            return attended
+        return self.filter_mix * self.filter(h) + (1.0 - self.filter_mix) * attended
+
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         if self.ligr:
-            x = x + torch.sigmoid(self.gate_attn(x)) * self.drop(self.attn(self.ln1(x), lengths))
+            x = x + torch.sigmoid(self.gate_attn(x)) * self.drop(self.mix(self.ln1(x), lengths))
             return x + torch.sigmoid(self.gate_mlp(x)) * self.drop(self.mlp(self.ln2(x)))
-        x = x + self.drop(self.attn(self.ln1(x), lengths))
+        x = x + self.drop(self.mix(self.ln1(x), lengths))
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
