@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: setup quickstart test test-all peers gpu-check serving-gpu-check throughput benchmark
+.PHONY: setup quickstart test test-all peers perf-tools gpu-check serving-gpu-check throughput benchmark
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,23 @@ $(PEERS_VENV)/.installed:
 	touch $@
 
 peers: $(PEERS_VENV)/.installed
+
+# Triton's own load tool for benchmarks/serving_load.py (setup triton-pa). The PyPI `perf-analyzer`
+# is a placeholder; the C++ perf_analyzer ships inside the tritonclient 2.42.0 wheel, linked
+# against libb64 (Debian: `apt-get install libb64-0d`) and libcudart (the CUDA runtime wheel; not
+# used on a CPU-only machine). Installed as $(VENV)/bin/perf_analyzer, a wrapper that finds libcudart.
+PA_WHEEL := tritonclient-2.42.0-py3-none-manylinux1_x86_64.whl
+$(VENV)/bin/perf_analyzer: | setup
+	@ldconfig -p | grep -q libb64.so.0d || { echo "perf_analyzer needs libb64: apt-get install libb64-0d"; exit 1; }
+	$(PIP) install -q "nvidia-cuda-runtime-cu12==12.9.79"
+	$(PIP) download -q --no-deps "tritonclient==2.42.0" --platform manylinux1_x86_64 --only-binary=:all: -d $(VENV)/perf-tools
+	$(PY) -c "import zipfile, sys; zipfile.ZipFile(sys.argv[1]).extract(sys.argv[2], sys.argv[3])" \
+		$(VENV)/perf-tools/$(PA_WHEEL) tritonclient-2.42.0.data/data/bin/perf_analyzer $(VENV)/perf-tools
+	chmod +x $(VENV)/perf-tools/tritonclient-2.42.0.data/data/bin/perf_analyzer
+	printf '#!/bin/sh\nhere=$$(cd "$$(dirname "$$0")/.." && pwd)\nlib=$$(echo "$$here"/lib/python3*/site-packages/nvidia/cuda_runtime/lib)\nLD_LIBRARY_PATH="$$lib:$$LD_LIBRARY_PATH" exec "$$here/perf-tools/tritonclient-2.42.0.data/data/bin/perf_analyzer" "$$@"\n' > $@
+	chmod +x $@
+
+perf-tools: $(VENV)/bin/perf_analyzer
 
 # One recipe over seeds, selected on validation, beside the baselines (docs/RESULTS.md):
 # make benchmark DATA=../shared/data/ml-latest-small CONFIG=fast SEEDS=3 REPORT=docs/bench/leaderboards/leaderboard_ml-latest-small

@@ -5,6 +5,9 @@ Same single-row requests (mixed tasks, built by the typed client) through
   ort        ONNX Runtime, in process (the exported model.onnx)
   triton     the bundled tritonserver over gRPC, dynamic batching on
   triton-nb  the same without dynamic batching (one execution per request)
+  triton-pa  the dynamic-batching server driven by Triton's own perf_analyzer (`make perf-tools`)
+             on the same requests, padded to the served widths; it reports the server-side split
+             (queue, input, compute, output) beside the client's percentiles
 Each in-process runtime and the server model use one intra-op thread; the load generator runs on
 the same machine. Every cell is bounded by --requests and --seconds; `--setups` picks setups. A cell
 records its percentiles per task too (`by_task`) and the 1-minute load average at its end (the
@@ -16,9 +19,11 @@ machine may be shared).
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -55,7 +60,7 @@ def random_ranker(num_items: int, dim: int, max_history: int, num_words: int = 2
     return UnifiedRanker(config, Catalogue(attributes, words)).eval(), tokenizer
 
 
-SETUPS = ("torch", "ort", "triton", "triton-nb")
+SETUPS = ("torch", "ort", "triton", "triton-nb", "triton-pa")
 PLAIN_WORDS = ("red", "nail", "polish", "shampoo", "hair", "care", "lipstick", "cream", "oil", "brush", "eye", "skin")
 
 
@@ -142,6 +147,49 @@ def execution_counts(url: str) -> tuple[int, int]:
     return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
 
 
+def perf_analyzer_data(requests, widths: dict[str, int], path: Path) -> None:
+    """perf_analyzer's --input-data file: one entry per request, each tensor without the batch
+    dimension, sequences right-padded to the served fixed widths (as the client pads them)."""
+    entries = []
+    for request in requests:
+        entry = {}
+        for name in INPUT_NAMES:
+            value = np.asarray(request[name], dtype=np.int64).reshape(-1)
+            width = widths.get(name, 0)
+            if value.size < width:
+                value = np.pad(value, (0, width - value.size))
+            entry[name] = {"content": value.tolist(), "shape": [int(value.size)]}
+        entries.append(entry)
+    path.write_text(json.dumps({"data": entries}))
+
+
+PA_COLUMNS = {"Inferences/Second": "throughput_rps", "p50 latency": "p50_us", "p90 latency": "p90_us",
+              "p99 latency": "p99_us", "Client Send": "client_send_us", "Network+Server Send/Recv": "network_us",
+              "Server Queue": "server_queue_us", "Server Compute Input": "server_input_us",
+              "Server Compute Infer": "server_infer_us", "Server Compute Output": "server_output_us",
+              "Client Recv": "client_recv_us"}
+
+
+def run_perf_analyzer(binary: str, url: str, data: Path, concurrency: int, seconds: float, work: Path) -> dict:
+    """One perf_analyzer measurement at `concurrency` (gRPC, batch 1 per request; perf_analyzer
+    repeats windows of `seconds` until three agree within 20% on mean latency); latencies in ms."""
+    out = work / f"pa_c{concurrency}.csv"
+    command = [binary, "-m", "unirank", "-u", url, "-i", "grpc", "--input-data", str(data), "-b", "1",
+               "--concurrency-range", f"{concurrency}:{concurrency}", "--measurement-mode", "time_windows",
+               "--measurement-interval", str(int(seconds * 1000)), "--stability-percentage", "20", "--max-trials", "20",
+               "--verbose-csv", "-f", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60 + 25 * seconds)
+    if done.returncode != 0 or not out.exists():
+        return {"errors": 1, "first_errors": [(done.stdout + done.stderr)[-400:]], "p50_ms": None, "command": " ".join(command)}
+    row = next(csv.DictReader(out.read_text().splitlines()))
+    values = {key: float(row[column]) for column, key in PA_COLUMNS.items() if row.get(column)}
+    result = {"throughput_rps": round(values.pop("throughput_rps"), 1), "errors": 0,
+              **{f"p{q}_ms": round(values.pop(f"p{q}_us") / 1e3, 3) for q in (50, 90, 99)},
+              "breakdown_ms": {k[:-3]: round(v / 1e3, 3) for k, v in values.items()},
+              "load_average_1m": round(os.getloadavg()[0], 2), "command": " ".join(command)}
+    return result
+
+
 def machine() -> dict:
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                 if l.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
@@ -186,6 +234,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1500, help="max requests per cell")
     parser.add_argument("--seconds", type=float, default=5.0, help="max seconds per cell")
     parser.add_argument("--setups", nargs="+", choices=SETUPS, default=list(SETUPS), help="which setups to run")
+    parser.add_argument("--instances", type=int, default=1, help="model instances of the served setups")
+    parser.add_argument("--pa-seconds", type=float, default=5.0, help="perf_analyzer measurement window")
+    parser.add_argument("--perf-analyzer", default=shutil.which("perf_analyzer"),
+                        help="perf_analyzer binary for the triton-pa setup (make perf-tools installs it)")
     parser.add_argument("--out", default="docs/bench/serving/serving_load.json")
     args = parser.parse_args()
 
@@ -213,11 +265,25 @@ def main() -> None:
             for c in args.concurrency:
                 results.append({"setup": setup, "concurrency": c, **run_load(call, requests, c, args.requests, args.seconds)})
                 print(results[-1], flush=True)
-        for setup, batching in (("triton", True), ("triton-nb", False)):
+        if "triton-pa" in args.setups and not args.perf_analyzer:
+            raise SystemExit("triton-pa needs perf_analyzer: run `make perf-tools` or pass --perf-analyzer PATH")
+        for setup, batching in (("triton", True), ("triton-nb", False), ("triton-pa", True)):
             if setup not in args.setups:
                 continue
-            repo = build_model_repository(export_dir, Path(tmp) / setup, dynamic_batching=batching, flavours=("python",))
+            repo = build_model_repository(export_dir, Path(tmp) / setup, dynamic_batching=batching, flavours=("python",),
+                                          instance_count=args.instances)
             with Server(repo["python"], free_port(), free_port(), free_port()) as server:
+                if setup == "triton-pa":
+                    data = Path(tmp) / "perf_analyzer_data.json"
+                    perf_analyzer_data(requests[:64], widths_from_server(server.grpc_url), data)
+                    for c in args.concurrency:
+                        before = execution_counts(server.grpc_url)
+                        row = run_perf_analyzer(args.perf_analyzer, server.grpc_url, data, c, args.pa_seconds, Path(tmp))
+                        inferences, executions = (a - b for a, b in zip(execution_counts(server.grpc_url), before))
+                        results.append({"setup": setup, "concurrency": c, **row, "server_requests": inferences,
+                                        "mean_batch_size": round(inferences / max(executions, 1), 2)})
+                        print(results[-1], flush=True)
+                    continue
                 for c in args.concurrency:
                     call, clients = server_call(server.grpc_url, tokenizer, metadata, c)
                     call(0, requests[0])  # warm-up
@@ -234,7 +300,7 @@ def main() -> None:
     report = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "commit": commit(), "package": package,
               "machine": machine(),
               "load_average_start": load_start, "load_average_end": list(os.getloadavg()),
-              "model": model, "top_k": args.top_k, "results": results, "markdown": table}
+              "model": model, "top_k": args.top_k, "instances": args.instances, "results": results, "markdown": table}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 
