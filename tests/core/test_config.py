@@ -18,7 +18,7 @@ RESOLVED = {
     "default": COSINE_36,
     "fast": FAST,
     "recommended": {**FAST, "model.tokenizer": "wordpiece", "model.text_features": True,
-                    "model.query_encoder": "frozen", "model.lexical": "names", "model.text_neighbours": 50,
+                    "model.lexical": "names", "model.text_neighbours": 50,
                     "train.task_weights": [1.0, 1.0, 3.0], "train.out_dir": "runs/recommended"},
     "quality": {**COSINE_36, "model.block": "ligr", "model.dropout": 0.3, "model.text_features": True,
                 "model.id_dropout": 0.2, "train.weight_decay": 0.1, "train.id_weight_decay": 0.3,
