@@ -4,6 +4,7 @@ other configs (`defaults: [fast]`: a packaged config's name, or a file path rela
 then lists only what it changes; what no file sets is the dataclass default below."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional
@@ -15,6 +16,8 @@ TASK_CHOICES = ("search", "similar", "prequery", "suggest")
 IMPL_CHOICES = ("auto", "reference", "triton")
 BAG_IMPL_CHOICES = ("auto", "torch", "triton")
 LEXICAL_FIELDS = ("none", "names", "title+names")  # model.lexical: which item text the BM25 match reads
+# model settings that only change inference (no weight depends on them): a checkpoint takes the caller's
+INFERENCE_SETTINGS = ("fresh_boost", "fresh_max_count")
 ITEM_TASKS = TASK_CHOICES[:3]  # the default train.tasks: suggest (query suggestions) is opt-in
 
 
@@ -76,6 +79,11 @@ class ModelConfig:
     lexical: str = "none"  # search score adds learned-scale BM25 of the query against the items' "names" or "title+names"
     text_neighbours: int = 0  # similar-item / pre-query scores add w_task * text cosine for the anchor's K nearest items
     content_distill: float = 0.0  # training: + w * mean ||content(i) - full(i).detach()||^2 over the step's target items
+    # Fresh items (inference only: the loss never sees it; `unirank export --fresh-boost` changes it without
+    # retraining): + fresh_boost to the score of every item with at most fresh_max_count training
+    # interactions (new items added at export have none). 0 = off.
+    fresh_boost: float = 0.0
+    fresh_max_count: int = 0
 
     def __post_init__(self) -> None:
         if self.dim % self.num_heads:
@@ -106,6 +114,10 @@ class ModelConfig:
             raise ValueError(f"model.filter_mix must be in [0, 1], got {self.filter_mix}")
         if not 0.0 <= self.id_dropout < 1.0:
             raise ValueError(f"model.id_dropout must be in [0, 1), got {self.id_dropout}")
+        if not math.isfinite(self.fresh_boost):
+            raise ValueError(f"model.fresh_boost must be a finite number, got {self.fresh_boost}")
+        if self.fresh_max_count < 0:
+            raise ValueError(f"model.fresh_max_count must be >= 0, got {self.fresh_max_count}")
 
 
 @dataclass

@@ -187,7 +187,7 @@ def test_finetuned_encoder_gets_its_own_learning_rate(wordpiece):
 def test_cold_start_evaluates_a_given_checkpoint(tmp_path):
     from dataclasses import replace
 
-    from unirank.experiments.cold_start import run_cold_start
+    from unirank.experiments.cold_start import fresh_boost_curve, run_cold_start
 
     cfg = load_config("quickstart", [f"train.out_dir={tmp_path}", "train.max_epochs=1", "train.tasks=[prequery]",
                                      "eval.num_bootstrap=0", "train.threads=1"])
@@ -196,6 +196,17 @@ def test_cold_start_evaluates_a_given_checkpoint(tmp_path):
     assert again["metrics"] == trained["metrics"] and again["best_epoch"] == 1
     with pytest.raises(ValueError, match="not trained on this cold-start split"):
         run_cold_start(replace(cfg, eval=replace(cfg.eval, checkpoint=str(tmp_path / "best.pt"))), split_seed=2)
+    # the same run at several fresh boosts: boost 0 is the run's own evaluation; a boost only moves the
+    # fresh cold targets up (items above one after the boost were fresh and above it before)
+    curve = fresh_boost_curve(replace(cfg, eval=replace(cfg.eval, checkpoint=str(tmp_path / "best.pt"))),
+                              [0.0, 0.5, 1000.0], split_seed=1)
+    assert curve["num_fresh_items"] >= curve["num_cold_items"]
+    points = curve["points"]
+    assert points[0]["cold"]["prequery"] == trained["metrics"]["prequery"]["unirank"]
+    assert curve["baselines"]["prequery"]["text-knn"] == trained["metrics"]["prequery"]["text-knn"]
+    recalls = [p["cold"]["prequery"]["recall@10"]["mean"] for p in points]
+    assert recalls == sorted(recalls) and recalls[-1] > recalls[0]
+    assert points[0]["warm_validation_score"] == pytest.approx(points[0]["warm_validation"]["prequery"]["ndcg@10"]["mean"])
 
 
 def test_id_dropout_only_in_training():

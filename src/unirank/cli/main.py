@@ -166,7 +166,10 @@ def _export(args, out_dir, index):
     from unirank.serving.export import export_model
     from unirank.serving.model_repository import build_model_repository
 
-    report = export_model(args.checkpoint, out_dir, top_k=args.top_k, index=index, new_items=args.new_items)
+    settings = {k: v for k, v in (("fresh_boost", args.fresh_boost), ("fresh_max_count", args.fresh_max_count))
+                if v is not None}
+    report = export_model(args.checkpoint, out_dir, top_k=args.top_k, index=index, new_items=args.new_items,
+                          inference_settings=settings)
     repos = build_model_repository(out_dir, Path(out_dir) / "repository", max_batch_size=args.max_batch_size,
                                    instance_count=args.instances, device=args.device, ort_threads=args.ort_threads,
                                    preferred_batch_sizes=tuple(args.preferred_batch_sizes),
@@ -241,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-items", default=None, metavar="FILE",
                    help="JSONL/CSV of items the model never saw (id, title, attributes): served through the content "
                         "path, listed in OUT/new_items.json (docs/SERVING.md)")
+    p.add_argument("--fresh-boost", type=float, default=None, metavar="B",
+                   help="model.fresh_boost: add B to the score of fresh items (new items, items with at most "
+                        "model.fresh_max_count training interactions); default: the checkpoint's (docs/SERVING.md)")
+    p.add_argument("--fresh-max-count", type=int, default=None, metavar="N", help="model.fresh_max_count")
     p.add_argument("--index", choices=("flat", "hnsw", "ivfpq"), default=None,
                    help="two-stage serving: context graph + this item index (docs/SERVING.md); default: exact graph")
     p.add_argument("--ef-search", type=int, default=128, help="hnsw search breadth")

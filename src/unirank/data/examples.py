@@ -48,6 +48,12 @@ def leave_one_out_split(sequences: list[np.ndarray], min_length: int = 3) -> Spl
     )
 
 
+def item_counts(train: list[np.ndarray], num_items: int) -> np.ndarray:
+    """[num_items + 2] int64: how many times each id occurs in the training sequences."""
+    flat = np.concatenate(train) if len(train) else np.zeros(0, dtype=np.int64)
+    return np.bincount(flat.astype(np.int64), minlength=num_items + 2)[: num_items + 2]
+
+
 QUERY_POOLS = ("all", "train", "zero_shot")
 
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import torch
 
 from unirank.config import Config
 from unirank.data.datasets import InteractionData, load_dataset
-from unirank.data.examples import (RequestBuilder, Split, fit_tokenizer, item_lexical_rows, item_word_ids,
-                                   leave_one_out_split)
+from unirank.data.examples import (RequestBuilder, Split, fit_tokenizer, item_counts, item_lexical_rows,
+                                   item_word_ids, leave_one_out_split)
 from unirank.data.lm_features import ItemLMFeatures, item_lm_features
 from unirank.data.query_catalogue import QueryCatalogue, build_query_catalogue
 from unirank.model.catalogue import Catalogue
@@ -84,7 +85,8 @@ def build_catalogue(cfg: Config, prep: Prepared) -> Catalogue:
                      item_codes=lm.codes if lm is not None and lm.level_sizes else None,
                      lexical_rows=prep.lexical_rows, query_texts=[] if queries is None else list(queries.texts),
                      query_tokens=tokens, query_lengths=lengths,
-                     dataset={"name": data.name, "fingerprint": data.fingerprint()})
+                     dataset={"name": data.name, "fingerprint": data.fingerprint()},
+                     item_counts=torch.from_numpy(item_counts(prep.split.train, data.num_items)))
 
 
 def build_ranker(cfg: Config, prep: Prepared) -> UnifiedRanker:

@@ -16,6 +16,8 @@ Choices (deterministic given the seed):
 - `run_cold_start` trains on the warm part with the cold items outside the training catalogue
   (masked from the softmax) and zeroes their id rows before evaluation: only content (attribute /
   word bags, semantic IDs, text vectors) can place them.
+- `fresh_boost_curve` evaluates one finished run at several model.fresh_boost values: the cold
+  cases against the warm validation users (the trade-off of boosting items without interactions).
 """
 from __future__ import annotations
 
@@ -27,15 +29,15 @@ import torch
 
 from unirank.model.ranker import UnifiedRanker
 from unirank.evaluation.baselines import Popularity, TextKNN
-from unirank.training.checkpoint import load_checkpoint
+from unirank.training.checkpoint import LoadedCheckpoint, load_checkpoint
 from unirank.config import Config
-from unirank.data.datasets import load_dataset
-from unirank.evaluation.evaluate import ModelScorer, evaluate_all
-from unirank.data.examples import EvalCases
+from unirank.data.datasets import InteractionData, load_dataset
+from unirank.evaluation.evaluate import ModelScorer, evaluate_all, hide_excluded, with_seen
+from unirank.data.examples import EvalCases, item_counts
 from unirank.data.lm_features import item_lm_features
-from unirank.model.request import TASK_BY_NAME
-from unirank.data.prepare import prepare, ranker_config
-from unirank.training.train import train
+from unirank.model.request import TASK_BY_NAME, TASK_NAMES
+from unirank.data.prepare import Prepared, prepare, ranker_config
+from unirank.training.train import selection_score, train, validate
 
 
 class ColdStartCase(NamedTuple):
@@ -86,10 +88,15 @@ def forget_item_ids(ranker: UnifiedRanker, items: np.ndarray) -> None:
         ranker.item_tower.ebc.embedding_bags["item_id"].weight[torch.as_tensor(items, dtype=torch.int64)] = 0.0
 
 
-def run_cold_start(cfg: Config, fraction: float = 0.05, split_seed: int = 0, quiet: bool = True) -> dict:
-    """Hold out cold items, train `cfg` on the rest (cold items are not in the training catalogue:
-    never a target, never a negative, codebooks fitted without them), then rank the full catalogue
-    for the users whose last item is cold: the model beside popularity and text kNN."""
+class ColdStartSetup(NamedTuple):
+    data: InteractionData  # the whole dataset (cold items included)
+    split: ColdStartSplit
+    cold: np.ndarray  # the cold item ids
+    warm_data: InteractionData  # the sequences with every cold item removed: what the model trains on
+    prep: Prepared  # of warm_data; cold items excluded from the training catalogue
+
+
+def cold_start_setup(cfg: Config, fraction: float, split_seed: int) -> ColdStartSetup:
     data = load_dataset(cfg.data.path, cfg.data.format, **asdict(cfg.data.synthetic))
     split = cold_start_split(data.sequences, seed=split_seed, fraction=fraction)
     cold = np.array(split.cold_items, dtype=np.int64)
@@ -97,26 +104,100 @@ def run_cold_start(cfg: Config, fraction: float = 0.05, split_seed: int = 0, qui
     warm_data = replace(data, sequences=[np.asarray(s, dtype=np.int64) for s in split.train_sequences])
     prep = prepare(cfg, data=warm_data, fit_items=warm)
     prep.excluded_items = cold
+    return ColdStartSetup(data, split, cold, warm_data, prep)
+
+
+def load_cold_start_run(cfg: Config, setup: ColdStartSetup, fraction: float, split_seed: int) -> LoadedCheckpoint:
+    """cfg.eval.checkpoint, checked to be a run of this split and model config (its inference-only
+    settings, model.fresh_boost, are cfg's)."""
+    loaded = load_checkpoint(cfg.eval.checkpoint, expect=ranker_config(cfg, setup.prep))
+    if loaded.metadata.get("fingerprint") != setup.warm_data.fingerprint():
+        raise ValueError(f"{cfg.eval.checkpoint} was not trained on this cold-start split "
+                         f"(fraction={fraction}, split_seed={split_seed})")
+    return loaded
+
+
+def _scorers(cfg: Config, setup: ColdStartSetup, ranker: UnifiedRanker, baselines: bool = True) -> list:
+    """The model (and popularity, text kNN), each on the trained tasks only."""
+    prep, data = setup.prep, setup.data
+    scorers = [ModelScorer(ranker)]
+    if baselines:
+        text = prep.lm.text if prep.lm is not None else item_lm_features(data, cfg.data.cache_dir, 0, 0).text
+        scorers += [Popularity(prep.split.train, data.num_items), TextKNN(text)]
+    tasks = [TASK_BY_NAME[t] for t in cfg.train.tasks]
+    for s in scorers:
+        s.tasks = tuple(t for t in s.tasks if t in tasks)
+    return [s for s in scorers if s.tasks]
+
+
+def run_cold_start(cfg: Config, fraction: float = 0.05, split_seed: int = 0, quiet: bool = True) -> dict:
+    """Hold out cold items, train `cfg` on the rest (cold items are not in the training catalogue:
+    never a target, never a negative, codebooks fitted without them), then rank the full catalogue
+    for the users whose last item is cold: the model beside popularity and text kNN."""
+    setup = cold_start_setup(cfg, fraction, split_seed)
     if cfg.eval.checkpoint:  # evaluate a finished (or stopped) cold-start run without training again
-        loaded = load_checkpoint(cfg.eval.checkpoint, expect=ranker_config(cfg, prep))
-        if loaded.metadata.get("fingerprint") != warm_data.fingerprint():
-            raise ValueError(f"{cfg.eval.checkpoint} was not trained on this cold-start split "
-                             f"(fraction={fraction}, split_seed={split_seed})")
+        loaded = load_cold_start_run(cfg, setup, fraction, split_seed)
         seconds, best_epoch, validation = None, loaded.metadata.get("epoch"), loaded.metadata.get("validation")
     else:
-        result = train(cfg, prep, quiet=quiet)
+        result = train(cfg, setup.prep, quiet=quiet)
         loaded = load_checkpoint(result.checkpoint)
         seconds, best_epoch, validation = round(result.seconds, 1), result.best_epoch, result.best_validation
     ranker = loaded.ranker.eval()
-    forget_item_ids(ranker, cold)
-    text = prep.lm.text if prep.lm is not None else item_lm_features(data, cfg.data.cache_dir, 0, 0).text
-    tasks = [TASK_BY_NAME[t] for t in cfg.train.tasks]
-    scorers = [ModelScorer(ranker), Popularity(prep.split.train, data.num_items), TextKNN(text)]
-    for s in scorers:  # every method on the trained tasks only
-        s.tasks = tuple(t for t in s.tasks if t in tasks)
-    scorers = [s for s in scorers if s.tasks]
-    metrics = evaluate_all(scorers, cold_eval_cases(split), prep.builder, ks=cfg.eval.ks,
-                           num_bootstrap=cfg.eval.num_bootstrap, seed=cfg.train.seed)
-    return {"fraction": fraction, "split_seed": split_seed, "num_cold_items": len(cold),
-            "num_eval_users": len(split.eval_cases), "train_seconds": seconds,
+    forget_item_ids(ranker, setup.cold)
+    metrics = evaluate_all(_scorers(cfg, setup, ranker), cold_eval_cases(setup.split), setup.prep.builder,
+                           ks=cfg.eval.ks, num_bootstrap=cfg.eval.num_bootstrap, seed=cfg.train.seed)
+    return {"fraction": fraction, "split_seed": split_seed, "num_cold_items": len(setup.cold),
+            "num_eval_users": len(setup.split.eval_cases), "train_seconds": seconds,
             "best_epoch": best_epoch, "validation": validation, "metrics": metrics}
+
+
+@torch.no_grad()
+def score_gaps(ranker: UnifiedRanker, cases: EvalCases, builder, tasks, k: int = 10,
+               quantiles=(0.25, 0.5, 0.75, 0.9)) -> dict:
+    """Per task, quantiles over the cold cases of (k-th best score - the cold target's score), shown
+    items only, clipped at 0: the boost a fresh target needs to enter the top k (its scale)."""
+    out, scorer = {}, ModelScorer(ranker)
+    for task in tasks:
+        histories = list(cases.histories)
+        request = with_seen(task, builder.build(task, cases.users, histories, cases.targets), histories)
+        scores = hide_excluded(scorer.scores(task, request), task, request)
+        scores[:, 0], scores[:, -1] = -torch.inf, -torch.inf  # padding and OOV are never shown
+        kth = scores.topk(k, dim=1).values[:, -1]
+        gap = (kth - scores.gather(1, torch.from_numpy(cases.targets).view(-1, 1)).squeeze(1)).clamp(min=0)
+        gap = gap[torch.isfinite(gap)].double()
+        out[TASK_NAMES[task]] = {f"q{round(q * 100)}": round(float(gap.quantile(q)), 4) for q in quantiles}
+    return out
+
+
+def fresh_boost_curve(cfg: Config, boosts: Sequence[float], fraction: float = 0.05, split_seed: int = 0) -> dict:
+    """One finished cold-start run (cfg.eval.checkpoint) at each model.fresh_boost in `boosts` (the
+    fresh items: at most model.fresh_max_count interactions in the warm training split, so every cold
+    item): per boost, the model's metrics on the cold cases, and its warm validation metrics per
+    task (the run's validation users, whose next item is warm: a boost can only cost them). The
+    boost-independent baselines (popularity, text kNN) and the score scale (`score_gaps`, boost 0)
+    once."""
+    setup = cold_start_setup(cfg, fraction, split_seed)
+    loaded = load_cold_start_run(cfg, setup, fraction, split_seed)
+    ranker = loaded.ranker.eval()
+    forget_item_ids(ranker, setup.cold)
+    counts = torch.from_numpy(item_counts(setup.prep.split.train, setup.data.num_items))
+    cases, builder = cold_eval_cases(setup.split), setup.prep.builder
+    kwargs = {"ks": cfg.eval.ks, "num_bootstrap": cfg.eval.num_bootstrap, "seed": cfg.train.seed}
+    tasks = [TASK_BY_NAME[t] for t in cfg.train.tasks]
+    ranker.set_inference_settings(counts, fresh_boost=0.0)
+    report = {"fraction": fraction, "split_seed": split_seed, "train_seed": cfg.train.seed,
+              "num_cold_items": len(setup.cold), "num_eval_users": len(setup.split.eval_cases),
+              "warm_validation_users": cfg.train.eval_users, "fresh_max_count": cfg.model.fresh_max_count,
+              "num_fresh_items": int((counts[1: setup.data.num_items + 1] <= cfg.model.fresh_max_count).sum()),
+              "best_epoch": loaded.metadata.get("epoch"), "validation": loaded.metadata.get("validation"),
+              "score_gaps@10": score_gaps(ranker, cases, builder, tasks),
+              "baselines": evaluate_all(_scorers(cfg, setup, ranker)[1:], cases, builder, **kwargs), "points": []}
+    for boost in boosts:
+        ranker.set_inference_settings(counts, fresh_boost=float(boost), fresh_max_count=cfg.model.fresh_max_count)
+        warm = validate(ranker, setup.prep, tasks, cfg)
+        report["points"].append({
+            "fresh_boost": float(boost),
+            "cold": {task: by["unirank"] for task, by in
+                     evaluate_all(_scorers(cfg, setup, ranker, baselines=False), cases, builder, **kwargs).items()},
+            "warm_validation": warm, "warm_validation_score": selection_score(warm)})
+    return report

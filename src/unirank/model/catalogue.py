@@ -1,5 +1,5 @@
 """The catalogue a ranker is built from besides its config: what the items are (attribute and word
-bags, frozen text vectors, semantic-ID codes, the lexical field's tokens), how text becomes token
+bags, frozen text vectors, semantic-ID codes, the lexical field's tokens, training counts), how text becomes token
 ids (the tokenizer), the attribute vocabulary and the items' external ids (for items added at
 export), and the suggest task's query catalogue.
 
@@ -38,6 +38,9 @@ class Catalogue:
     query_tokens: torch.Tensor | None = None  # [num_queries + 2, max_query_len] token ids per query id
     query_lengths: torch.Tensor | None = None  # [num_queries + 2]
     dataset: dict = field(default_factory=dict)  # name and fingerprint of the training data
+    # [num_items + 2] int64: training interactions per id (fresh items, model.fresh_boost); None: unknown
+    # (a catalogue written before the counts were kept: no item counts as fresh)
+    item_counts: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         rows = len(self.item_attributes)
@@ -51,6 +54,12 @@ class Catalogue:
                                      f"{rows - 1} items")
         if self.lexical_rows is not None and len(self.lexical_rows) != rows + 1:
             raise CatalogueError(f"lexical_rows needs {rows + 1} rows (ids 0..num_items + 1), got {len(self.lexical_rows)}")
+        counts = self.item_counts
+        if counts is not None and (not isinstance(counts, torch.Tensor) or counts.dim() != 1
+                                   or counts.shape[0] != rows + 1 or bool((counts < 0).any())):
+            got = list(counts.shape) if isinstance(counts, torch.Tensor) else type(counts).__name__
+            raise CatalogueError(f"item_counts must be [num_items + 2] non-negative counts, got {got} for "
+                                 f"{rows - 1} items")
         if (self.query_tokens is None) != (self.query_lengths is None):
             raise CatalogueError("query_tokens and query_lengths go together")
 
@@ -73,7 +82,7 @@ class Catalogue:
         for name in ("item_attributes", "item_words", "lexical_rows"):
             if out[name] is not None:
                 out[name] = [[int(v) for v in row] for row in out[name]]
-        for name in ("item_text", "item_codes", "query_tokens", "query_lengths"):
+        for name in ("item_text", "item_codes", "query_tokens", "query_lengths", "item_counts"):
             if out[name] is not None:
                 out[name] = getattr(self, name).detach().cpu().clone()
         return out

@@ -20,13 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unirank.config import ModelConfig
+from unirank.config import INFERENCE_SETTINGS, ModelConfig
 from unirank.kernels.attention import prefix_causal_attention
 from unirank.kernels.dispatch import model_impl
 from unirank.model.catalogue import Catalogue
 from unirank.model.item_tower import ItemTower, PrecomputedItemTower
 from unirank.model.request import TASK_NAMES, Task
-from unirank.model.scoring import RequestView, build_terms, position_term_scores, term_scores, vector_scores
+from unirank.model.scoring import TERMS, RequestView, build_terms, position_term_scores, term_scores, vector_scores
 from unirank.model.text_encoder import SentenceEncoder
 from unirank.model.tokenizer import OOV_TOKEN_ID
 
@@ -181,7 +181,7 @@ class UnifiedRanker(nn.Module):
             else:
                 self.query_proj = nn.Linear(self.query_encoder.dim, cfg.dim, bias=False)
         # The additive score terms beside <context, item> (model/scoring.py), in the order they are summed.
-        self.terms = build_terms(cfg, lexical_rows=lexical_rows, item_text=item_text)
+        self.terms = build_terms(cfg, lexical_rows=lexical_rows, item_text=item_text, item_counts=catalogue.item_counts)
         self._register_load_state_dict_pre_hook(_renamed_term_keys)
         # A model without a query catalogue keeps the item tasks' table (and its initialisation) as it was.
         self.task_embedding = nn.Embedding(NUM_TASK_IDS if cfg.num_queries else NUM_TASKS, cfg.dim)
@@ -343,7 +343,8 @@ class UnifiedRanker(nn.Module):
                         chunk_bytes: int = 16 << 20):
         """Training logits of the kept output positions (`keep` [B, P] after the TASK token, h [N, d]
         their hidden states) against item vectors `items` [C, d]: ids 1..num_items (the catalogue),
-        or `candidates` [C] (a sampled set, minus `log_q` [C]), score terms included. A function of a
+        or `candidates` [C] (a sampled set, minus `log_q` [C]), the score terms included (not the
+        inference-only ones: model/scoring.py). A function of a
         slice of the positions -> [rows, C] (the full softmax runs in row chunks)."""
         view = self.view(request.task, request.history, request.history_lengths, request.query,
                          request.query_lengths, request.source_item)
@@ -365,6 +366,22 @@ class UnifiedRanker(nn.Module):
             return out + bias.to(out.dtype)
 
         return logits
+
+    def set_inference_settings(self, item_counts: torch.Tensor | None, **settings) -> None:
+        """Change the inference-only settings (config.INFERENCE_SETTINGS: model.fresh_boost,
+        model.fresh_max_count) of a built or trained model: its inference-only score terms are rebuilt
+        from `item_counts` (the catalogue's training counts; None: unknown) and summed after the
+        others; the weights and the other terms are kept."""
+        unknown = set(settings) - set(INFERENCE_SETTINGS)
+        if unknown:
+            raise ValueError(f"not inference-only settings: {sorted(unknown)} (allowed: {list(INFERENCE_SETTINGS)})")
+        cfg = replace(self.config, **settings)
+        counts = None if item_counts is None else item_counts.to(self.no_context.device)
+        kept = {name: term for name, term in self.terms.items() if not term.inference_only}
+        rebuilt = {name: cls(cfg, item_counts=counts) for name, (cls, used) in TERMS.items()
+                   if cls.inference_only and used(cfg)}
+        self.terms = nn.ModuleDict({**kept, **rebuilt}).to(self.no_context.device)
+        self.config = cfg
 
     def to_plain(self) -> "UnifiedRanker":
         """An eval-mode copy for export: no TorchRec modules (the item tower is precomputed into

@@ -6,12 +6,15 @@ score(item) = <context, item> (or cosine), divided by the temperature (`vector_s
             + the additive score terms the model holds (`ScoreTerm`, built by `build_terms`):
   lexical          scale * BM25(query, item) on search rows (model.lexical, model/lexical.py);
   text_neighbours  w_task * text cosine of the anchor's K nearest items on similar-item and
-                   pre-query rows (model.text_neighbours, model/text_neighbours.py).
+                   pre-query rows (model.text_neighbours, model/text_neighbours.py);
+  fresh            fresh_boost on every item with at most fresh_max_count training interactions,
+                   items added at export included (model.fresh_boost, inference only).
 A term reads the request as the model reads it (`RequestView`); it scores candidate ids [B, C] or
 the whole id space [B, num_items + 2], the training loss's output positions (`per_position`), has
 an export form (no sparse tensors), extends to items added at export (`extend`) and says whether a
-two-stage index, which retrieves by the context vector alone, can serve it (`two_stage`). A new
-term is a ScoreTerm subclass registered in TERMS.
+two-stage index, which retrieves by the context vector alone, can serve it (`two_stage`). An
+`inference_only` term calibrates what is shown and is left out of the training loss. A new term is a
+ScoreTerm subclass registered in TERMS.
 
 Items a request must not be shown (`hidden_ids`): search and pre-query rows never return an item of
 the history they carry, similar-item rows never the source item, and no item task returns an item of
@@ -71,6 +74,7 @@ class ScoreTerm(nn.Module):
 
     two_stage = False  # True: a two-stage index (context vector alone) still serves the model
     needs_text = False  # extend() reads the added items' text vectors
+    inference_only = False  # True: the training loss leaves it out (evaluation and serving add it)
 
     def scores(self, view: RequestView, candidates: torch.Tensor | None = None) -> torch.Tensor:
         """[B, C] for candidate ids [B, C] (ids outside the catalogue score 0), or [B, num_items + 2]."""
@@ -147,16 +151,56 @@ class NeighbourTerm(TextNeighbours, ScoreTerm):
         self.rebuild(torch.cat([catalogue[: n + 1], added.text.to(catalogue.dtype), catalogue[n + 1:]]))
 
 
+class FreshTerm(ScoreTerm):
+    """fresh_boost on every item whose training count is <= fresh_max_count, on every item row: items
+    the model has little or no evidence for (new items, cold items) get a fair chance against the
+    learned popularity of the warm ones. Inference only; the counts come from the catalogue (None:
+    unknown, no item is fresh) and items added at export count 0."""
+
+    inference_only = True
+
+    def __init__(self, cfg, item_counts: torch.Tensor | None = None, **_):
+        super().__init__()
+        self.boost, self.max_count = float(cfg.fresh_boost), int(cfg.fresh_max_count)
+        rows = cfg.num_items + 2
+        counts = torch.full((rows,), -1, dtype=torch.int64) if item_counts is None else item_counts.to(torch.int64)
+        if counts.shape != (rows,):
+            raise ValueError(f"item_counts must be [{rows}] (ids 0..num_items + 1), got {list(counts.shape)}")
+        self.register_buffer("counts", counts.clone(), persistent=False)  # -1: unknown
+        self.register_buffer("bonus", self._bonus(self.counts), persistent=False)
+
+    def _bonus(self, counts: torch.Tensor) -> torch.Tensor:
+        """[num_items + 2] the boost at fresh catalogue ids, 0 elsewhere (padding, OOV, unknown counts)."""
+        ids = torch.arange(counts.shape[0], device=counts.device)
+        fresh = (counts >= 0) & (counts <= self.max_count) & (ids > 0) & (ids < counts.shape[0] - 1)
+        return fresh.to(torch.float32) * self.boost
+
+    def scores(self, view: RequestView, candidates: torch.Tensor | None = None) -> torch.Tensor:
+        if candidates is None:
+            return self.bonus.unsqueeze(0).expand(view.task.shape[0], -1)
+        last = self.bonus.shape[0] - 1
+        inside = (candidates >= 0) & (candidates <= last)
+        zero = torch.zeros_like(candidates, dtype=self.bonus.dtype)
+        return torch.where(inside, self.bonus[candidates.clamp(0, last)], zero)
+
+    def extend(self, added: AddedItems) -> None:
+        counts, n = self.counts, self.counts.shape[0] - 2
+        new = torch.zeros(len(added.titles), dtype=counts.dtype, device=counts.device)
+        self.counts = torch.cat([counts[: n + 1], new, counts[n + 1:]])
+        self.bonus = self._bonus(self.counts)
+
+
 # name -> (term class, whether a model config switches it on); the order is the order of the sum
 TERMS: dict[str, tuple[type[ScoreTerm], Callable]] = {
     "lexical": (LexicalTerm, lambda cfg: cfg.lexical != "none"),
     "text_neighbours": (NeighbourTerm, lambda cfg: bool(cfg.text_neighbours)),
+    "fresh": (FreshTerm, lambda cfg: cfg.fresh_boost != 0.0),
 }
 
 
 def build_terms(cfg, **features) -> nn.ModuleDict:
-    """The terms `cfg` (a RankerConfig) switches on; `features` (lexical_rows, item_text): the data
-    they are built from (None: placeholders filled by load_state_dict)."""
+    """The terms `cfg` (a RankerConfig) switches on; `features` (lexical_rows, item_text,
+    item_counts): the data they are built from (None: placeholders filled by load_state_dict)."""
     return nn.ModuleDict({name: cls(cfg, **features) for name, (cls, used) in TERMS.items() if used(cfg)})
 
 
@@ -171,12 +215,13 @@ def term_scores(terms: nn.ModuleDict, view: RequestView, candidates: torch.Tenso
 
 def position_term_scores(terms: nn.ModuleDict, view: RequestView,
                          keep: torch.Tensor) -> Callable[[slice], torch.Tensor] | None:
-    """The sum of the terms at the kept output positions, as a function of a slice of them ->
-    [rows, num_items + 2]; None when there are none."""
-    if not len(terms):
+    """The sum of the terms the training loss reads (inference-only terms left out) at the kept
+    output positions, as a function of a slice of them -> [rows, num_items + 2]; None when there are none."""
+    trained = [term for term in terms.values() if not term.inference_only]
+    if not trained:
         return None
     row_of = torch.arange(keep.shape[0], device=keep.device).unsqueeze(1).expand_as(keep)[keep]
-    parts = [term.per_position(view, keep, row_of) for term in terms.values()]
+    parts = [term.per_position(view, keep, row_of) for term in trained]
 
     def total(rows: slice) -> torch.Tensor:
         out = parts[0](rows)

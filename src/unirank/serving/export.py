@@ -59,16 +59,24 @@ def staged_directory(out_dir: str | Path):
 
 def export_model(checkpoint_path: str | Path, out_dir: str | Path, top_k: int = 100,
                  parity_requests: int = 256, parity_tolerance: float = 1e-4, seed: int = 0,
-                 index=None, new_items: str | Path | None = None) -> ExportReport:
+                 index=None, new_items: str | Path | None = None,
+                 inference_settings: dict | None = None) -> ExportReport:
     """Checkpoint -> out_dir/{model.onnx, tokenizer.json, export.json}, then a parity check of ONNX
     Runtime against PyTorch on `parity_requests` random requests of every task (0 skips it).
     Raises AssertionError when the max abs score difference exceeds `parity_tolerance`.
     `index` (item_index.IndexOptions): also the two-stage files (context.onnx + the item index).
     `new_items` (a JSONL / CSV metadata file): items the model never saw join the served catalogue
     through the content path (serving/new_items.py, from the checkpoint's catalogue), listed in
-    out_dir/new_items.json; the metadata is checked before anything is written."""
+    out_dir/new_items.json; the metadata is checked before anything is written.
+    `inference_settings` (e.g. {"fresh_boost": 2.0}) replace the checkpoint's inference-only model
+    settings (config.INFERENCE_SETTINGS) without retraining."""
     started = time.perf_counter()
     loaded = load_checkpoint(checkpoint_path)
+    if inference_settings:
+        if loaded.catalogue.item_counts is None:
+            log.warning("%s: the catalogue carries no training counts (an older checkpoint): only items added at "
+                        "export count as fresh", checkpoint_path)
+        loaded.ranker.set_inference_settings(loaded.catalogue.item_counts, **inference_settings)
     beside = [name for name, term in loaded.ranker.terms.items() if not term.two_stage]
     if index is not None and beside:
         raise ValueError("two-stage serving (--index) retrieves by the context vector alone, and this model's "

@@ -4,12 +4,13 @@ half-written file under the real name), self-contained (the weights, the model's
 load against the config the caller expects."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from unirank.atomic_file import atomic_write
+from unirank.config import INFERENCE_SETTINGS
 from unirank.model.catalogue import Catalogue, CatalogueError
 from unirank.model.ranker import RankerConfig, UnifiedRanker
 from unirank.model.tokenizer import Tokenizer, tokenizer_from_dict
@@ -96,7 +97,8 @@ def _from_v1(bundle: dict) -> dict:
 
 
 def load_checkpoint(path: str | Path, expect: RankerConfig | None = None) -> LoadedCheckpoint:
-    """Load a checkpoint; with `expect`, refuse one whose model config differs (naming the keys)."""
+    """Load a checkpoint; with `expect`, refuse one whose model config differs (naming the keys), and
+    take its inference-only settings (model.fresh_boost: no weight depends on them)."""
     path = Path(path)
     bundle = read_bundle(path)
     # implementation switches are not part of the weights: a loaded model picks them for its device
@@ -107,10 +109,11 @@ def load_checkpoint(path: str | Path, expect: RankerConfig | None = None) -> Loa
         raise CheckpointError(f"{path}: model config does not match this version of unirank: {err}") from err
     if expect is not None:
         diff = {k: (v, getattr(expect, k)) for k, v in cfg.to_dict().items()
-                if k not in switches and getattr(expect, k) != v}
+                if k not in switches and k not in INFERENCE_SETTINGS and getattr(expect, k) != v}
         if diff:
             detail = ", ".join(f"{k}: checkpoint={a!r} config={b!r}" for k, (a, b) in diff.items())
             raise CheckpointError(f"{path}: checkpoint was trained with another model config ({detail})")
+        cfg = replace(cfg, **{k: getattr(expect, k) for k in INFERENCE_SETTINGS})  # the caller's, not the run's
     try:
         catalogue = Catalogue.from_dict(bundle.get("catalogue"), f"{path} (catalogue)")
         ranker = UnifiedRanker(cfg, catalogue)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from unirank.model.ranker import NUM_TASK_IDS, UnifiedRanker
 from unirank.model.request import QueryTask, Task
 from unirank.training.batches import StepInputs, local_batch, step_inputs
-from unirank.data.examples import TrainBatch
+from unirank.data.examples import TrainBatch, item_counts
 
 CHUNK_BYTES = 16 << 20  # logits per chunk of the full softmax: below glibc's largest mmap threshold (32 MB)
 
@@ -38,7 +38,8 @@ def step_loss(ranker: UnifiedRanker, inputs: StepInputs, task_weights: dict[Task
     the ranks' gradients (DDP; TorchRec's pooled all-to-all divides table gradients by W too) is the
     gradient of the global loss, and one process (W = 1) computes exactly the task-weighted mean.
     `excluded_items`: ids that are not in the catalogue at training time (never a negative).
-    The logits come from the model (`UnifiedRanker.position_logits`: the score terms included).
+    The logits come from the model (`UnifiedRanker.position_logits`: the score terms included, not the
+    inference-only ones such as model.fresh_boost).
     Suggest rows (targets = query ids) take a softmax over the query catalogue instead (`query_loss`).
     `ranker.config.content_distill` w > 0 adds w * `content_distillation` of the rank's item targets."""
     req, batch = inputs.request, local_batch(inputs)
@@ -134,5 +135,5 @@ def full_softmax_cross_entropy(logits_of, num_rows: int, row_bytes: int, labels:
 
 
 def item_frequencies(train: list[np.ndarray], num_items: int) -> torch.Tensor:
-    counts = np.bincount(np.concatenate(train), minlength=num_items + 2)[: num_items + 2].astype(np.float64)
+    counts = item_counts(train, num_items).astype(np.float64)
     return torch.from_numpy(counts / max(counts.sum(), 1.0)).float()
