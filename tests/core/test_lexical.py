@@ -82,7 +82,23 @@ def test_every_path_gives_the_same_scores_and_padding_never_matches():
     lex.extend(new)
     eager.extend(new)
     torch.testing.assert_close(lex(query, lengths), eager(query, lengths))
-    assert lex.flat_items.max() == NUM_ITEMS + len(new) and float(lex(query, lengths)[:, NUM_ITEMS + 1].abs().sum()) > 0
+    assert lex.chunk_items.max() == NUM_ITEMS + len(new) and float(lex(query, lengths)[:, NUM_ITEMS + 1].abs().sum()) > 0
+
+
+def test_the_inverted_index_reads_every_chunk_of_a_common_token_and_a_repeated_term_once():
+    from unirank.model.lexical import CHUNK
+
+    rng = np.random.default_rng(3)
+    n = 3 * CHUNK + 5  # token 7 in every item: four chunks of postings
+    rows = [[]] + [[7, *rng.integers(2, 40, size=3).tolist()] for _ in range(n)] + [[]]
+    eager = LexicalMatch(n, 40, table_width(rows), rows)
+    lex = LexicalMatch(n, 40, table_width(rows), rows)
+    lex.export_form()
+    assert int(lex.chunk_count[7]) == 4 and lex.max_chunks == 4
+    query = torch.tensor([[7, 7, 12, 0], [39, 38, 7, 12], [0, 0, 0, 0]])
+    lengths = torch.tensor([3, 4, 0])
+    torch.testing.assert_close(lex(query, lengths), eager(query, lengths))
+    torch.testing.assert_close(lex(query[:1, 1:3], torch.tensor([2])), eager(query[:1], lengths[:1]))  # 7 once
 
 
 def test_search_rows_only_and_an_item_without_id_row_is_scored_by_its_text():
