@@ -152,3 +152,41 @@ def test_context_graph_refuses_the_requests_the_exact_graph_refuses(flat_dir, se
                 graph(arrays)
         outcomes["refused"] += 1
     assert min(outcomes.values()) > 60, outcomes
+
+
+def _fresh_ranker(similarity="dot"):
+    """A model whose score adds a boost to its fresh items (ids 1-9 never trained on)."""
+    from conftest import item_features
+    from unirank.model.catalogue import Catalogue
+    from unirank.model.ranker import RankerConfig, UnifiedRanker
+
+    torch.manual_seed(5)
+    counts = torch.tensor([0] + [0] * 9 + [3] * (NUM_ITEMS - 9) + [0])
+    config = RankerConfig(num_items=NUM_ITEMS, num_attributes=10, num_words=60, dim=16, num_heads=2, max_history=12,
+                          max_query_len=6, similarity=similarity, temperature=1.0 if similarity == "dot" else 0.1,
+                          fresh_boost=4.0)
+    return UnifiedRanker(config, Catalogue(*item_features(5), item_counts=counts)).eval()
+
+
+def test_the_fresh_boost_is_a_column_of_the_index_and_two_stage_answers_as_the_graph(tmp_path):
+    plain = _fresh_ranker().to_plain()
+    assert plain.terms["fresh"].two_stage
+    index = export_two_stage(plain, tmp_path, IndexOptions("flat"))
+    assert index.meta["bias"] and index.meta["dim"] == 17
+    answer, reference = load_two_stage(tmp_path, TOP_K), TopKRanker(plain, TOP_K).eval()
+    for batch in random_batches(metadata(), vocab_size=60, requests=48, seed=6):
+        ids, scores = answer(batch)
+        assert_same_answer((ids, scores), torch_topk(reference, batch))
+        assert (np.isin(ids[:, :3], np.arange(1, 10)) | (ids[:, :3] == 0)).mean() > 0.5  # the boost shows
+    # an item added to the index later carries its own boost
+    index = ItemIndex.load(tmp_path)
+    vector = index.index.reconstruct(20)[:16]
+    index.add([NUM_ITEMS + 5], vector[None], bias=4.0)
+    context = np.random.default_rng(0).normal(size=(1, 16)).astype(np.float32)
+    scores = index.added_scores(context, np.array([[NUM_ITEMS + 5]]))
+    np.testing.assert_allclose(scores[0, 0], context[0] @ vector + 4.0, rtol=1e-5)
+
+
+def test_a_boost_with_cosine_similarity_is_refused_for_the_index(tmp_path):
+    with pytest.raises(ValueError, match="needs similarity 'dot'"):
+        export_two_stage(_fresh_ranker("cosine").to_plain(), tmp_path, IndexOptions("flat"))

@@ -155,9 +155,11 @@ class FreshTerm(ScoreTerm):
     """fresh_boost on every item whose training count is <= fresh_max_count, on every item row: items
     the model has little or no evidence for (new items, cold items) get a fair chance against the
     learned popularity of the warm ones. Inference only; the counts come from the catalogue (None:
-    unknown, no item is fresh) and items added at export count 0."""
+    unknown, no item is fresh) and items added at export count 0. It depends on the item alone, so
+    a two-stage index serves it as one more column of the item vectors (serving/item_index.py)."""
 
     inference_only = True
+    two_stage = True
 
     def __init__(self, cfg, item_counts: torch.Tensor | None = None, **_):
         super().__init__()

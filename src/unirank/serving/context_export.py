@@ -43,8 +43,9 @@ class ContextRanker(nn.Module):
                 exclude_lengths):
         """`exclude` is applied after the index (item_index.two_stage_topk); the graph only keeps it
         an input, so that both flavours take the same request."""
-        context = self.ranker(task, history, history_lengths, query, query_lengths, source_item)
-        scores = self.ranker.score(context, candidates)
+        inputs = (task, history, history_lengths, query, query_lengths, source_item)
+        context = self.ranker(*inputs)
+        scores = self.ranker.score(context, candidates, inputs)  # with the score terms an index serves
         return context, scores + 0 * (exclude.sum() + exclude_lengths.sum()).to(scores.dtype)
 
 
@@ -98,10 +99,19 @@ def _table_as_input(path: Path, stand_in: np.ndarray) -> None:
     onnx.save(model, str(path))
 
 
+def item_bias(plain_ranker: nn.Module) -> np.ndarray | None:
+    """[N] the score terms that depend on the item alone (the fresh items' boost), for ids
+    1..num_items; None when the model has none."""
+    fresh = plain_ranker.terms["fresh"] if "fresh" in plain_ranker.terms else None
+    return None if fresh is None else fresh.bonus[1 : int(plain_ranker.num_items) + 1].detach().float().numpy()
+
+
 def build_item_index(plain_ranker: nn.Module, options: IndexOptions) -> ItemIndex:
-    """The index over the exported item table, with the model's similarity and temperature."""
+    """The index over the exported item table, with the model's similarity, temperature and
+    per-item score terms."""
     config = plain_ranker.config
-    return ItemIndex.build(item_vectors(plain_ranker), config.similarity, config.temperature, options)
+    return ItemIndex.build(item_vectors(plain_ranker), config.similarity, config.temperature, options,
+                           bias=item_bias(plain_ranker))
 
 
 def export_two_stage(plain_ranker: nn.Module, out_dir: str | Path, options: IndexOptions) -> ItemIndex:

@@ -81,14 +81,23 @@ class ItemIndex:
 
     @classmethod
     def build(cls, vectors: np.ndarray, similarity: str = "dot", temperature: float = 1.0,
-              options: IndexOptions | None = None, ids: np.ndarray | None = None) -> "ItemIndex":
-        """`vectors` [N, d] of item ids `ids` (default 1..N): the item tower's exported table."""
+              options: IndexOptions | None = None, ids: np.ndarray | None = None,
+              bias: np.ndarray | None = None) -> "ItemIndex":
+        """`vectors` [N, d] of item ids `ids` (default 1..N): the item tower's exported table.
+        `bias` [N]: a per-item score added to the similarity (a score term that depends on the item
+        alone, e.g. the fresh items' boost), stored as one more column (times the temperature)
+        that every query meets with a 1, so the index ranks by the model's whole score. Dot only:
+        cosine would normalize the column away."""
         faiss = _faiss()
         options = options or IndexOptions()
         if similarity not in ("dot", "cosine"):
             raise ValueError(f"similarity must be 'dot' or 'cosine', got {similarity!r}")
+        if bias is not None and similarity != "dot":
+            raise ValueError("a per-item score (bias) in the index needs similarity 'dot'")
         faiss.omp_set_num_threads(options.threads)
         data = _prepare(vectors, similarity)
+        if bias is not None:
+            data = np.ascontiguousarray(np.column_stack([data, np.asarray(bias, np.float32) * temperature]))
         n, dim = data.shape
         ids = np.arange(1, n + 1, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
         if options.kind == "flat":
@@ -111,7 +120,7 @@ class ItemIndex:
         index = faiss.IndexIDMap2(inner)
         index.add_with_ids(data, ids)
         meta = {"kind": options.kind, "similarity": similarity, "temperature": float(temperature), "dim": dim,
-                "num_items": int(ids.max(initial=0)), "options": asdict(options)}
+                "num_items": int(ids.max(initial=0)), "options": asdict(options), "bias": bias is not None}
         return cls(index, meta)
 
     def configure(self, ef_search: int | None = None, nprobe: int | None = None, refine: int | None = None) -> None:
@@ -130,11 +139,26 @@ class ItemIndex:
     def __len__(self) -> int:
         return int(self.index.ntotal)
 
-    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+    def _stored(self, vectors: np.ndarray, bias: np.ndarray | float = 0.0) -> np.ndarray:
+        """Item vectors as the index stores them (with the bias column when it has one)."""
+        if not self.meta.get("bias"):
+            return vectors
+        column = np.broadcast_to(np.asarray(bias, np.float32) * self.meta["temperature"], (len(vectors),))
+        return np.column_stack([vectors, column]).astype(np.float32)
+
+    def _queries(self, queries: np.ndarray) -> np.ndarray:
+        """Context vectors as the index reads them (a 1 against the bias column)."""
+        queries = _prepare(queries, self.meta["similarity"])
+        if self.meta.get("bias"):
+            queries = np.ascontiguousarray(np.column_stack([queries, np.ones(len(queries), np.float32)]))
+        return queries
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray, bias: np.ndarray | float = 0.0) -> None:
         """New items (e.g. content-path vectors of items the model never saw), no rebuild. Ids must
-        be new: above the exported catalogue and not added before."""
+        be new: above the exported catalogue and not added before. `bias`: their per-item score
+        (an index built with one)."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        vectors = np.asarray(vectors, dtype=np.float32).reshape(len(ids), -1)
+        vectors = self._stored(np.asarray(vectors, dtype=np.float32).reshape(len(ids), -1), bias)
         if vectors.shape[1] != self.meta["dim"]:
             raise ValueError(f"vectors are {vectors.shape[1]}-d, the index is {self.meta['dim']}-d")
         taken = set(self.added[:, 0].astype(np.int64).tolist())
@@ -146,7 +170,7 @@ class ItemIndex:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (ids [B, k] int64, model scores [B, k] float32); unfilled slots are (0, -inf)."""
         k = max(1, min(int(k), len(self)))
-        scores, ids = self.index.search(_prepare(queries, self.meta["similarity"]), k)
+        scores, ids = self.index.search(self._queries(queries), k)
         missing = ids < 0
         scores = (scores / self.meta["temperature"]).astype(np.float32)
         scores[missing] = -np.inf
@@ -161,7 +185,7 @@ class ItemIndex:
         where = np.clip(np.searchsorted(added_ids, ids), 0, len(added_ids) - 1)
         found = added_ids[where] == ids
         vectors = _prepare(self.added[order, 1:], self.meta["similarity"])[where]  # [B, C, d]
-        scores = np.einsum("bd,bcd->bc", _prepare(queries, self.meta["similarity"]), vectors) / self.meta["temperature"]
+        scores = np.einsum("bd,bcd->bc", self._queries(queries), vectors) / self.meta["temperature"]
         return np.where(found, scores, np.nan).astype(np.float32)
 
     def save(self, directory: str | Path) -> None:
