@@ -71,6 +71,13 @@ def _prepare(vectors: np.ndarray, similarity: str) -> np.ndarray:
     return vectors
 
 
+def _with_bias(vectors: np.ndarray, bias: np.ndarray | float, temperature: float) -> np.ndarray:
+    """Item vectors with the per-item score as one more column (times the temperature, so that the
+    index's inner product over the temperature adds it as it is)."""
+    column = np.broadcast_to(np.asarray(bias, np.float32) * temperature, (len(vectors),))
+    return np.ascontiguousarray(np.column_stack([vectors, column]), dtype=np.float32)
+
+
 class ItemIndex:
     """Item ids -> vectors, searched by inner product; `search` returns the model's scores."""
 
@@ -97,7 +104,7 @@ class ItemIndex:
         faiss.omp_set_num_threads(options.threads)
         data = _prepare(vectors, similarity)
         if bias is not None:
-            data = np.ascontiguousarray(np.column_stack([data, np.asarray(bias, np.float32) * temperature]))
+            data = _with_bias(data, bias, temperature)
         n, dim = data.shape
         ids = np.arange(1, n + 1, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
         if options.kind == "flat":
@@ -139,13 +146,6 @@ class ItemIndex:
     def __len__(self) -> int:
         return int(self.index.ntotal)
 
-    def _stored(self, vectors: np.ndarray, bias: np.ndarray | float = 0.0) -> np.ndarray:
-        """Item vectors as the index stores them (with the bias column when it has one)."""
-        if not self.meta.get("bias"):
-            return vectors
-        column = np.broadcast_to(np.asarray(bias, np.float32) * self.meta["temperature"], (len(vectors),))
-        return np.column_stack([vectors, column]).astype(np.float32)
-
     def _queries(self, queries: np.ndarray) -> np.ndarray:
         """Context vectors as the index reads them (a 1 against the bias column)."""
         queries = _prepare(queries, self.meta["similarity"])
@@ -158,9 +158,12 @@ class ItemIndex:
         be new: above the exported catalogue and not added before. `bias`: their per-item score
         (an index built with one)."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        vectors = self._stored(np.asarray(vectors, dtype=np.float32).reshape(len(ids), -1), bias)
-        if vectors.shape[1] != self.meta["dim"]:
-            raise ValueError(f"vectors are {vectors.shape[1]}-d, the index is {self.meta['dim']}-d")
+        vectors = np.asarray(vectors, dtype=np.float32).reshape(len(ids), -1)
+        width = self.meta["dim"] - int(bool(self.meta.get("bias")))  # the item vectors' width, without the bias column
+        if vectors.shape[1] != width:
+            raise ValueError(f"vectors are {vectors.shape[1]}-d, the index is {width}-d")
+        if self.meta.get("bias"):
+            vectors = _with_bias(vectors, bias, self.meta["temperature"])
         taken = set(self.added[:, 0].astype(np.int64).tolist())
         if (ids <= self.meta["num_items"]).any() or taken & set(ids.tolist()) or len(set(ids.tolist())) < len(ids):
             raise ValueError(f"added item ids must be new and > {self.meta['num_items']} (the exported catalogue)")
