@@ -36,7 +36,7 @@ import torch
 
 from unirank.model.request import INPUT_NAMES
 from unirank.model.tokenizer import WordTokenizer
-from unirank.serving.client import RankerClient, RequestBuilder, widths_from_server
+from unirank.serving.client import RankerClient, RequestBuilder, widths_from_server, wire_arrays
 from unirank.serving.metadata import OUTPUT_NAMES, ExportMetadata
 from unirank.serving.onnx_graph import TopKRanker, export_onnx, onnx_session
 from unirank.serving.request_arrays import TASK_IDS
@@ -148,18 +148,11 @@ def execution_counts(url: str) -> tuple[int, int]:
 
 
 def perf_analyzer_data(requests, widths: dict[str, int], path: Path) -> None:
-    """perf_analyzer's --input-data file: one entry per request, each tensor without the batch
-    dimension, sequences right-padded to the served fixed widths (as the client pads them)."""
-    entries = []
-    for request in requests:
-        entry = {}
-        for name in INPUT_NAMES:
-            value = np.asarray(request[name], dtype=np.int64).reshape(-1)
-            width = widths.get(name, 0)
-            if value.size < width:
-                value = np.pad(value, (0, width - value.size))
-            entry[name] = {"content": value.tolist(), "shape": [int(value.size)]}
-        entries.append(entry)
+    """perf_analyzer's --input-data file: one entry per single-row request, each tensor as the
+    client sends it (client.wire_arrays: padded to the served fixed widths) without the batch
+    dimension."""
+    entries = [{name: {"content": value[0].tolist(), "shape": list(value.shape[1:])}
+                for name, value in wire_arrays(request, widths).items()} for request in requests]
     path.write_text(json.dumps({"data": entries}))
 
 

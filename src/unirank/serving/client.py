@@ -159,10 +159,10 @@ def fixed_widths(config: dict) -> dict[str, int]:
     return widths
 
 
-def infer_inputs(arrays: dict[str, np.ndarray], widths: dict[str, int] | None = None) -> list[grpcclient.InferInput]:
-    """Row fields travel as [B, 1] (the config reshapes them to [B]); sequences narrower than a
-    fixed `widths` entry are right-padded with 0 to it."""
-    inputs = []
+def wire_arrays(arrays: dict[str, np.ndarray], widths: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    """The request's arrays as they travel: row fields as [B, 1] (the config reshapes them to [B]);
+    sequences narrower than a fixed `widths` entry right-padded with 0 to it."""
+    out = {}
     for name in FIELDS:
         value = np.ascontiguousarray(arrays[name], dtype=np.int64)
         if name in ROW_FIELDS and value.ndim == 1:
@@ -170,6 +170,14 @@ def infer_inputs(arrays: dict[str, np.ndarray], widths: dict[str, int] | None = 
         width = (widths or {}).get(name, 0)
         if value.ndim == 2 and value.shape[1] < width:
             value = np.pad(value, ((0, 0), (0, width - value.shape[1])))
+        out[name] = value
+    return out
+
+
+def infer_inputs(arrays: dict[str, np.ndarray], widths: dict[str, int] | None = None) -> list[grpcclient.InferInput]:
+    """The gRPC inputs of a request (wire_arrays)."""
+    inputs = []
+    for name, value in wire_arrays(arrays, widths).items():
         tensor = grpcclient.InferInput(name, list(value.shape), "INT64")
         tensor.set_data_from_numpy(value)
         inputs.append(tensor)
