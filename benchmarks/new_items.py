@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -27,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from unirank.data.datasets import load_dataset
+from unirank.experiments.report import run_metadata
 from unirank.serving.client import RankerClient
 from unirank.serving.export import export_model
 from unirank.serving.model_repository import build_model_repository
@@ -53,14 +52,6 @@ def rank_of(item: int, ranking) -> int | None:
 
 def hit_rate(ranks: list[int | None], k: int = 10) -> float:
     return round(sum(r is not None and r <= k for r in ranks) / max(len(ranks), 1), 4)
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:
@@ -111,9 +102,7 @@ def main() -> None:
         "similar_to_twin_not_in_top100": sum(r["similar_to_twin_rank"] is None for r in rows),
     }
     print(json.dumps(summary, indent=1))
-    out = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "commit": commit(),
-           "machine": {"platform": platform.platform(), "python": platform.python_version()},
-           "checkpoint": args.checkpoint, "data": args.data, "items": len(rows), "seed": args.seed,
+    out = {**run_metadata(" ".join([Path(sys.executable).name, *sys.argv])), "checkpoint": args.checkpoint, "data": args.data, "items": len(rows), "seed": args.seed,
            "fresh_boost": args.fresh_boost,
            "onnx_parity_max_abs_diff": report.max_abs_diff, "summary": summary, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
