@@ -106,3 +106,22 @@ def test_distillation_term_adds_to_the_task_loss_and_teaches_content_only():
     assert torch.count_nonzero(ranker.item_tower.text_proj.weight.grad) > 0
     with pytest.raises(ValueError, match="content_distill"):
         RankerConfig(num_items=N, num_attributes=3, num_words=20, content_distill=-1.0)
+
+
+def test_a_forgotten_item_is_the_new_item_with_its_content():
+    """Offline cold-start evaluation (experiments/cold_start.forget_item_ids) scores a held-out item
+    exactly as `unirank export --new-items` serves an item with its metadata: no id row, the K-means
+    codes of the text-nearest trained item (itself) and collision code 0 (serving/new_items.py)."""
+    from unirank.experiments.cold_start import forget_item_ids
+    from unirank.serving.new_items import _nearest_codes
+
+    ranker, attributes, words, text, codes = content_ranker(0.0)
+    tower = ranker.item_tower.eval()
+    items = [3, 7, 12]
+    codes_before = tower.item_codes[items].clone()
+    forget_item_ids(ranker, torch.tensor(items).numpy())
+    new_codes = _nearest_codes(tower, text, text[items])
+    assert torch.equal(new_codes[:, :-1], codes_before[:, :-1]) and (new_codes[:, -1] == 0).all()
+    with torch.no_grad():
+        expected = tower.content_vectors([attributes[i] for i in items], [words[i] for i in items], text[items], new_codes)
+        torch.testing.assert_close(tower.all_items()[items], expected)

@@ -268,12 +268,12 @@ def test_new_items_keep_the_query_catalogue_of_a_suggest_model(tmp_path):
     assert json.loads((tmp_path / "out" / "queries.json").read_text()) == texts
 
 
-def test_semantic_ids_of_a_new_item_are_its_nearest_trained_items_without_the_collision_code():
+def test_semantic_ids_of_a_new_item_are_its_nearest_trained_items_with_collision_code_0():
     text = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
     codes = torch.tensor([[-1, -1, -1], [0, 1, 0], [1, 0, 1], [1, 1, 0], [-1, -1, -1]])
     tower = ItemTower(3, [[]] * 4, 1, [[]] * 4, 2, dim=4, semantic_id_sizes=[2, 2, 2], item_codes=codes,
                       text_dim=3, item_text=text)
     new = torch.tensor([[0.1, 0.9, 0.0], [0.0, 0.2, 2.0]])  # nearest: item 2, item 3 (cosine)
-    assert _nearest_codes(tower, tower.item_text, new).tolist() == [[1, 0, -1], [1, 1, -1]]
+    assert _nearest_codes(tower, tower.item_text, new).tolist() == [[1, 0, 0], [1, 1, 0]]
     vectors = tower.content_vectors([[], []], [[], []], new, _nearest_codes(tower, tower.item_text, new))
     assert vectors.shape == (2, 4) and torch.isfinite(vectors).all() and not torch.equal(vectors[0], vectors[1])

@@ -16,7 +16,8 @@ Choices (deterministic given the seed):
 - `run_cold_start` trains on the warm part with the cold items outside the training catalogue
   (masked from the softmax) and zeroes their id rows before evaluation: only content (attribute /
   word bags, semantic IDs, text vectors) can place them.
-- `fresh_boost_curve` evaluates one finished run at several model.fresh_boost values: the cold
+- `fresh_boost_curve` evaluates one finished run at several model.fresh_boost values (with the
+  config's model.fresh_neighbours: every fresh item, or the anchor's text-nearest ones): the cold
   cases against the warm validation users (the trade-off of boosting items without interactions).
 """
 from __future__ import annotations
@@ -83,9 +84,14 @@ def cold_eval_cases(split: ColdStartSplit) -> EvalCases:
 
 
 def forget_item_ids(ranker: UnifiedRanker, items: np.ndarray) -> None:
-    """New items have no learned id vector: zero their id rows (the content features remain)."""
+    """The items as new items get them at export (serving/new_items.py): no learned id vector (zero id
+    rows; the content features remain) and semantic-ID collision code 0, not a number of their own."""
+    ids = torch.as_tensor(items, dtype=torch.int64)
+    tower = ranker.item_tower
     with torch.no_grad():
-        ranker.item_tower.ebc.embedding_bags["item_id"].weight[torch.as_tensor(items, dtype=torch.int64)] = 0.0
+        tower.ebc.embedding_bags["item_id"].weight[ids] = 0.0
+        if tower.semantic_id_sizes:
+            tower.item_codes[ids.to(tower.item_codes.device), -1] = 0
 
 
 class ColdStartSetup(NamedTuple):
@@ -188,12 +194,14 @@ def fresh_boost_curve(cfg: Config, boosts: Sequence[float], fraction: float = 0.
     report = {"fraction": fraction, "split_seed": split_seed, "train_seed": cfg.train.seed,
               "num_cold_items": len(setup.cold), "num_eval_users": len(setup.split.eval_cases),
               "warm_validation_users": cfg.train.eval_users, "fresh_max_count": cfg.model.fresh_max_count,
+              "fresh_neighbours": cfg.model.fresh_neighbours,
               "num_fresh_items": int((counts[1: setup.data.num_items + 1] <= cfg.model.fresh_max_count).sum()),
               "best_epoch": loaded.metadata.get("epoch"), "validation": loaded.metadata.get("validation"),
               "score_gaps@10": score_gaps(ranker, cases, builder, tasks),
               "baselines": evaluate_all(_scorers(cfg, setup, ranker)[1:], cases, builder, **kwargs), "points": []}
     for boost in boosts:
-        ranker.set_inference_settings(counts, fresh_boost=float(boost), fresh_max_count=cfg.model.fresh_max_count)
+        ranker.set_inference_settings(counts, fresh_boost=float(boost), fresh_max_count=cfg.model.fresh_max_count,
+                                      fresh_neighbours=cfg.model.fresh_neighbours)
         warm = validate(ranker, setup.prep, tasks, cfg)
         report["points"].append({
             "fresh_boost": float(boost),

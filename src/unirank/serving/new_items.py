@@ -7,7 +7,9 @@ Per new item: attribute ids from its names through the training catalogue's voca
 names are counted and reported, not fatal), content words (title + names) through the model's
 tokenizer, the frozen text encoder's vector of "title. names" (models with text features) and, for
 models with semantic IDs, the K-means codes of the trained item whose text vector is nearest (the
-codebook itself is not kept in a checkpoint; no collision code). The export gains new_items.json:
+codebook itself is not kept in a checkpoint) and collision code 0, the one the first item of every
+code tuple has (so its row is trained; leaving the level out moves new items away from every
+trained item: docs/RESULTS.md, "Cold items through the server"). The export gains new_items.json:
 served item id <-> external id, so a client can name what it is given.
 
 Metadata files: JSON lines (`{"id": "B00X", "title": "...", "attributes": ["Brand", "Category"]}`)
@@ -167,11 +169,11 @@ def attribute_ids(items: list[NewItem], attribute_names: list[str]) -> tuple[lis
 
 def _nearest_codes(tower, catalogue_text: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """[M, levels] semantic-ID codes: the K-means levels of the trained item with the nearest text
-    vector (cosine), no collision code (-1, the last level)."""
+    vector (cosine), collision code 0 (the last level: the code of every tuple's first item)."""
     catalogue = torch.nn.functional.normalize(catalogue_text[1: tower.num_items + 1].float(), dim=1)
     nearest = (torch.nn.functional.normalize(text.float().to(catalogue.device), dim=1) @ catalogue.T).argmax(1) + 1
     codes = tower.item_codes[nearest.to(tower.item_codes.device)].clone()
-    codes[:, -1] = -1
+    codes[:, -1] = 0
     return codes
 
 
