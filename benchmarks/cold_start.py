@@ -13,7 +13,9 @@ of the full item vector, its content part (the vector a new item gets) and the i
 `--fresh-boosts 0,1,2` evaluates each run's best checkpoint again at each model.fresh_boost (no
 retraining; experiments/cold_start.py fresh_boost_curve): the cold cases beside the warm validation
 users, the trade-off curve, plotted beside the JSON (`--out` with .png) as cold R@10 against warm
-validation N@10. `--fresh-max-count N` sets model.fresh_max_count (default: the run config's).
+validation N@10. `--fresh-max-count N` sets model.fresh_max_count (default: the run config's);
+`--fresh-neighbours 0,10,50` draws one curve per model.fresh_neighbours (0: every fresh item gets the
+boost; M: only the M fresh items nearest the row's anchor by text, the candidate union).
 """
 from __future__ import annotations
 
@@ -80,9 +82,10 @@ def vector_stats(run_dir: Path) -> dict:
             "median_relative_content_error": median((content - full).norm(dim=1) / full.norm(dim=1).clamp(min=1e-12))}
 
 
-def boost_curve(run_dir: Path, boosts: list[float], max_count: int | None) -> dict:
+def boost_curve(run_dir: Path, boosts: list[float], max_count: int | None, neighbours: int = 0) -> dict:
     report = json.loads((run_dir / "cold_start.json").read_text())
-    cfg = load_config(str(run_dir / "config.yaml"), [f"eval.checkpoint={run_dir / 'best.pt'}"] +
+    cfg = load_config(str(run_dir / "config.yaml"), [f"eval.checkpoint={run_dir / 'best.pt'}",
+                                                     f"model.fresh_neighbours={neighbours}"] +
                       ([] if max_count is None else [f"model.fresh_max_count={max_count}"]))
     return fresh_boost_curve(cfg, boosts, fraction=report["fraction"], split_seed=report["split_seed"])
 
@@ -150,13 +153,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh-boosts", type=lambda v: [float(b) for b in v.split(",")], default=None,
                         metavar="B1,B2,...", help="evaluate each run's checkpoint at these model.fresh_boost values")
     parser.add_argument("--fresh-max-count", type=int, default=None, help="model.fresh_max_count of the curve")
+    parser.add_argument("--fresh-neighbours", type=lambda v: [int(m) for m in v.split(",")], default=[0],
+                        metavar="M1,M2,...", help="one curve per model.fresh_neighbours value (0: every fresh item)")
     args = parser.parse_args(argv)
     table = combine(args.runs)
     if args.vector_stats:
         table["vector_stats"] = {d.name: vector_stats(d) for d in args.runs}
         print(json.dumps(table["vector_stats"], indent=1))
     if args.fresh_boosts is not None:
-        table["fresh_boost_curve"] = {d.name: boost_curve(d, args.fresh_boosts, args.fresh_max_count) for d in args.runs}
+        table["fresh_boost_curve"] = {
+            d.name + ("" if m == 0 else f"/fresh_neighbours={m}"): boost_curve(d, args.fresh_boosts, args.fresh_max_count, m)
+            for d in args.runs for m in args.fresh_neighbours}
         for name, curve in table["fresh_boost_curve"].items():
             print(curve_markdown(name, curve))
     table["command"] = " ".join(["python", "benchmarks/cold_start.py"] + (argv if argv is not None else sys.argv[1:]))

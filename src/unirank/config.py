@@ -17,7 +17,7 @@ IMPL_CHOICES = ("auto", "reference", "triton")
 BAG_IMPL_CHOICES = ("auto", "torch", "triton")
 LEXICAL_FIELDS = ("none", "names", "title+names")  # model.lexical: which item text the BM25 match reads
 # model settings that only change inference (no weight depends on them): a checkpoint takes the caller's
-INFERENCE_SETTINGS = ("fresh_boost", "fresh_max_count")
+INFERENCE_SETTINGS = ("fresh_boost", "fresh_max_count", "fresh_neighbours")
 ITEM_TASKS = TASK_CHOICES[:3]  # the default train.tasks: suggest (query suggestions) is opt-in
 
 
@@ -84,6 +84,11 @@ class ModelConfig:
     # interactions (new items added at export have none). 0 = off.
     fresh_boost: float = 0.0
     fresh_max_count: int = 0
+    # > 0: the boost goes only to the fresh_neighbours fresh items whose text is nearest the row's anchor
+    # (the similar-item source, the newest pre-query history item; search rows get none): a candidate
+    # union of the model's ranking and the anchor's content-nearest fresh items, scored as one. 0 = every
+    # fresh item on every row.
+    fresh_neighbours: int = 0
 
     def __post_init__(self) -> None:
         if self.dim % self.num_heads:
@@ -118,6 +123,10 @@ class ModelConfig:
             raise ValueError(f"model.fresh_boost must be a finite number, got {self.fresh_boost}")
         if self.fresh_max_count < 0:
             raise ValueError(f"model.fresh_max_count must be >= 0, got {self.fresh_max_count}")
+        if self.fresh_neighbours < 0:
+            raise ValueError(f"model.fresh_neighbours must be >= 0, got {self.fresh_neighbours}")
+        if self.fresh_neighbours and not self.text_features:
+            raise ValueError("model.fresh_neighbours needs model.text_features=true (the items' text vectors)")
 
 
 @dataclass

@@ -12,7 +12,7 @@ from unirank.config import ModelConfig
 from unirank.model.catalogue import Catalogue
 from unirank.model.ranker import RankerConfig, UnifiedRanker
 from unirank.model.request import Task
-from unirank.model.scoring import NeighbourTerm, term_scores
+from unirank.model.scoring import NeighbourTerm, position_anchors, term_scores
 from unirank.model.text_neighbours import TextNeighbours, neighbour_table
 
 NUM_ITEMS, TEXT_DIM, K = 30, 8, 5
@@ -83,7 +83,7 @@ def test_the_anchor_is_the_source_or_the_newest_history_item_the_model_reads():
         expected = ranker.terms["text_neighbours"](torch.tensor([8, 11, 0, 0]), task)
     torch.testing.assert_close(terms, expected)
     assert terms[0].abs().sum() > 0 and terms[1].abs().sum() > 0 and (terms[2:] == 0).all()
-    anchors = NeighbourTerm.position_anchors(ranker.view(*inputs))  # the newest 3 of 4: 5, 6, 8
+    anchors = position_anchors(ranker.view(*inputs))  # the newest 3 of 4: 5, 6, 8
     assert anchors[0].tolist() == [0, 5, 6, 8] and anchors[1].tolist() == [11, 0, 0, 0]
     # Content only: a cold target (zeroed id row) keeps the term.
     target = int(ranker.terms["text_neighbours"].ids[8, 0])

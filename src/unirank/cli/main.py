@@ -166,8 +166,8 @@ def _export(args, out_dir, index):
     from unirank.serving.export import export_model
     from unirank.serving.model_repository import build_model_repository
 
-    settings = {k: v for k, v in (("fresh_boost", args.fresh_boost), ("fresh_max_count", args.fresh_max_count))
-                if v is not None}
+    settings = {k: v for k, v in (("fresh_boost", args.fresh_boost), ("fresh_max_count", args.fresh_max_count),
+                                  ("fresh_neighbours", args.fresh_neighbours)) if v is not None}
     report = export_model(args.checkpoint, out_dir, top_k=args.top_k, index=index, new_items=args.new_items,
                           inference_settings=settings)
     repos = build_model_repository(out_dir, Path(out_dir) / "repository", max_batch_size=args.max_batch_size,
@@ -248,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model.fresh_boost: add B to the score of fresh items (new items, items with at most "
                         "model.fresh_max_count training interactions); default: the checkpoint's (docs/SERVING.md)")
     p.add_argument("--fresh-max-count", type=int, default=None, metavar="N", help="model.fresh_max_count")
+    p.add_argument("--fresh-neighbours", type=int, default=None, metavar="M",
+                   help="model.fresh_neighbours: the boost only on the M fresh items nearest the row's anchor by "
+                        "text (0: every fresh item); default: the checkpoint's")
     p.add_argument("--index", choices=("flat", "hnsw", "ivfpq"), default=None,
                    help="two-stage serving: context graph + this item index (docs/SERVING.md); default: exact graph")
     p.add_argument("--ef-search", type=int, default=128, help="hnsw search breadth")

@@ -369,7 +369,7 @@ class UnifiedRanker(nn.Module):
 
     def set_inference_settings(self, item_counts: torch.Tensor | None, **settings) -> None:
         """Change the inference-only settings (config.INFERENCE_SETTINGS: model.fresh_boost,
-        model.fresh_max_count) of a built or trained model: its inference-only score terms are rebuilt
+        model.fresh_max_count, model.fresh_neighbours) of a built or trained model: its inference-only score terms are rebuilt
         from `item_counts` (the catalogue's training counts; None: unknown) and summed after the
         others; the weights and the other terms are kept."""
         unknown = set(settings) - set(INFERENCE_SETTINGS)
@@ -377,8 +377,9 @@ class UnifiedRanker(nn.Module):
             raise ValueError(f"not inference-only settings: {sorted(unknown)} (allowed: {list(INFERENCE_SETTINGS)})")
         cfg = replace(self.config, **settings)
         counts = None if item_counts is None else item_counts.to(self.no_context.device)
+        text = getattr(self.item_tower, "item_text", None)  # the full tower's frozen text vectors, if any
         kept = {name: term for name, term in self.terms.items() if not term.inference_only}
-        rebuilt = {name: cls(cfg, item_counts=counts) for name, (cls, used) in TERMS.items()
+        rebuilt = {name: cls(cfg, item_counts=counts, item_text=text) for name, (cls, used) in TERMS.items()
                    if cls.inference_only and used(cfg)}
         self.terms = nn.ModuleDict({**kept, **rebuilt}).to(self.no_context.device)
         self.config = cfg

@@ -8,7 +8,8 @@ score(item) = <context, item> (or cosine), divided by the temperature (`vector_s
   text_neighbours  w_task * text cosine of the anchor's K nearest items on similar-item and
                    pre-query rows (model.text_neighbours, model/text_neighbours.py);
   fresh            fresh_boost on every item with at most fresh_max_count training interactions,
-                   items added at export included (model.fresh_boost, inference only).
+                   items added at export included (model.fresh_boost, inference only); with
+                   fresh_neighbours M, only on the M such items nearest the row's anchor by text.
 A term reads the request as the model reads it (`RequestView`); it scores candidate ids [B, C] or
 the whole id space [B, num_items + 2], the training loss's output positions (`per_position`), has
 an export form (no sparse tensors), extends to items added at export (`extend`) and says whether a
@@ -31,7 +32,7 @@ from torch import nn
 
 from unirank.model.lexical import LexicalMatch
 from unirank.model.request import Task
-from unirank.model.text_neighbours import TextNeighbours
+from unirank.model.text_neighbours import TextNeighbours, neighbour_table
 
 
 def vector_scores(context: torch.Tensor, items: torch.Tensor, similarity: str, temperature: float) -> torch.Tensor:
@@ -116,6 +117,23 @@ class LexicalTerm(LexicalMatch, ScoreTerm):
         super().extend([added.tokenizer.encode(t) for t in texts])
 
 
+def position_anchors(view: RequestView) -> torch.Tensor:
+    """[B, 1 + L] the anchor of each output position after the TASK token: the similar-item source at
+    the CONTEXT position, the history item just read at a pre-query history position; 0 (none) elsewhere."""
+    history = view.history
+    valid = torch.arange(history.shape[1], device=history.device).unsqueeze(0) < view.history_lengths.unsqueeze(1)
+    prequery = (view.task == Task.PREQUERY).unsqueeze(1)
+    items = torch.where(valid & prequery, history, torch.zeros_like(history))
+    source = torch.where(view.task == Task.SIMILAR, view.source_item, torch.zeros_like(view.source_item))
+    return torch.cat([source.unsqueeze(1), items], dim=1)
+
+
+def row_anchors(view: RequestView) -> torch.Tensor:
+    """[B] each row's anchor: the similar-item source, the newest history item of a pre-query row, 0
+    (none) on search and suggest rows."""
+    return position_anchors(view).gather(1, view.history_lengths.unsqueeze(1)).squeeze(1)
+
+
 class NeighbourTerm(TextNeighbours, ScoreTerm):
     """w_task * text cosine of the anchor's K nearest items: the anchor is the similar-item source,
     or the newest history item the model reads for pre-query."""
@@ -125,24 +143,11 @@ class NeighbourTerm(TextNeighbours, ScoreTerm):
     def __init__(self, cfg, item_text: torch.Tensor | None = None, **_):
         super().__init__(cfg.num_items, cfg.text_neighbours, item_text)
 
-    @staticmethod
-    def position_anchors(view: RequestView) -> torch.Tensor:
-        """[B, 1 + L] the anchor of each output position after the TASK token: the similar-item
-        source at the CONTEXT position, the history item just read at a pre-query history position;
-        0 (none) elsewhere."""
-        history = view.history
-        valid = torch.arange(history.shape[1], device=history.device).unsqueeze(0) < view.history_lengths.unsqueeze(1)
-        prequery = (view.task == Task.PREQUERY).unsqueeze(1)
-        items = torch.where(valid & prequery, history, torch.zeros_like(history))
-        source = torch.where(view.task == Task.SIMILAR, view.source_item, torch.zeros_like(view.source_item))
-        return torch.cat([source.unsqueeze(1), items], dim=1)
-
     def scores(self, view: RequestView, candidates: torch.Tensor | None = None) -> torch.Tensor:
-        last = self.position_anchors(view).gather(1, view.history_lengths.unsqueeze(1)).squeeze(1)
-        return self(last, view.task, candidates)
+        return self(row_anchors(view), view.task, candidates)
 
     def per_position(self, view, keep, row_of):
-        anchors = self.position_anchors(view)
+        anchors = position_anchors(view)
         anchors = F.pad(anchors, (0, max(0, keep.shape[1] - anchors.shape[1])))[:, : keep.shape[1]][keep]
         return lambda rows: self(anchors[rows], view.task[row_of[rows]])
 
@@ -152,24 +157,40 @@ class NeighbourTerm(TextNeighbours, ScoreTerm):
 
 
 class FreshTerm(ScoreTerm):
-    """fresh_boost on every item whose training count is <= fresh_max_count, on every item row: items
-    the model has little or no evidence for (new items, cold items) get a fair chance against the
-    learned popularity of the warm ones. Inference only; the counts come from the catalogue (None:
-    unknown, no item is fresh) and items added at export count 0. It depends on the item alone, so
-    a two-stage index serves it as one more column of the item vectors (serving/item_index.py)."""
+    """fresh_boost on the fresh items, those whose training count is <= fresh_max_count: items the
+    model has little or no evidence for (new items, cold items) get a fair chance against the learned
+    popularity of the warm ones. Inference only; the counts come from the catalogue (None: unknown, no
+    item is fresh) and items added at export count 0.
+
+    fresh_neighbours = 0: every fresh item on every row. It depends on the item alone, so a two-stage
+    index serves it as one more column of the item vectors (serving/item_index.py).
+    fresh_neighbours = M > 0: the candidate union. Only the M fresh items whose text is nearest the
+    row's anchor (`row_anchors`: the similar-item source, the newest pre-query history item) get the
+    boost, so the model's own ranking meets the anchor's content-nearest fresh items in one score and a
+    fresh item unrelated to the context is not pushed into it; search rows get none (the lexical match
+    places fresh items there). The table [num_items + 2, M] is built from the items' text vectors and
+    rebuilt over the catalogue when items are added at export."""
 
     inference_only = True
-    two_stage = True
 
-    def __init__(self, cfg, item_counts: torch.Tensor | None = None, **_):
+    def __init__(self, cfg, item_counts: torch.Tensor | None = None, item_text: torch.Tensor | None = None, **_):
         super().__init__()
         self.boost, self.max_count = float(cfg.fresh_boost), int(cfg.fresh_max_count)
+        self.neighbours = int(getattr(cfg, "fresh_neighbours", 0))
+        self.two_stage = self.neighbours == 0  # the union depends on the request
+        self.needs_text = self.neighbours > 0
         rows = cfg.num_items + 2
         counts = torch.full((rows,), -1, dtype=torch.int64) if item_counts is None else item_counts.to(torch.int64)
         if counts.shape != (rows,):
             raise ValueError(f"item_counts must be [{rows}] (ids 0..num_items + 1), got {list(counts.shape)}")
         self.register_buffer("counts", counts.clone(), persistent=False)  # -1: unknown
         self.register_buffer("bonus", self._bonus(self.counts), persistent=False)
+        if self.neighbours:
+            if item_text is None:
+                raise ValueError("model.fresh_neighbours needs the items' text vectors (model.text_features=true)")
+            if item_text.shape[0] != rows:
+                raise ValueError(f"item_text must have {rows} rows, got {item_text.shape[0]}")
+            self.register_buffer("nearest", self._nearest(item_text), persistent=False)
 
     def _bonus(self, counts: torch.Tensor) -> torch.Tensor:
         """[num_items + 2] the boost at fresh catalogue ids, 0 elsewhere (padding, OOV, unknown counts)."""
@@ -177,7 +198,14 @@ class FreshTerm(ScoreTerm):
         fresh = (counts >= 0) & (counts <= self.max_count) & (ids > 0) & (ids < counts.shape[0] - 1)
         return fresh.to(torch.float32) * self.boost
 
+    def _nearest(self, text: torch.Tensor) -> torch.Tensor:
+        """[num_items + 2, M] each anchor's M text-nearest fresh items (0: empty slot)."""
+        ids, _ = neighbour_table(text.cpu(), self.neighbours, allowed=self.bonus.cpu() != 0)
+        return ids.to(self.counts.device)
+
     def scores(self, view: RequestView, candidates: torch.Tensor | None = None) -> torch.Tensor:
+        if self.neighbours:
+            return self._union_scores(view, candidates)
         if candidates is None:
             return self.bonus.unsqueeze(0).expand(view.task.shape[0], -1)
         last = self.bonus.shape[0] - 1
@@ -185,11 +213,27 @@ class FreshTerm(ScoreTerm):
         zero = torch.zeros_like(candidates, dtype=self.bonus.dtype)
         return torch.where(inside, self.bonus[candidates.clamp(0, last)], zero)
 
+    def _union_scores(self, view: RequestView, candidates: torch.Tensor | None) -> torch.Tensor:
+        rows = self.nearest.shape[0]
+        anchor = row_anchors(view)
+        anchor = torch.where((anchor > 0) & (anchor < rows - 1), anchor, torch.zeros_like(anchor))
+        ids = self.nearest[anchor]  # [B, M]; row 0 (no anchor) is empty
+        boost = self.bonus[ids] * (ids > 0).to(self.bonus.dtype)  # [B, M]
+        if candidates is not None:
+            hit = (candidates.unsqueeze(2) == ids.unsqueeze(1)) & (ids.unsqueeze(1) > 0)
+            return (hit.to(boost.dtype) * boost.unsqueeze(1)).sum(-1)
+        out = torch.zeros(anchor.shape[0], rows, device=boost.device, dtype=boost.dtype)
+        return out.scatter(1, ids, boost)  # ids distinct per row; empty slots (id 0) carry 0
+
     def extend(self, added: AddedItems) -> None:
         counts, n = self.counts, self.counts.shape[0] - 2
         new = torch.zeros(len(added.titles), dtype=counts.dtype, device=counts.device)
         self.counts = torch.cat([counts[: n + 1], new, counts[n + 1:]])
         self.bonus = self._bonus(self.counts)
+        if self.neighbours:
+            catalogue = added.catalogue_text
+            self.nearest = self._nearest(torch.cat([catalogue[: n + 1], added.text.to(catalogue.dtype),
+                                                    catalogue[n + 1:]]))
 
 
 # name -> (term class, whether a model config switches it on); the order is the order of the sum

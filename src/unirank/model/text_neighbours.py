@@ -21,15 +21,18 @@ from unirank.model.request import Task
 TASK_SLOTS = {int(Task.SIMILAR): 0, int(Task.PREQUERY): 1}
 
 
-def neighbour_table(text: torch.Tensor, k: int, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+def neighbour_table(text: torch.Tensor, k: int, chunk: int = 2048,
+                    allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """([rows, k] ids, [rows, k] cosines) of each item's k nearest items by text (itself excluded);
     `text` [rows = num_items + 2, dim], rows 0 and rows - 1 are padding / OOV and never neighbours.
-    A zero text vector (no text) has no neighbours and is nobody's neighbour."""
+    A zero text vector (no text) has no neighbours and is nobody's neighbour. `allowed` [rows] bool:
+    only these items may be neighbours (None: every item); empty slots are id 0, cosine 0."""
     rows = text.shape[0]
     n = rows - 2
     k = min(k, max(n - 1, 0))
     vectors = torch.nn.functional.normalize(text[1: n + 1].float(), dim=1)
     has_text = vectors.norm(dim=1) > 0
+    targets = has_text if allowed is None else has_text & allowed[1: n + 1].to(has_text.device)
     ids = torch.zeros(rows, k, dtype=torch.int64)
     sims = torch.zeros(rows, k)
     if k == 0:
@@ -37,7 +40,7 @@ def neighbour_table(text: torch.Tensor, k: int, chunk: int = 2048) -> tuple[torc
     for start in range(0, n, chunk):
         block = vectors[start: start + chunk] @ vectors.T  # [c, n]
         block[torch.arange(len(block)), torch.arange(start, start + len(block))] = -torch.inf  # not itself
-        block[:, ~has_text] = -torch.inf
+        block[:, ~targets] = -torch.inf
         top, index = block.topk(k, dim=1)
         valid = torch.isfinite(top) & has_text[start: start + chunk].unsqueeze(1)
         ids[1 + start: 1 + start + len(block)] = torch.where(valid, index + 1, torch.zeros_like(index))
