@@ -128,7 +128,7 @@ def plot_curves(curves: dict, path: Path) -> None:
             for p, x, y in zip(curve["points"], xs, ys):
                 ax.annotate(f"{p['fresh_boost']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
             knn = curve["baselines"].get(task, {}).get("text-knn")
-            if knn is not None:
+            if knn is not None and i == 0:  # the same baseline under every curve of one run
                 ax.axvline(knn["recall@10"]["mean"], color="grey", ls="--", lw=1, label="text kNN (cold R@10)")
         ax.set(xlabel=f"cold items, {task} R@10", ylabel=f"warm validation, {task} N@10",
                title=f"{task}: fresh boost (labels) trade-off")
