@@ -9,7 +9,8 @@ vectors), served by the bundled tritonserver, and asked over gRPC, for every new
   similar-item    the item page of its twin (the trained item with the same content)
 Each reports the share of new items in the top 10 and their rank in the top 100 (none: not in it);
 the title search also reports the twin's rank, the bar a trained item with the same text sets.
-`--fresh-boost B` exports with that boost for fresh items (the new ones among them).
+`--fresh-boost B` exports with that boost for fresh items (the new ones among them);
+`--fresh-neighbours M` gives it only to the M fresh items nearest each row's anchor by text.
 
     python benchmarks/new_items.py --checkpoint runs/x/best.pt --data ../shared/data/amazon-beauty \\
         --items 50 --out docs/bench/serving/new_items.json
@@ -62,6 +63,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fresh-boost", type=float, default=None,
                         help="export with this model.fresh_boost (new items are fresh: docs/SERVING.md)")
+    parser.add_argument("--fresh-neighbours", type=int, default=None,
+                        help="export with this model.fresh_neighbours (the boost only on the M fresh items "
+                             "nearest the anchor by text; search rows get none)")
     parser.add_argument("--out", default="docs/bench/serving/new_items.json")
     args = parser.parse_args()
 
@@ -75,7 +79,8 @@ def main() -> None:
         metadata = Path(tmp) / "new.jsonl"
         metadata.write_text("".join(json.dumps({k: r[k] for k in ("id", "title", "attributes")}) + "\n"
                                     for r in records))
-        settings = None if args.fresh_boost is None else {"fresh_boost": args.fresh_boost}
+        settings = {k: v for k, v in (("fresh_boost", args.fresh_boost), ("fresh_neighbours", args.fresh_neighbours))
+                    if v is not None} or None
         report = export_model(args.checkpoint, Path(tmp) / "export", top_k=TOP, parity_requests=64,
                               new_items=metadata, inference_settings=settings)
         served = {item["external_id"]: item["item_id"] for item in report.new_items.items}
@@ -103,7 +108,7 @@ def main() -> None:
     }
     print(json.dumps(summary, indent=1))
     out = {**run_metadata(" ".join([Path(sys.executable).name, *sys.argv])), "checkpoint": args.checkpoint, "data": args.data, "items": len(rows), "seed": args.seed,
-           "fresh_boost": args.fresh_boost,
+           "fresh_boost": args.fresh_boost, "fresh_neighbours": args.fresh_neighbours,
            "onnx_parity_max_abs_diff": report.max_abs_diff, "summary": summary, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
