@@ -68,3 +68,18 @@ def test_benchmark_refuses_a_used_out_dir(tmp_path):
     with pytest.raises(CheckpointError, match="finished run|already holds"):
         from unirank.experiments.benchmark import run_benchmark
         run_benchmark("synthetic", "quickstart", seeds=1, out=tmp_path / "runs", overrides=SMALL)
+
+
+def test_benchmark_reads_a_finished_run_of_its_config_without_training_again(tmp_path):
+    """Runs trained apart (`unirank train` with the benchmark's settings, e.g. seeds in parallel)
+    are read by `unirank benchmark`: no training, one test read."""
+    out = tmp_path / "runs" / "seed-0"
+    assert main(["train", "--config", "quickstart", "--quiet", "data.path=synthetic", f"train.out_dir={out}",
+                 "train.eval_users=null", *SMALL]) == 0
+    best = (out / "best.pt").stat().st_mtime_ns
+    from unirank.experiments.benchmark import run_benchmark
+    report = run_benchmark("synthetic", "quickstart", seeds=1, out=tmp_path / "runs", overrides=SMALL)
+    run = report["runs"][0]
+    assert (out / "best.pt").stat().st_mtime_ns == best and run["test_reads"] == 1
+    trained = json.loads((out / "train_result.json").read_text())
+    assert run["selected_epoch"] == trained["best_epoch"] and run["history"] == trained["history"]

@@ -22,7 +22,7 @@ from unirank.experiments.report import baseline_scorers, evaluate_checkpoint, ru
 from unirank.config import Config, load_config, to_yaml
 from unirank.model.request import TASK_BY_NAME
 from unirank.data.prepare import Prepared, prepare
-from unirank.training.train import train
+from unirank.training.train import finished_run, train
 
 SELECTION = "best validation round: mean NDCG@10 over the trained tasks, all validation users"
 
@@ -72,8 +72,9 @@ def read_test(cfg: Config, checkpoint: Path, prep: Prepared, tasks=None) -> tupl
 
 
 def train_and_test(cfg: Config, prep: Prepared, quiet: bool, tasks=None) -> dict:
-    """One seed: train (validation picks best.pt), then its single test read."""
-    result = train(cfg, prep, quiet=quiet)
+    """One seed: train (validation picks best.pt), then its single test read. A finished run of the
+    same config in the out_dir (a benchmark stopped after its training) is read, not trained again."""
+    result = finished_run(cfg) or train(cfg, prep, quiet=quiet)
     report, test_reads = read_test(cfg, result.checkpoint, prep, tasks)
     return {"seed": cfg.train.seed, "out_dir": cfg.train.out_dir, "checkpoint": str(result.checkpoint),
             "selected_epoch": result.best_epoch, "trained_epoch": report["trained_epoch"],

@@ -124,15 +124,42 @@ def _check_resumable(out: Path, root: Path, cfg: Config) -> Path | None:
     if trainer.get("finished"):
         raise CheckpointError(f"{out} holds a finished run (best epoch {trainer.get('best_epoch')}, "
                               f"{trainer.get('step')} steps): give train.out_dir a new directory")
-    saved = _flat(load_config(str(latest / "config.yaml")))
-    now = _flat(cfg)
-    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k)
-                  and not any(k == c or k.startswith(c + ".") for c in RESUMABLE_CHANGES))
+    saved_cfg = load_config(str(latest / "config.yaml"))
+    diff = _config_diff(saved_cfg, cfg)
     if diff:
+        saved, now = _flat(saved_cfg), _flat(cfg)
         detail = ", ".join(f"{k}: run={saved.get(k)!r} now={now.get(k)!r}" for k in diff[:6])
         raise CheckpointError(f"{out} holds a run with another config ({detail}); resume it with the same config, "
                               "or give train.out_dir a new directory")
     return latest
+
+
+def _config_diff(saved: Config, now: Config) -> list[str]:
+    """The settings two configs differ in, those a resume may change left out."""
+    a, b = _flat(saved), _flat(now)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)
+                  and not any(k == c or k.startswith(c + ".") for c in RESUMABLE_CHANGES))
+
+
+def finished_run(cfg: Config) -> TrainResult | None:
+    """The result of the finished run of `cfg` in its out_dir (best.pt, train_result.json and the
+    same config), None when the out_dir holds no finished run; a finished run of another config is
+    refused. Lets a benchmark whose test reads were interrupted go on without training again."""
+    out = Path(cfg.train.out_dir)
+    result_file, config_file = out / "train_result.json", out / "config.yaml"
+    if not ((out / "best.pt").is_file() and result_file.is_file() and config_file.is_file()):
+        return None
+    diff = _config_diff(load_config(str(config_file)), cfg)
+    if diff:
+        raise CheckpointError(f"{out} holds a finished run with another config ({', '.join(diff[:6])}): "
+                              "give train.out_dir a new directory")
+    try:
+        result = json.loads(result_file.read_text())
+        history, best_epoch = result["history"], result["best_epoch"]
+    except (ValueError, KeyError) as err:
+        raise CheckpointError(f"{result_file}: not a finished run's result ({err})") from err
+    best_row = next((r for r in history if r["epoch"] == best_epoch), {})
+    return TrainResult(out / "best.pt", best_epoch, best_row, history, float(result.get("seconds", 0.0)))
 
 
 def _flat(cfg: Config) -> dict:
