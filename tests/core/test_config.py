@@ -19,6 +19,7 @@ RESOLVED = {
     "fast": FAST,
     "recommended": {**FAST, "model.tokenizer": "wordpiece", "model.text_features": True,
                     "model.lexical": "names", "model.text_neighbours": 50,
+                    "train.max_epochs": 27, "train.eval_every": 3,
                     "train.task_weights": [1.0, 1.0, 3.0], "train.out_dir": "runs/recommended"},
     "quality": {**COSINE_36, "model.block": "ligr", "model.dropout": 0.3, "model.text_features": True,
                 "model.id_dropout": 0.2, "train.weight_decay": 0.1, "train.id_weight_decay": 0.3,
