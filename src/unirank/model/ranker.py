@@ -369,9 +369,9 @@ class UnifiedRanker(nn.Module):
 
     def set_inference_settings(self, item_counts: torch.Tensor | None, **settings) -> None:
         """Change the inference-only settings (config.INFERENCE_SETTINGS: model.fresh_boost,
-        model.fresh_max_count, model.fresh_neighbours) of a built or trained model: its inference-only score terms are rebuilt
-        from `item_counts` (the catalogue's training counts; None: unknown) and summed after the
-        others; the weights and the other terms are kept."""
+        model.fresh_max_count, model.fresh_neighbours) of a built or trained model: its
+        inference-only score terms are rebuilt from `item_counts` (the catalogue's training counts;
+        None: unknown) and summed after the others; the weights and the other terms are kept."""
         unknown = set(settings) - set(INFERENCE_SETTINGS)
         if unknown:
             raise ValueError(f"not inference-only settings: {sorted(unknown)} (allowed: {list(INFERENCE_SETTINGS)})")

@@ -176,7 +176,7 @@ class FreshTerm(ScoreTerm):
     def __init__(self, cfg, item_counts: torch.Tensor | None = None, item_text: torch.Tensor | None = None, **_):
         super().__init__()
         self.boost, self.max_count = float(cfg.fresh_boost), int(cfg.fresh_max_count)
-        self.neighbours = int(getattr(cfg, "fresh_neighbours", 0))
+        self.neighbours = int(cfg.fresh_neighbours)
         self.two_stage = self.neighbours == 0  # the union depends on the request
         self.needs_text = self.neighbours > 0
         rows = cfg.num_items + 2
@@ -218,9 +218,9 @@ class FreshTerm(ScoreTerm):
         anchor = row_anchors(view)
         anchor = torch.where((anchor > 0) & (anchor < rows - 1), anchor, torch.zeros_like(anchor))
         ids = self.nearest[anchor]  # [B, M]; row 0 (no anchor) is empty
-        boost = self.bonus[ids] * (ids > 0).to(self.bonus.dtype)  # [B, M]
+        boost = self.bonus[ids]  # [B, M]; an empty slot (id 0) carries bonus[0] = 0
         if candidates is not None:
-            hit = (candidates.unsqueeze(2) == ids.unsqueeze(1)) & (ids.unsqueeze(1) > 0)
+            hit = candidates.unsqueeze(2) == ids.unsqueeze(1)
             return (hit.to(boost.dtype) * boost.unsqueeze(1)).sum(-1)
         out = torch.zeros(anchor.shape[0], rows, device=boost.device, dtype=boost.dtype)
         return out.scatter(1, ids, boost)  # ids distinct per row; empty slots (id 0) carry 0
