@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from unirank.model.ranker import UnifiedRanker
+from unirank.model.semantic_ids import UNSEEN_COLLISION_CODE
 from unirank.evaluation.baselines import Popularity, TextKNN
 from unirank.training.checkpoint import LoadedCheckpoint, load_checkpoint
 from unirank.config import Config
@@ -91,7 +92,7 @@ def forget_item_ids(ranker: UnifiedRanker, items: np.ndarray) -> None:
     with torch.no_grad():
         tower.ebc.embedding_bags["item_id"].weight[ids] = 0.0
         if tower.semantic_id_sizes:
-            tower.item_codes[ids.to(tower.item_codes.device), -1] = 0
+            tower.item_codes[ids.to(tower.item_codes.device), -1] = UNSEEN_COLLISION_CODE
 
 
 class ColdStartSetup(NamedTuple):

@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+# The collision code of an item without a number of its own (a new item at export, a held-out item in
+# cold-start evaluation): 0, the code of every code tuple's first item, a row every code tuple trains.
+UNSEEN_COLLISION_CODE = 0
+
 
 def default_codebook_size(num_items: int) -> int:
     """~sqrt(N) codes per level (capped at 256): enough prefixes to separate items, few empty codes."""

@@ -29,6 +29,7 @@ import torch
 
 from unirank.model.catalogue import Catalogue
 from unirank.model.scoring import AddedItems
+from unirank.model.semantic_ids import UNSEEN_COLLISION_CODE
 from unirank.model.text_encoder import TextEncoder, format_item_text
 from unirank.model.tokenizer import OOV_TOKEN_ID
 
@@ -173,7 +174,7 @@ def _nearest_codes(tower, catalogue_text: torch.Tensor, text: torch.Tensor) -> t
     catalogue = torch.nn.functional.normalize(catalogue_text[1: tower.num_items + 1].float(), dim=1)
     nearest = (torch.nn.functional.normalize(text.float().to(catalogue.device), dim=1) @ catalogue.T).argmax(1) + 1
     codes = tower.item_codes[nearest.to(tower.item_codes.device)].clone()
-    codes[:, -1] = 0
+    codes[:, -1] = UNSEEN_COLLISION_CODE
     return codes
 
 
