@@ -124,21 +124,20 @@ def _check_resumable(out: Path, root: Path, cfg: Config) -> Path | None:
     if trainer.get("finished"):
         raise CheckpointError(f"{out} holds a finished run (best epoch {trainer.get('best_epoch')}, "
                               f"{trainer.get('step')} steps): give train.out_dir a new directory")
-    saved_cfg = load_config(str(latest / "config.yaml"))
-    diff = _config_diff(saved_cfg, cfg)
+    diff = _config_diff(load_config(str(latest / "config.yaml")), cfg)
     if diff:
-        saved, now = _flat(saved_cfg), _flat(cfg)
-        detail = ", ".join(f"{k}: run={saved.get(k)!r} now={now.get(k)!r}" for k in diff[:6])
+        detail = ", ".join(f"{k}: run={run!r} now={now!r}" for k, (run, now) in list(diff.items())[:6])
         raise CheckpointError(f"{out} holds a run with another config ({detail}); resume it with the same config, "
                               "or give train.out_dir a new directory")
     return latest
 
 
-def _config_diff(saved: Config, now: Config) -> list[str]:
-    """The settings two configs differ in, those a resume may change left out."""
+def _config_diff(saved: Config, now: Config) -> dict[str, tuple]:
+    """{setting: (saved value, now value)} where two configs differ, sorted, those a resume may
+    change left out."""
     a, b = _flat(saved), _flat(now)
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)
-                  and not any(k == c or k.startswith(c + ".") for c in RESUMABLE_CHANGES))
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+            and not any(k == c or k.startswith(c + ".") for c in RESUMABLE_CHANGES)}
 
 
 def finished_run(cfg: Config) -> TrainResult | None:
@@ -151,7 +150,7 @@ def finished_run(cfg: Config) -> TrainResult | None:
         return None
     diff = _config_diff(load_config(str(config_file)), cfg)
     if diff:
-        raise CheckpointError(f"{out} holds a finished run with another config ({', '.join(diff[:6])}): "
+        raise CheckpointError(f"{out} holds a finished run with another config ({', '.join(list(diff)[:6])}): "
                               "give train.out_dir a new directory")
     try:
         result = json.loads(result_file.read_text())
