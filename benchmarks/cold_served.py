@@ -27,13 +27,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from unirank.config import load_config
 from unirank.data.examples import item_counts
-from unirank.evaluation.evaluate import ModelScorer, evaluate_all, hide_excluded, with_seen
-from unirank.experiments.cold_start import cold_eval_cases, cold_start_setup, forget_item_ids, load_cold_start_run
+from unirank.evaluation.evaluate import ModelScorer, evaluate_all
+from unirank.experiments.cold_start import (cold_eval_cases, cold_start_setup, forget_item_ids, load_cold_start_run,
+                                            shown_scores)
 from unirank.experiments.report import run_metadata
 from unirank.model.request import Task
 from unirank.serving.client import RankerClient
@@ -44,15 +44,6 @@ from unirank.serving.server import Server, free_port
 
 K = 10
 TASKS = {"prequery": Task.PREQUERY, "similar": Task.SIMILAR}
-
-
-def offline_topk(ranker, cases, builder, task: Task, k: int = K) -> np.ndarray:
-    """[users, k] the offline evaluation's top k (the ranking evaluate_all scores)."""
-    histories = list(cases.histories)
-    request = with_seen(task, builder.build(task, cases.users, histories, cases.targets), histories)
-    with torch.no_grad():
-        scores = hide_excluded(ModelScorer(ranker).scores(task, request), task, request)
-    return scores.topk(k, dim=1).indices.numpy()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                 for name, task in TASKS.items():
                     if name not in offline:
                         continue
-                    reference = offline_topk(ranker, cases, builder, task)
+                    reference = shown_scores(ranker, cases, builder, task).topk(K, dim=1).indices.numpy()
                     hits, differ = 0, 0
                     for i, (history, target) in enumerate(zip(cases.histories, cases.targets)):
                         history = [int(h) for h in history]

@@ -159,16 +159,22 @@ def run_cold_start(cfg: Config, fraction: float = 0.05, split_seed: int = 0, qui
 
 
 @torch.no_grad()
+def shown_scores(ranker: UnifiedRanker, cases: EvalCases, builder, task) -> torch.Tensor:
+    """[cases, num_items + 2] the model's scores of the cases as the offline evaluation ranks them:
+    the user's seen items, padding and OOV at -inf."""
+    histories = list(cases.histories)
+    request = with_seen(task, builder.build(task, cases.users, histories, cases.targets), histories)
+    return hide_excluded(ModelScorer(ranker).scores(task, request), task, request)
+
+
+@torch.no_grad()
 def score_gaps(ranker: UnifiedRanker, cases: EvalCases, builder, tasks, k: int = 10,
                quantiles=(0.25, 0.5, 0.75, 0.9)) -> dict:
     """Per task, quantiles over the cold cases of (k-th best score - the cold target's score), shown
     items only, clipped at 0: the boost a fresh target needs to enter the top k (its scale)."""
-    out, scorer = {}, ModelScorer(ranker)
+    out = {}
     for task in tasks:
-        histories = list(cases.histories)
-        request = with_seen(task, builder.build(task, cases.users, histories, cases.targets), histories)
-        scores = hide_excluded(scorer.scores(task, request), task, request)
-        scores[:, 0], scores[:, -1] = -torch.inf, -torch.inf  # padding and OOV are never shown
+        scores = shown_scores(ranker, cases, builder, task)
         kth = scores.topk(k, dim=1).values[:, -1]
         gap = (kth - scores.gather(1, torch.from_numpy(cases.targets).view(-1, 1)).squeeze(1)).clamp(min=0)
         gap = gap[torch.isfinite(gap)].double()
