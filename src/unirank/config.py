@@ -58,6 +58,10 @@ class ModelConfig:
     # share of each block's token mixing given to a causal low-pass filter beside attention (model/ranker.py
     # CausalFilter: the frequency-domain mixing of BSARec in a causal form); 0 = attention only
     filter_mix: float = 0.0
+    # a residual SwiGLU head per task on the blocks' output (model/ranker.py TaskHeads): each surface
+    # gets width of its own on top of the shared blocks; zero-initialised, so it starts as the shared
+    # model. 0 = off (every task reads the shared output)
+    task_heads: int = 0
     dropout: float = 0.2
     max_history: int = 50
     max_query_len: int = 16
@@ -117,6 +121,8 @@ class ModelConfig:
             raise ValueError(f"model.content_distill must be >= 0, got {self.content_distill}")
         if not 0.0 <= self.filter_mix <= 1.0:
             raise ValueError(f"model.filter_mix must be in [0, 1], got {self.filter_mix}")
+        if self.task_heads < 0:
+            raise ValueError(f"model.task_heads must be >= 0 (a head's hidden width), got {self.task_heads}")
         if not 0.0 <= self.id_dropout < 1.0:
             raise ValueError(f"model.id_dropout must be in [0, 1), got {self.id_dropout}")
         if not math.isfinite(self.fresh_boost):

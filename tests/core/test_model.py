@@ -25,12 +25,22 @@ def make_ranker(seed: int = 0, **overrides) -> UnifiedRanker:
     return UnifiedRanker(cfg, Catalogue(attributes, words)).eval()
 
 
-@pytest.fixture(scope="module", params=["prenorm", "ligr", "ligr+filter"])
+def with_live_heads(ranker: UnifiedRanker, seed: int = 0) -> UnifiedRanker:
+    """Per-task heads moved off their zero start, so that each task's head changes its rows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        ranker.task_heads.down.copy_(torch.randn(ranker.task_heads.down.shape, generator=g) * 0.3)
+    return ranker
+
+
+@pytest.fixture(scope="module", params=["prenorm", "ligr", "ligr+filter", "ligr+heads"])
 def ranker(request) -> UnifiedRanker:
-    """Every behavioural test runs on both block kinds (model.block) and on attention blended with the
-    causal filter (model.filter_mix)."""
-    block, _, mixing = request.param.partition("+")
-    return make_ranker(block=block, filter_mix=0.5 if mixing else 0.0)
+    """Every behavioural test runs on both block kinds (model.block), on attention blended with the
+    causal filter (model.filter_mix) and with a head per task (model.task_heads)."""
+    block, _, extra = request.param.partition("+")
+    if extra == "heads":
+        return with_live_heads(make_ranker(block=block, task_heads=8))
+    return make_ranker(block=block, filter_mix=0.5 if extra == "filter" else 0.0)
 
 
 def inputs(task: Task, b: int = 3, width: int = 8, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -243,3 +253,35 @@ def test_filter_mix_exports_to_onnx_with_the_same_answers(tmp_path):
     export_onnx(plain, tmp_path, top_k=8, tokenizer=WordTokenizer([f"w{i}" for i in range(NUM_WORDS - 2)]))
     batches = random_batches(ExportMetadata.load(tmp_path / "export.json"), vocab_size=NUM_WORDS, requests=48, seed=0)
     assert parity_max_abs_diff(TopKRanker(plain, 8).eval(), onnx_session(tmp_path / "model.onnx"), batches) <= 1e-4
+
+
+def test_task_heads_start_as_the_shared_model_and_each_changes_only_its_rows():
+    ranker = make_ranker(block="ligr", task_heads=8)
+    x = {k: torch.cat([inputs(t)[k] for t in Task]) for k in inputs(Task.SEARCH)}  # one batch, every task
+    heads, ranker.task_heads = ranker.task_heads, None
+    shared = out(ranker, **x)
+    ranker.task_heads = heads
+    torch.testing.assert_close(out(ranker, **x), shared)  # zero-initialised down projections
+    with torch.no_grad():
+        heads.down[int(Task.PREQUERY)].normal_()
+    changed = out(ranker, **x)
+    rows = (x["task"] == int(Task.PREQUERY))
+    torch.testing.assert_close(changed[~rows], shared[~rows])
+    assert (changed[rows] - shared[rows]).abs().max() > 1e-3
+
+
+def test_task_heads_export_to_onnx_with_the_same_answers(tmp_path):
+    from unirank.model.tokenizer import WordTokenizer
+    from unirank.serving.metadata import ExportMetadata
+    from unirank.serving.onnx_graph import TopKRanker, export_onnx, onnx_session, parity_max_abs_diff
+    from unirank.serving.synthetic_requests import random_batches
+
+    plain = with_live_heads(make_ranker(seed=3, block="ligr", task_heads=8), seed=1).to_plain()
+    export_onnx(plain, tmp_path, top_k=8, tokenizer=WordTokenizer([f"w{i}" for i in range(NUM_WORDS - 2)]))
+    batches = random_batches(ExportMetadata.load(tmp_path / "export.json"), vocab_size=NUM_WORDS, requests=48, seed=0)
+    assert parity_max_abs_diff(TopKRanker(plain, 8).eval(), onnx_session(tmp_path / "model.onnx"), batches) <= 1e-4
+
+
+def test_task_heads_refuse_a_negative_width():
+    with pytest.raises(ValueError, match="model.task_heads"):
+        make_ranker(task_heads=-1)

@@ -114,6 +114,25 @@ class CausalFilter(nn.Module):
         return low + self.high * (x - low)
 
 
+class TaskHeads(nn.Module):
+    """A residual SwiGLU head per task on the blocks' output: y = x + down_t(silu(gate_t x) * up_t x)
+    for a row of task t (task-specific capacity beside the shared blocks, as task-specific experts in
+    multi-task rankers). The down projections start at zero: at initialisation every task reads the
+    shared output. The row's weights are gathered by its task id and applied as batched products, so
+    the exported graph is the same computation."""
+
+    def __init__(self, num_tasks: int, dim: int, hidden: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.randn(num_tasks, dim, hidden) / dim ** 0.5)
+        self.up = nn.Parameter(torch.randn(num_tasks, dim, hidden) / dim ** 0.5)
+        self.down = nn.Parameter(torch.zeros(num_tasks, hidden, dim))
+
+    def forward(self, x: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        """x [B, T, d], task [B] (ids < num_tasks) -> [B, T, d]."""
+        inner = F.silu(torch.bmm(x, self.gate[task])) * torch.bmm(x, self.up[task])
+        return x + torch.bmm(inner, self.down[task])
+
+
 class Block(nn.Module):
     """Pre-LayerNorm transformer block. `block=ligr`: each residual branch is scaled by a sigmoid
     gate read from the residual stream, and the MLP is SwiGLU (LiGR, Borisyuk et al. 2025, as used
@@ -184,11 +203,13 @@ class UnifiedRanker(nn.Module):
         self.terms = build_terms(cfg, lexical_rows=lexical_rows, item_text=item_text, item_counts=catalogue.item_counts)
         self._register_load_state_dict_pre_hook(_renamed_term_keys)
         # A model without a query catalogue keeps the item tasks' table (and its initialisation) as it was.
-        self.task_embedding = nn.Embedding(NUM_TASK_IDS if cfg.num_queries else NUM_TASKS, cfg.dim)
+        num_task_ids = NUM_TASK_IDS if cfg.num_queries else NUM_TASKS
+        self.task_embedding = nn.Embedding(num_task_ids, cfg.dim)
         self.no_context = nn.Parameter(torch.zeros(cfg.dim))
         self.position = nn.Embedding(NUM_PREFIX + cfg.max_history, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.ln_f = nn.LayerNorm(cfg.dim)
+        self.task_heads = TaskHeads(num_task_ids, cfg.dim, cfg.task_heads) if cfg.task_heads else None
         self.drop = nn.Dropout(cfg.dropout)
         for emb in (self.task_embedding, self.position):
             nn.init.normal_(emb.weight, std=0.02)
@@ -268,7 +289,10 @@ class UnifiedRanker(nn.Module):
         lengths = hist_len + NUM_PREFIX
         for block in self.blocks:
             x = block(x, lengths)
-        return self.ln_f(x), lengths, extra_vec
+        x = self.ln_f(x)
+        if self.task_heads is not None:
+            x = self.task_heads(x, task)
+        return x, lengths, extra_vec
 
     def _search_context(self, task: torch.Tensor, query: torch.Tensor, query_lengths: torch.Tensor,
                         bag: torch.Tensor) -> torch.Tensor:
