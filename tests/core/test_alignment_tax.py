@@ -25,13 +25,14 @@ def test_differences_are_paired_by_seed(tmp_path):
     unified = report(tmp_path / "u.json", {42: 0.060, 43: 0.058, 44: 0.059})
     twin = report(tmp_path / "t.json", {44: 0.058, 42: 0.057, 43: 0.058})  # another order: paired by seed
     assert alignment_tax.main(["--unified", unified, "--twin", f"prequery={twin}", "--out", str(tmp_path / "o.json")]) == 0
-    row = json.loads((tmp_path / "o.json").read_text())["alignment"]["prequery"]
-    assert row["seeds"] == [42, 43, 44]
-    assert row["ndcg@10"]["differences"] == pytest.approx([0.003, 0.0, 0.001])
+    out = json.loads((tmp_path / "o.json").read_text())
+    row = out["alignment"]["prequery"]
+    assert out["seeds"] == [42, 43, 44] and out["per_seed"]["prequery"]["ndcg@10"]["twin"] == [0.057, 0.058, 0.058]
+    assert row["ndcg@10"]["values"] == pytest.approx([0.003, 0.0, 0.001])
     assert row["ndcg@10"]["mean"] == pytest.approx(0.004 / 3)
     low, high = row["ndcg@10"]["t95"]  # mean ± 4.303 * std / sqrt(3)
     assert high - low == pytest.approx(2 * 4.303 * 0.0015275 / 3 ** 0.5, rel=1e-3)
-    assert row["recall@10"]["differences"] == pytest.approx([0.006, 0.0, 0.002])
+    assert row["recall@10"]["values"] == pytest.approx([0.006, 0.0, 0.002])
 
 
 def test_unmatched_seeds_and_bad_files_are_refused(tmp_path):

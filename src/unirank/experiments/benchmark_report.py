@@ -58,8 +58,14 @@ def _twin_rows(run: dict) -> dict:
     return {row: m for twin in run.get("twins", {}).values() for row, m in twin["test"].items()}
 
 
+# Student-t 0.975 quantiles by degrees of freedom (runs - 1); beyond the table, the normal's 1.96
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
 def alignment(runs: list[dict], metrics=("recall@10", "ndcg@10")) -> dict:
-    """Per row: unified minus single-task, paired by seed (negative = tax, positive = transfer)."""
+    """Per row: unified minus single-task, paired by seed (negative = tax, positive = transfer):
+    the per-seed differences, their mean and sample std, and `t95`, the 95% Student-t interval of
+    the mean over seeds (None with one seed)."""
     out = {}
     for row in runs[0]["test"]:
         pairs = [(r["test"][row], _twin_rows(r)[row]) for r in runs if row in _twin_rows(r)]
@@ -67,8 +73,10 @@ def alignment(runs: list[dict], metrics=("recall@10", "ndcg@10")) -> dict:
             out[row] = {}
             for k in metrics:
                 d = np.array([u[k]["mean"] - t[k]["mean"] for u, t in pairs])
-                out[row][k] = {"mean": float(d.mean()), "std": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
-                               "values": d.tolist(), "n": len(d)}
+                std = float(d.std(ddof=1)) if len(d) > 1 else 0.0
+                half = T975.get(len(d) - 1, 1.96) * std / np.sqrt(len(d))
+                out[row][k] = {"mean": float(d.mean()), "std": std, "values": d.tolist(), "n": len(d),
+                               "t95": [float(d.mean() - half), float(d.mean() + half)] if len(d) > 1 else None}
     return out
 
 
@@ -100,10 +108,12 @@ def markdown(report: dict, paths: dict[str, Path]) -> str:
             lines.append(_row(task, method, m))
     if report.get("alignment"):
         lines += ["", "Alignment tax (unified minus single-task, paired by seed; negative = tax):", "",
-                  "| task | Δ recall@10 | Δ ndcg@10 | seeds |", "|---|---|---|---|"]
+                  "| task | Δ recall@10 | Δ ndcg@10 | Δ ndcg@10 95% t-interval | seeds |", "|---|---|---|---|---|"]
         for row, d in report["alignment"].items():
+            t95 = d["ndcg@10"].get("t95")
+            interval = f"[{t95[0]:+.4f}, {t95[1]:+.4f}]" if t95 else "n/a"
             lines.append(f"| {row} | {d['recall@10']['mean']:+.4f} ± {d['recall@10']['std']:.4f} "
-                         f"| {d['ndcg@10']['mean']:+.4f} ± {d['ndcg@10']['std']:.4f} | {d['ndcg@10']['n']} |")
+                         f"| {d['ndcg@10']['mean']:+.4f} ± {d['ndcg@10']['std']:.4f} | {interval} | {d['ndcg@10']['n']} |")
     lines += ["", "| seed | selected epoch | validation rounds | train seconds | test reads |", "|---|---|---|---|---|"]
     for r in report["runs"]:
         lines.append(f"| {r['seed']} | {r['selected_epoch']} | {r['validation_rounds']} | {r['train_seconds']} "
