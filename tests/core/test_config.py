@@ -13,22 +13,18 @@ COSINE_36 = {"data.path": BEAUTY, "train.lr": 0.002, "train.lr_schedule": "cosin
              "train.max_epochs": 36, "train.eval_every": 2, "train.eval_users": 5000}
 FAST = {**COSINE_36, "model.block": "ligr", "train.max_epochs": 9, "train.eval_every": 9,
         "train.min_steps": 500, "train.eval_rounds": 10, "train.out_dir": "runs/fast"}
+RECOMMENDED = {**FAST, "model.tokenizer": "wordpiece", "model.text_features": True, "model.lexical": "names",
+               "model.text_neighbours": 50, "model.dropout": 0.3, "model.id_dropout": 0.2,
+               "train.weight_decay": 0.1, "train.id_weight_decay": 0.3, "train.max_epochs": 27,
+               "train.eval_every": 3, "train.task_weights": [1.0, 1.0, 3.0], "train.out_dir": "runs/recommended"}
 # every packaged config: the values that differ from the dataclass defaults, once resolved
 RESOLVED = {
     "default": COSINE_36,
     "fast": FAST,
-    "recommended": {**FAST, "model.tokenizer": "wordpiece", "model.text_features": True,
-                    "model.lexical": "names", "model.text_neighbours": 50,
-                    "model.dropout": 0.3, "model.id_dropout": 0.2, "train.weight_decay": 0.1,
-                    "train.id_weight_decay": 0.3, "train.max_epochs": 27, "train.eval_every": 3,
-                    "train.task_weights": [1.0, 1.0, 3.0], "train.out_dir": "runs/recommended"},
-    "fresh-catalogue": {**FAST, "model.tokenizer": "wordpiece", "model.text_features": True,
-                        "model.lexical": "names", "model.text_neighbours": 50, "train.max_epochs": 27,
-                        "model.dropout": 0.3, "model.id_dropout": 0.2, "train.weight_decay": 0.1,
-                        "train.id_weight_decay": 0.3,
-                        "train.eval_every": 3, "train.task_weights": [1.0, 1.0, 3.0],
-                        "model.content_distill": 1.0, "model.semantic_id_levels": 3, "model.fresh_boost": 1.5,
-                        "model.fresh_neighbours": 10, "train.out_dir": "runs/fresh-catalogue"},
+    "recommended": RECOMMENDED,
+    "fresh-catalogue": {**RECOMMENDED, "model.content_distill": 1.0, "model.semantic_id_levels": 3,
+                        "model.fresh_boost": 1.5, "model.fresh_neighbours": 10,
+                        "train.out_dir": "runs/fresh-catalogue"},
     "quality": {**COSINE_36, "model.block": "ligr", "model.dropout": 0.3, "model.text_features": True,
                 "model.id_dropout": 0.2, "train.weight_decay": 0.1, "train.id_weight_decay": 0.3,
                 "train.eval_every": 4, "train.out_dir": "runs/quality"},
